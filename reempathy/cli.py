@@ -1,0 +1,132 @@
+"""The ``reempathy`` command: decode, plugins (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from typing import Any, Sequence
+
+from reempathy.errors import ReempathyError
+
+
+def _discovery():
+    from reempathy.decoding.registry import default_discovery
+
+    return default_discovery()
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config file (default: built-in tiny backbone, sft)")
+    p.add_argument("--strategy", help="use this strategy instead of the config's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set strategy.text_tokens=7 (repeatable)")
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from reempathy.config import load_config
+    from reempathy.runner import run_decode
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"sampling.seed={args.seed}")
+    if args.max_new_tokens is not None:
+        overrides.append(f"decode.max_new_tokens={args.max_new_tokens}")
+    if args.greedy:
+        overrides.append("sampling.greedy=true")
+    disc = _discovery()
+    cfg = load_config(args.config, overrides, args.strategy, disc.registry)
+    result = run_decode(cfg, disc.registry, prompt=args.prompt, units_file=args.units)
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_result(result))
+    return 0
+
+
+def format_result(result: Any) -> str:
+    """Human-readable answer, hidden trace and timings."""
+    lines = [f"strategy: {result.strategy}   backbone: {result.backbone}   stop: {result.stop_reason}"]
+    lines.append(f"spoken text: {result.spoken_text!r}")
+    units = result.audio_units
+    shown = " ".join(map(str, units[:24])) + (" …" if len(units) > 24 else "")
+    lines.append(f"audio units: {len(units)}  [{shown}]")
+    for h in result.hidden:
+        lines.append(f"{h.kind} {h.index} (positions {h.start}-{h.end}): {h.text!r}")
+    t = result.timings
+    lat = t.token_latencies_s
+    p50 = statistics.median(lat) * 1000 if lat else float("nan")
+    ttft = (t.time_to_first_token_s or 0.0) * 1000
+    ttfa = f"{t.time_to_first_audio_s * 1000:.1f} ms" if t.time_to_first_audio_s is not None else "n/a"
+    c = result.counts
+    lines.append(
+        f"timings: prefill {t.prefill_s * 1000:.1f} ms, first token {ttft:.1f} ms, first audio {ttfa}, "
+        f"{c.generated} tokens at {p50:.2f} ms/token (median), total {t.total_s:.2f} s"
+    )
+    lines.append(f"tokens: prompt {c.prompt}, generated {c.generated}, forced {c.forced}, forwarded {c.forwarded}")
+    return "\n".join(lines)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    disc = _discovery()
+    if args.json:
+        rows = [
+            {"name": p.name, "source": p.source, "version": p.version, "hooks": p.hooks,
+             "provides": p.provides, "error": p.error}
+            for p in disc.plugins
+        ]
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for p in disc.plugins:
+        print(f"{p.name}  [{p.source}]  version {p.version or '?'}")
+        if p.error:
+            print(f"    error: {p.error}")
+        if p.provides:
+            print(f"    provides: {', '.join(p.provides)}")
+        if p.hooks:
+            print(f"    hooks: {', '.join(p.hooks)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reempathy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decode", help="decode one spoken answer")
+    _add_config_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text prompt")
+    src.add_argument("--units", help="file of speech unit ids")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, help="token budget of the answer")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (docs/result-schema.md)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("plugins", help="list plugins, their hooks, versions and sources")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="transformers")
+            return int(args.func(args) or 0)
+    except ReempathyError as exc:
+        print(f"reempathy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reempathy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The generic decoder core: session state, token loop, spans, directives, hooks, discovery."""

@@ -1,0 +1,93 @@
+"""Hook specifications: the whole contract between the decoder core and plugins.
+
+Discovery hooks are called once per process on the global plugin manager; each receives a
+``register`` callback. Run hooks are called by the token loop on a per-session plugin manager
+that holds only the strategy, processors and observers chosen for that session.
+Every hook is documented with its signature in docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+import torch
+
+if TYPE_CHECKING:
+    from reempathy.decoding.attention import KeyBias
+    from reempathy.decoding.directives import Directive
+    from reempathy.decoding.result import DecodeResult
+    from reempathy.decoding.session import DecodeSession
+
+hookspec = pluggy.HookspecMarker("reempathy")
+
+#: ``register(name, factory, config_model, description="")``
+Register = Callable[..., None]
+
+
+# --- discovery hooks (called once) -------------------------------------------------------
+
+
+@hookspec
+def reempathy_register_strategies(register: Register) -> None:
+    """Register strategies: ``register(name, factory, config_model)``; ``factory(options, backbone)`` returns the strategy plugin object."""
+
+
+@hookspec
+def reempathy_register_processors(register: Register) -> None:
+    """Register logits processors and observers: ``register(name, factory, config_model)``; ``factory(options, backbone)`` returns the plugin object."""
+
+
+@hookspec
+def reempathy_register_backbones(register: Register) -> None:
+    """Register backbones: ``register(name, factory, config_model)``; ``factory(options)`` returns a loaded ``Backbone``."""
+
+
+# --- run hooks (called by the loop, per session) ------------------------------------------
+
+
+@hookspec
+def reempathy_decode_start(session: DecodeSession) -> None:
+    """The prompt is prefilled and the loop is about to sample the first token; the strategy sets its first phase here."""
+
+
+@hookspec
+def reempathy_logits(session: DecodeSession, logits: torch.Tensor) -> None:
+    """Change the next-token ``logits`` (float32, shape ``[vocab]``) in place: strategies first, then processors in config order."""
+
+
+@hookspec(firstresult=True)
+def reempathy_token(session: DecodeSession, token_id: int) -> Directive | None:
+    """``token_id`` was sampled and is about to be appended; the strategy answers with a directive (None means continue)."""
+
+
+@hookspec
+def reempathy_phase_change(session: DecodeSession, old: str | None, new: str) -> None:
+    """The phase changed from ``old`` to ``new`` (forced tokens already appended); a new segment has begun."""
+
+
+@hookspec
+def reempathy_attention_plan(session: DecodeSession) -> dict[int, list[KeyBias]] | None:
+    """Return additive attention biases per layer for the phase that just began (called once per phase change)."""
+
+
+@hookspec
+def reempathy_decode_end(session: DecodeSession, result: DecodeResult) -> None:
+    """The answer is finished; ``result`` is final and may be read (or annotated in ``result.extra``)."""
+
+
+RUN_HOOKS = (
+    "reempathy_decode_start",
+    "reempathy_logits",
+    "reempathy_token",
+    "reempathy_phase_change",
+    "reempathy_attention_plan",
+    "reempathy_decode_end",
+)
+DISCOVERY_HOOKS = (
+    "reempathy_register_strategies",
+    "reempathy_register_processors",
+    "reempathy_register_backbones",
+)
+
+__all__ = ["hookspec", "Register", "RUN_HOOKS", "DISCOVERY_HOOKS", "Any"]

@@ -1,0 +1,228 @@
+"""The token loop: prefill once, then extend one KV cache, asking the session's plugins at each step."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pluggy
+import torch
+from transformers import DynamicCache
+
+from reempathy.backbones.base import Backbone
+from reempathy.decoding import hookspecs
+from reempathy.decoding.directives import CONTINUE, Stop, Switch
+from reempathy.decoding.result import Counts, DecodeResult, HiddenSegment, SpokenChunk, Timings
+from reempathy.decoding.session import DecodeSession
+from reempathy.decoding.spans import SPEAK, SPOKEN_AUDIO, SPOKEN_TEXT
+from reempathy.errors import InputError
+
+
+@dataclass
+class LoopOptions:
+    """Settings of the loop itself (the strategy and processors carry their own)."""
+
+    max_new_tokens: int = 128
+    greedy: bool = False
+    seed: int = 0
+    strategy_name: str = "custom"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def session_plugin_manager(strategy: object, processors: Sequence[object] = ()) -> pluggy.PluginManager:
+    """A plugin manager holding only this session's plugins.
+
+    pluggy calls the most recently registered implementation first, so processors are registered
+    in reverse to run in config order; strategies mark their logits hook ``tryfirst``.
+    """
+    pm = pluggy.PluginManager("reempathy")
+    pm.add_hookspecs(hookspecs)
+    for i, proc in enumerate(reversed(list(processors))):
+        pm.register(proc, name=f"processor-{len(processors) - 1 - i}-{type(proc).__name__}")
+    pm.register(strategy, name=f"strategy-{type(strategy).__name__}")
+    return pm
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _sample(scores: torch.Tensor, greedy: bool, generator: torch.Generator) -> int:
+    if greedy:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode(
+    backbone: Backbone,
+    prompt_ids: Sequence[int],
+    strategy: object,
+    processors: Sequence[object] = (),
+    options: LoopOptions | None = None,
+) -> DecodeResult:
+    """Decode one answer to ``prompt_ids`` with ``strategy`` and ``processors`` (plugin objects)."""
+    options = options or LoopOptions()
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise InputError("the prompt is empty; give --prompt TEXT or --units FILE")
+    if len(prompt_ids) >= backbone.max_context:
+        raise InputError(
+            f"the prompt is {len(prompt_ids)} tokens, longer than the backbone's context of "
+            f"{backbone.max_context}; shorten it"
+        )
+    if options.max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {options.max_new_tokens}")
+    pm = session_plugin_manager(strategy, processors)
+    hook = pm.hook
+    model = backbone.model
+    device = model.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(options.seed)
+    session = DecodeSession(backbone, prompt_ids, generator, options)
+    stop_ids = frozenset(backbone.layout.stop_ids)
+    budget = min(options.max_new_tokens, backbone.max_context - len(prompt_ids))
+    wants_plan = bool(hook.reempathy_attention_plan.get_hookimpls())
+
+    if wants_plan:
+        from reempathy.decoding.attention import biased_attention
+
+        attention_ctx: Any = biased_attention(model)
+    else:
+        attention_ctx = contextlib.nullcontext(None)
+
+    cache = DynamicCache(config=model.config)
+    cache_kw = _cache_keyword(model)
+    timings = Timings()
+    stop_reason = "max_new_tokens"
+    to_forward: list[int] = []
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        out = model(
+            input_ids=torch.tensor([ids], device=device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
+        session.forwarded += len(ids)
+        return out.logits[0, -1]
+
+    def enter(phase: str, hidden: bool, controller: Any) -> None:
+        old = session.phase
+        session._enter(phase, hidden)
+        hook.reempathy_phase_change(session=session, old=old, new=phase)
+        if controller is not None:
+            plan: dict = {}
+            for part in hook.reempathy_attention_plan(session=session):
+                for layer, biases in (part or {}).items():
+                    plan.setdefault(layer, []).extend(biases)
+            controller.set_plan(plan)
+
+    with torch.inference_mode(), attention_ctx as controller:
+        t_start = time.perf_counter()
+        logits = forward(prompt_ids)
+        t_prev = time.perf_counter()
+        timings.prefill_s = t_prev - t_start
+        hook.reempathy_decode_start(session=session)
+        if session.phase is None:
+            enter(SPEAK, False, controller)
+        latencies = timings.token_latencies_s
+        while True:
+            scores = logits.float() if logits.dtype != torch.float32 else logits
+            hook.reempathy_logits(session=session, logits=scores)
+            token = _sample(scores, options.greedy, generator)
+            if token in stop_ids:
+                directive: Any = Stop("stop_token")
+            else:
+                directive = hook.reempathy_token(session=session, token_id=token) or CONTINUE
+            now = time.perf_counter()
+            latencies.append(now - t_prev)
+            t_prev = now
+            if timings.time_to_first_token_s is None:
+                timings.time_to_first_token_s = now - t_start
+            if type(directive) is Stop:
+                to_forward = []
+                if directive.keep_token:
+                    session._append_sampled(token)
+                    to_forward = [token]
+                stop_reason = directive.reason
+                break
+            to_forward = []
+            if type(directive) is not Switch or directive.keep_token:
+                session._append_sampled(token)
+                to_forward.append(token)
+                if timings.time_to_first_audio_s is None and session.labels[-1] == SPOKEN_AUDIO:
+                    timings.time_to_first_audio_s = now - t_start
+            if type(directive) is Switch:
+                if directive.forced:
+                    session._append_forced(directive.forced)
+                    to_forward.extend(directive.forced)
+                enter(directive.phase, directive.hidden, controller)
+            if session.generated >= budget:
+                stop_reason = "max_new_tokens" if session.generated >= options.max_new_tokens else "max_context"
+                break
+            if len(session.ids) >= backbone.max_context:
+                stop_reason = "max_context"
+                break
+            if to_forward:
+                logits = forward(to_forward)
+                to_forward = []
+        timings.total_s = time.perf_counter() - t_start
+
+    # Tokens appended after the last forward call: the answer ended, so nothing needs their keys.
+    session.unforwarded = len(to_forward)
+    result = build_result(session, options.strategy_name, stop_reason, timings)
+    hook.reempathy_decode_end(session=session, result=result)
+    return result
+
+
+def build_result(session: DecodeSession, strategy_name: str, stop_reason: str, timings: Timings) -> DecodeResult:
+    """Split the session's sequence into the spoken stream and the hidden trace."""
+    backbone = session.backbone
+    layout = session.layout
+    chunks: list[SpokenChunk] = []
+    hidden: list[HiddenSegment] = []
+    text_ids: list[int] = []
+    units: list[int] = []
+    for seg in session.segments:
+        if seg.hidden:
+            ids = session.segment_ids(seg)
+            hidden.append(
+                HiddenSegment(seg.phase, seg.index, backbone.decode_text(ids), ids, seg.start, seg.end)
+            )
+            continue
+        c_text = [session.ids[i] for i in range(seg.start, seg.end) if session.labels[i] == SPOKEN_TEXT]
+        c_units = [
+            layout.token_to_unit(session.ids[i])
+            for i in range(seg.start, seg.end)
+            if session.labels[i] == SPOKEN_AUDIO
+        ]
+        if not c_text and not c_units:
+            continue
+        chunks.append(SpokenChunk(seg.index, backbone.decode_text(c_text), c_text, c_units))
+        text_ids.extend(c_text)
+        units.extend(c_units)
+    spans = [
+        {"label": s.label, "start": s.start, "end": s.end, "segment": s.segment} for s in session.spans()
+    ]
+    counts = Counts(session.prompt_len, session.generated, session.forced, session.forwarded, session.unforwarded)
+    return DecodeResult(
+        strategy=strategy_name,
+        backbone=backbone.name,
+        spoken_text=backbone.decode_text(text_ids),
+        spoken_text_ids=text_ids,
+        audio_units=units,
+        chunks=chunks,
+        hidden=hidden,
+        spans=spans,
+        ids=session.ids[session.prompt_len :],
+        stop_reason=stop_reason,
+        counts=counts,
+        timings=timings,
+        extra=dict(session.extra),
+    )

@@ -1,0 +1,38 @@
+"""Labels for every position of a decoded sequence, and the segments strategies ask about."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROMPT = "prompt"
+SPOKEN_TEXT = "spoken_text"
+SPOKEN_AUDIO = "spoken_audio"
+CONTROL = "control"
+SPEAK = "speak"  # the phase whose tokens are heard
+
+
+@dataclass(slots=True)
+class Segment:
+    """One stay in a phase: positions ``[start, end)`` of generated (not forced) tokens.
+
+    ``index`` counts the segments of that phase from 1 (reflection 1, reflection 2, …).
+    """
+
+    phase: str
+    hidden: bool
+    index: int
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A maximal run of positions with one ``label`` inside one segment (``segment`` is its number, 0 for prompt)."""
+
+    label: str
+    start: int
+    end: int
+    segment: int

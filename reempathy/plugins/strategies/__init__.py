@@ -1,0 +1,13 @@
+"""Built-in strategies: ``sft``, ``cotbs``, ``reempathy``."""
+
+from __future__ import annotations
+
+from reempathy.decoding.hookspecs import Register
+from reempathy.hooks import hookimpl
+
+
+@hookimpl
+def reempathy_register_strategies(register: Register) -> None:
+    from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
+
+    register("sft", SftStrategy, SftOptions, "plain decoding of the spoken stream")

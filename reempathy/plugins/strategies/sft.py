@@ -1,0 +1,22 @@
+"""Strategy ``sft``: plain decoding of the spoken stream, text and audio tokens as the backbone emits them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from reempathy.backbones.base import Backbone
+
+
+class SftOptions(BaseModel):
+    """``sft`` has no options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SftStrategy:
+    """Lets every sampled token through; the loop stops at the backbone's stop tokens or the budget."""
+
+    name = "sft"
+
+    def __init__(self, options: SftOptions, backbone: Backbone) -> None:
+        self.options = options

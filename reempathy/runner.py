@@ -1,0 +1,132 @@
+"""Config → backbone → session plugins → loop → result: the one path every command takes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from reempathy.backbones.base import Backbone, Turn
+from reempathy.config import DecodeConfig
+from reempathy.decoding.loop import LoopOptions, decode
+from reempathy.decoding.registry import Registry
+from reempathy.decoding.result import DecodeResult
+from reempathy.errors import ConfigError, InputError
+
+_AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
+
+
+def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
+    """Build the configured backbone through its registered factory."""
+    options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
+    return registry.get("backbone", cfg.backbone.name).factory(options)
+
+
+def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
+    """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
+    s_opts = registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
+    strategy = registry.get("strategy", cfg.strategy.name).factory(s_opts, backbone)
+    processors = []
+    for proc in cfg.processors:
+        p_opts = registry.validate("processor", proc.name, proc.options)
+        processors.append(registry.get("processor", proc.name).factory(p_opts, backbone))
+    for name, options in sampling_chain(cfg, backbone):
+        p_opts = registry.validate("processor", name, options)
+        processors.append(registry.get("processor", name).factory(p_opts, backbone))
+    return strategy, processors
+
+
+def sampling_chain(cfg: DecodeConfig, backbone: Backbone) -> list[tuple[str, dict[str, Any]]]:
+    """``[sampling]`` as processors, in transformers' order; unset values take the backbone's defaults."""
+    s = cfg.sampling
+    if s.greedy:
+        return []
+    d = backbone.sampling_defaults
+
+    def pick(name: str) -> Any:
+        value = getattr(s, name)
+        return d.get(name) if value is None else value
+
+    chain: list[tuple[str, dict[str, Any]]] = []
+    if (rp := pick("repetition_penalty")) not in (None, 1.0):
+        chain.append(("repetition-penalty", {"penalty": rp}))
+    if (t := pick("temperature")) not in (None, 1.0):
+        chain.append(("temperature", {"value": t}))
+    if (k := pick("top_k")) not in (None, 0):
+        chain.append(("top-k", {"k": k}))
+    if (p := pick("top_p")) not in (None, 1.0):
+        chain.append(("top-p", {"p": p}))
+    return chain
+
+
+def read_units(path: str | Path) -> list[int]:
+    """Speech unit ids from a file: a JSON list, ``<|audio_N|>`` tokens, or whitespace/comma-separated integers."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"units file {str(p)!r} not found")
+    text = p.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        raise InputError(f"units file {str(p)!r} is empty; it should hold speech unit ids")
+    try:
+        if text.startswith("["):
+            data = json.loads(text)
+            if not all(isinstance(u, int) and not isinstance(u, bool) for u in data):
+                raise ValueError
+            units = list(data)
+        elif "<|audio_" in text:
+            units = [int(m) for m in _AUDIO_TOKEN.findall(text)]
+        else:
+            units = [int(tok) for tok in re.split(r"[\s,]+", text) if tok]
+    except ValueError:
+        raise InputError(
+            f"units file {str(p)!r}: expected integers (a JSON list, whitespace-separated, or <|audio_N|> tokens)"
+        ) from None
+    if not units:
+        raise InputError(f"units file {str(p)!r} holds no unit ids")
+    return units
+
+
+def build_prompt_ids(
+    backbone: Backbone, prompt: str | None = None, units: list[int] | None = None, system_prompt: str | None = None
+) -> list[int]:
+    """Token ids of a one-turn prompt from text or speech units."""
+    if units is None and (prompt is None or not prompt.strip()):
+        raise InputError("the prompt is empty; give --prompt TEXT or --units FILE")
+    if units is not None:
+        bad = [u for u in units if not 0 <= u < backbone.layout.audio_count]
+        if bad:
+            raise InputError(
+                f"unit id {bad[0]} is outside the audio range 0..{backbone.layout.audio_count - 1} of backbone "
+                f"{backbone.name!r} ({len(bad)} ids out of range); check the units come from this backbone's speech tokenizer"
+            )
+    turns = []
+    if system_prompt:
+        turns.append(Turn("system", text=system_prompt))
+    turns.append(Turn("user", text=prompt if units is None else None, units=units))
+    return backbone.build_prompt(turns)
+
+
+def run_decode(
+    cfg: DecodeConfig,
+    registry: Registry,
+    prompt: str | None = None,
+    units_file: str | None = None,
+    backbone: Backbone | None = None,
+) -> DecodeResult:
+    """Decode one answer as ``cfg`` says; ``prompt``/``units_file`` override ``[decode]``."""
+    if prompt is not None and units_file is not None:
+        raise ConfigError("give either --prompt or --units, not both")
+    backbone = backbone or load_backbone(cfg, registry)
+    strategy, processors = build_plugins(cfg, backbone, registry)
+    prompt = prompt if prompt is not None else (None if units_file else cfg.decode.prompt)
+    units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
+    units = read_units(units_file) if units_file else None
+    ids = build_prompt_ids(backbone, prompt, units, cfg.decode.system_prompt)
+    options = LoopOptions(
+        max_new_tokens=cfg.decode.max_new_tokens,
+        greedy=cfg.sampling.greedy,
+        seed=cfg.sampling.seed,
+        strategy_name=cfg.strategy.name,
+    )
+    return decode(backbone, ids, strategy, processors, options)
