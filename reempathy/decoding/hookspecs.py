@@ -47,8 +47,8 @@ def reempathy_register_backbones(register: Register) -> None:
 
 
 @hookspec
-def reempathy_decode_start(session: DecodeSession) -> None:
-    """The prompt is prefilled and the loop is about to sample the first token; the strategy sets its first phase here."""
+def reempathy_decode_start(session: DecodeSession) -> Directive | None:
+    """The prompt is ready, the model has not run yet; a strategy may return a ``Switch`` to begin in another phase."""
 
 
 @hookspec

@@ -112,25 +112,34 @@ def decode(
         session.forwarded += len(ids)
         return out.logits[0, -1]
 
-    def enter(phase: str, hidden: bool, controller: Any) -> None:
+    def enter(phase: str, hidden: bool) -> None:
         old = session.phase
         session._enter(phase, hidden)
         hook.reempathy_phase_change(session=session, old=old, new=phase)
-        if controller is not None:
-            plan: dict = {}
-            for part in hook.reempathy_attention_plan(session=session):
-                for layer, biases in (part or {}).items():
-                    plan.setdefault(layer, []).extend(biases)
-            controller.set_plan(plan)
+
+    def update_plan(controller: Any) -> None:
+        if controller is None:
+            return
+        plan: dict = {}
+        for part in hook.reempathy_attention_plan(session=session):
+            for layer, biases in (part or {}).items():
+                plan.setdefault(layer, []).extend(biases)
+        controller.set_plan(plan)
 
     with torch.inference_mode(), attention_ctx as controller:
         t_start = time.perf_counter()
-        logits = forward(prompt_ids)
+        # A strategy may begin in another phase (a thought, say): its forced opening tokens
+        # join the prompt in the prefill instead of costing a forward call of their own.
+        first = next((d for d in hook.reempathy_decode_start(session=session) if type(d) is Switch), None)
+        if first is not None:
+            session._append_forced(first.forced)
+            enter(first.phase, first.hidden)
+        else:
+            enter(SPEAK, False)
+        logits = forward(list(session.ids))
         t_prev = time.perf_counter()
         timings.prefill_s = t_prev - t_start
-        hook.reempathy_decode_start(session=session)
-        if session.phase is None:
-            enter(SPEAK, False, controller)
+        update_plan(controller)
         latencies = timings.token_latencies_s
         while True:
             scores = logits.float() if logits.dtype != torch.float32 else logits
@@ -150,6 +159,8 @@ def decode(
                 if directive.keep_token:
                     session._append_sampled(token)
                     to_forward = [token]
+                else:
+                    latencies.pop()  # one latency per token of the answer
                 stop_reason = directive.reason
                 break
             to_forward = []
@@ -162,7 +173,8 @@ def decode(
                 if directive.forced:
                     session._append_forced(directive.forced)
                     to_forward.extend(directive.forced)
-                enter(directive.phase, directive.hidden, controller)
+                enter(directive.phase, directive.hidden)
+                update_plan(controller)
             if session.generated >= budget:
                 stop_reason = "max_new_tokens" if session.generated >= options.max_new_tokens else "max_context"
                 break

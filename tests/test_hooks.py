@@ -1,0 +1,206 @@
+"""Every run hook is fired by the loop as documented; every hookspec is documented and tested."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from reempathy.decoding import hookspecs
+from reempathy.decoding.attention import KeyBias
+from reempathy.decoding.directives import Switch
+from reempathy.decoding.loop import LoopOptions, decode
+from reempathy.hooks import hookimpl
+from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorder:
+    """Records every run hook call in order."""
+
+    def __init__(self, name="rec", log=None):
+        self.name = name
+        self.log = log if log is not None else []
+
+    @hookimpl
+    def reempathy_decode_start(self, session):
+        self.log.append(("start", self.name, session.phase))
+
+    @hookimpl
+    def reempathy_logits(self, session, logits):
+        self.log.append(("logits", self.name, session.generated))
+
+    @hookimpl
+    def reempathy_phase_change(self, session, old, new):
+        self.log.append(("phase", self.name, old, new))
+
+    @hookimpl
+    def reempathy_decode_end(self, session, result):
+        self.log.append(("end", self.name, result.counts.generated))
+        result.extra[self.name] = "seen"
+
+
+def test_reempathy_decode_start_fires_once_before_the_first_token(tiny, tiny_prompt):
+    rec = Recorder()
+    decode(tiny, tiny_prompt, SftStrategy(SftOptions(), tiny), [rec], LoopOptions(max_new_tokens=3, greedy=True))
+    assert rec.log[0] == ("start", "rec", None)
+    assert [e[0] for e in rec.log].count("start") == 1
+
+
+def test_reempathy_decode_start_switch_begins_in_a_hidden_phase_within_the_prefill(tiny, tiny_prompt):
+    bot = tiny.layout.special["<|begin_of_thought|>"]
+
+    class Strat:
+        @hookimpl
+        def reempathy_decode_start(self, session):
+            return Switch("thought", forced=(bot,), hidden=True)
+
+        @hookimpl
+        def reempathy_logits(self, session, logits):
+            logits[tiny.layout.text_end :] = float("-inf")
+
+    r = decode(tiny, tiny_prompt, Strat(), [], LoopOptions(max_new_tokens=3, greedy=True))
+    assert r.spans[1] == {"label": "control", "start": len(tiny_prompt), "end": len(tiny_prompt) + 1, "segment": 0}
+    assert r.hidden[0].kind == "thought" and r.hidden[0].start == len(tiny_prompt) + 1
+    # one prefill call carried the prompt and the delimiter: nothing forwarded twice
+    assert r.counts.forwarded + r.counts.unforwarded == len(tiny_prompt) + 1 + r.counts.generated
+
+
+def test_reempathy_logits_runs_processors_in_config_order(tiny, tiny_prompt):
+    log = []
+    a, b, c = Recorder("a", log), Recorder("b", log), Recorder("c", log)
+    decode(tiny, tiny_prompt, SftStrategy(SftOptions(), tiny), [a, b, c], LoopOptions(max_new_tokens=2, greedy=True))
+    first_step = [e[1] for e in log if e[0] == "logits" and e[2] == 0]
+    assert first_step == ["a", "b", "c"]
+
+
+def test_reempathy_logits_changes_in_place_decide_the_token(tiny, tiny_prompt):
+    class Force:
+        @hookimpl
+        def reempathy_logits(self, session, logits):
+            logits.fill_(float("-inf"))
+            logits[42] = 0.0
+
+    r = decode(tiny, tiny_prompt, SftStrategy(SftOptions(), tiny), [Force()], LoopOptions(max_new_tokens=4))
+    assert r.ids == [42, 42, 42, 42]
+
+
+def test_reempathy_logits_strategy_runs_before_processors(tiny, tiny_prompt):
+    log = []
+
+    class Strat:
+        @hookimpl(tryfirst=True)
+        def reempathy_logits(self, session, logits):
+            log.append("strategy")
+
+    decode(tiny, tiny_prompt, Strat(), [Recorder("p", log)], LoopOptions(max_new_tokens=1, greedy=True))
+    calls = [e if e == "strategy" else e[1] for e in log if e == "strategy" or e[0] == "logits"]
+    assert calls == ["strategy", "p"]
+
+
+def test_reempathy_token_directive_switches_phase_and_fires_phase_change(tiny, tiny_prompt):
+    rec = Recorder()
+    bor = tiny.layout.special["<|begin_of_reflection|>"]
+
+    class Strat:
+        @hookimpl
+        def reempathy_token(self, session, token_id):
+            if session.generated == 1 and session.phase == "speak":
+                return Switch("reflection", forced=(bor,), hidden=True)
+            return None
+
+    r = decode(tiny, tiny_prompt, Strat(), [rec], LoopOptions(max_new_tokens=4, greedy=True))
+    phases = [e for e in rec.log if e[0] == "phase"]
+    assert phases == [("phase", "rec", None, "speak"), ("phase", "rec", "speak", "reflection")]
+    assert r.ids[2] == bor
+
+
+def test_reempathy_phase_change_sees_the_forced_tokens_already_appended(tiny, tiny_prompt):
+    seen = []
+    eor = tiny.layout.special["<|end_of_reflection|>"]
+
+    class Strat:
+        @hookimpl
+        def reempathy_token(self, session, token_id):
+            return Switch("speak", forced=(eor,)) if session.generated == 0 else None
+
+        @hookimpl
+        def reempathy_phase_change(self, session, old, new):
+            seen.append(session.ids[-1])
+
+    decode(tiny, tiny_prompt, Strat(), [], LoopOptions(max_new_tokens=3, greedy=True))
+    assert seen[1] == eor
+
+
+def test_reempathy_attention_plan_is_asked_once_per_phase_change(tiny, tiny_prompt):
+    calls = []
+    eor = tiny.layout.special["<|end_of_reflection|>"]
+
+    class Strat:
+        @hookimpl
+        def reempathy_token(self, session, token_id):
+            return Switch("speak", forced=(eor,)) if session.generated in (2, 5) else None
+
+        @hookimpl
+        def reempathy_logits(self, session, logits):
+            logits[list(tiny.layout.stop_ids)] = float("-inf")
+
+    class Planner:
+        @hookimpl
+        def reempathy_attention_plan(self, session):
+            calls.append(len(session.segments))
+            return {}
+
+    decode(tiny, tiny_prompt, Strat(), [Planner()], LoopOptions(max_new_tokens=9, greedy=True))
+    assert calls == [1, 2, 3]  # the first phase, then two switches
+
+
+def test_reempathy_attention_plan_bias_changes_the_logits(tiny, tiny_prompt):
+    seen = []
+
+    class Planner:
+        def __init__(self, alpha):
+            self.alpha = alpha
+
+        @hookimpl
+        def reempathy_attention_plan(self, session):
+            return {0: [KeyBias(0, session.prompt_len, math.log(self.alpha))]}
+
+        @hookimpl
+        def reempathy_logits(self, session, logits):
+            seen.append(logits.clone())
+
+    strat = SftStrategy(SftOptions(), tiny)
+    decode(tiny, tiny_prompt, strat, [Planner(1.0)], LoopOptions(max_new_tokens=2, greedy=True))
+    decode(tiny, tiny_prompt, strat, [Planner(3.0)], LoopOptions(max_new_tokens=2, greedy=True))
+    # step 0 logits come from the prefill, before any plan; step 1 is decoded under the plan
+    assert torch.equal(seen[0], seen[2])
+    assert not torch.allclose(seen[1], seen[3])
+
+
+def test_reempathy_decode_end_sees_the_final_result(tiny, tiny_prompt):
+    rec = Recorder()
+    r = decode(tiny, tiny_prompt, SftStrategy(SftOptions(), tiny), [rec], LoopOptions(max_new_tokens=3, greedy=True))
+    assert rec.log[-1] == ("end", "rec", r.counts.generated)
+    assert r.extra["rec"] == "seen"
+
+
+def test_every_hookspec_is_documented_with_its_real_signature():
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    for name in hookspecs.RUN_HOOKS + hookspecs.DISCOVERY_HOOKS:
+        sig = f"{name}{inspect.signature(getattr(hookspecs, name))}"
+        assert f"### `{sig}`" in doc, f"docs/plugins.md lacks the signature {sig}"
+
+
+def test_every_hookspec_is_listed_and_exercised_by_a_test():
+    declared = {n for n, f in vars(hookspecs).items() if n.startswith("reempathy_") and callable(f)}
+    assert declared == set(hookspecs.RUN_HOOKS + hookspecs.DISCOVERY_HOOKS)
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_hooks.py")
+    own = Path(__file__).read_text()
+    for name in declared:
+        exercised = re.search(rf"def test_{name}\w*\(", own) or f"def {name}(" in tests
+        assert exercised, f"no test exercises {name}"
