@@ -92,6 +92,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from reempathy.backbones.glm4voice import convert_glm4voice
+
+    out = convert_glm4voice(args.src, args.dst, overwrite=args.overwrite)
+    print(f"wrote a native checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reempathy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins, their hooks, versions and sources")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("convert", help="convert a published checkpoint to transformers' native format")
+    p.add_argument("format", choices=["glm-4-voice"], help="the source checkpoint's format")
+    p.add_argument("src", help="directory of the published checkpoint")
+    p.add_argument("dst", help="directory to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

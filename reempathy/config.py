@@ -136,9 +136,10 @@ def load_config(
     if strategy:
         data = set_strategy(data, strategy)
     data = apply_overrides(data, overrides or [])
-    for key in ("backbone", "strategy"):
+    for key, default in (("backbone", "tiny"), ("strategy", "sft")):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{where}: {key} must be a table with a name, e.g. [{key}] name = \"...\"")
+        data.setdefault(key, {}).setdefault("name", default)
     try:
         cfg = DecodeConfig.model_validate(data)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 import regex
@@ -63,6 +64,11 @@ _THROW = 'raise RuntimeError("the checkpoint\'s own code must never be executed"
 
 def train_ranks(corpus: str = CORPUS, merges: int = NUM_MERGES) -> dict[bytes, int]:
     """Byte-level BPE ranks learned on ``corpus`` with the GLM-4 pre-tokenization pattern."""
+    return dict(_train_ranks(corpus, merges))
+
+
+@lru_cache(maxsize=4)
+def _train_ranks(corpus: str, merges: int) -> dict[bytes, int]:
     ranks = {bytes([b]): b for b in range(256)}
     words = Counter(tuple(bytes([b]) for b in piece.encode()) for piece in regex.findall(GLM4_PATTERN, corpus))
     for _ in range(merges):

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, StreamPolicy, VocabLayout
-from reempathy.backbones.glm_prompt import build_glm_prompt
+from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, VocabLayout
+from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
 from reempathy.errors import CheckpointError
 
 # Control tokens in GLM-4-Voice's order, then our delimiters; audio units follow.
@@ -163,14 +163,14 @@ def load_tiny(options: TinyOptions) -> Backbone:
         model = build_model(options, vocab_size).to(dtype)
     model.to(options.device).eval()
     layout = layout_from_tokenizer(tok, int(model.config.vocab_size))
-    prefix = (layout.special["[gMASK]"], layout.special["<sop>"])
+    prompt = Glm4VoicePrompt(lambda text: tok.encode(text, add_special_tokens=False), layout, GLM4_VOICE_STREAM)
     return Backbone(
         name="tiny",
         model=model,
         tokenizer=tok,
         layout=layout,
-        stream=StreamPolicy(text_tokens=13, audio_tokens=26),
+        stream=GLM4_VOICE_STREAM,
         max_context=int(model.config.max_position_embeddings),
-        prompt_builder=lambda turns: build_glm_prompt(turns, tok, layout, prefix=prefix),
+        prompt_builder=prompt,
         info={"seed": options.seed, "path": options.path},
     )

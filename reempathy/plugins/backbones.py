@@ -10,4 +10,7 @@ from reempathy.hooks import hookimpl
 def reempathy_register_backbones(register: Register) -> None:
     from reempathy.backbones.tiny import TinyOptions, load_tiny
 
+    from reempathy.backbones.glm4voice import Glm4VoiceOptions, load_glm4voice
+
     register("tiny", load_tiny, TinyOptions, "small random GLM with GLM-4-Voice's token layout (no download)")
+    register("glm-4-voice", load_glm4voice, Glm4VoiceOptions, "a local glm-4-voice-9b checkpoint, loaded natively")

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import GlmConfig, PreTrainedTokenizerFast
 
 from reempathy.backbones.glm4voice import config_map
-from reempathy.backbones.glm4voice.layout import plan_delimiters
+from reempathy.backbones.glm4voice.layout import audio_range, plan_delimiters
 from reempathy.backbones.glm4voice.tokenizer import (
     AddedSpec,
     build_backend,
@@ -64,6 +64,13 @@ def open_original(directory: Path) -> OriginalCheckpoint:
     ranks = read_tiktoken_ranks(directory / TIKTOKEN_FILE)
     text_end = len(ranks)
     declared = read_added_tokens(directory / TOKENIZER_CONFIG, text_end)
+    audio_range({s.content: s.id for s in declared}, str(directory / TOKENIZER_CONFIG))
+    beyond = [s for s in declared if s.id >= base.vocab_size]
+    if beyond:
+        raise CheckpointError(
+            f"{directory / TOKENIZER_CONFIG} gives {beyond[0].content!r} id {beyond[0].id}, past the model's "
+            f"{base.vocab_size} embedding rows; the tokenizer does not belong to these weights"
+        )
     delimiters = plan_delimiters({s.content: s.id for s in declared})
     specs = declared + delimiters
     rows = max(base.vocab_size, max(s.id for s in specs) + 1)

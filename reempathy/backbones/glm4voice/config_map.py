@@ -56,7 +56,9 @@ def read_config_json(directory: Path) -> dict[str, Any]:
 
 def _need(raw: dict[str, Any], key: str, path: Path) -> Any:
     if key not in raw or raw[key] is None:
-        raise CheckpointError(f"{path} lacks {key!r}; this is not a complete ChatGLM config, re-download the checkpoint")
+        raise CheckpointError(
+            f"{path} lacks {key!r}; this is not a complete ChatGLM config, re-download the checkpoint"
+        )
     return raw[key]
 
 

@@ -22,6 +22,10 @@ from reempathy.errors import CheckpointError
 
 AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 USER_TOKEN = "<|user|>"
+# Control tokens the published chat format cannot do without.
+REQUIRED_CONTROL = (
+    "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_audio|>", "<|end_of_audio|>",
+)  # fmt: skip
 
 
 def audio_range(added: Mapping[str, int], source: str) -> tuple[int, int]:
@@ -77,6 +81,9 @@ def build_layout(
             "embedding rows; the tokenizer does not belong to these weights"
         )
     special = {c: i for c, i in added.items() if not AUDIO_TOKEN.fullmatch(c)}
+    missing = [t for t in REQUIRED_CONTROL if t not in special]
+    if missing:
+        raise CheckpointError(f"{source} lacks control tokens {missing}; this is not a GLM-4-Voice tokenizer")
     missing = [d for d in DELIMITER_TOKENS if d not in special]
     if missing:
         raise CheckpointError(f"{source} lacks delimiter tokens {missing}; add them before building the layout")

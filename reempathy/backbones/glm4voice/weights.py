@@ -97,7 +97,9 @@ def read_shard_plan(directory: Path) -> ShardPlan:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from None
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index ({e}); re-download the checkpoint"
+            ) from None
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
@@ -110,8 +112,11 @@ def read_shard_plan(directory: Path) -> ShardPlan:
         return ShardPlan(directory, index, shards)
     single = directory / SINGLE_NAME
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return ShardPlan(directory, None, {SINGLE_NAME: list(f.keys())})
+        try:
+            with safe_open(single, framework="pt") as f:
+                return ShardPlan(directory, None, {SINGLE_NAME: list(f.keys())})
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{single} is not a readable safetensors file ({e}); re-download it") from None
     if any(directory.glob("*.bin")):
         raise CheckpointError(
             f"{directory} holds only PyTorch .bin weights; reempathy loads safetensors only, "
@@ -155,7 +160,8 @@ def validate(plan: ShardPlan, expected: dict[str, tuple[int, ...]]) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(
-            f"{plan.describe()} lacks tensors {', '.join(missing[:3])}{more}; the checkpoint is incomplete, re-download it"
+            f"{plan.describe()} lacks tensors {', '.join(missing[:3])}{more}; "
+            "the checkpoint is incomplete, re-download it"
         )
 
 
@@ -186,7 +192,7 @@ def native_tensors(name: str, tensor: torch.Tensor, cfg: GlmConfig) -> dict[str,
 
 
 def pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """``weight`` grown to ``rows`` rows; new rows are the mean of the existing ones (a neutral start for new tokens)."""
+    """``weight`` grown to ``rows`` rows; new rows are the mean of the existing ones (a neutral start)."""
     if weight.shape[0] >= rows:
         return weight
     extra = weight.float().mean(dim=0, keepdim=True).to(weight.dtype).expand(rows - weight.shape[0], -1)

@@ -8,6 +8,10 @@ from reempathy.hooks import hookimpl
 
 @hookimpl
 def reempathy_register_strategies(register: Register) -> None:
+    from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
+    from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
     from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
 
     register("sft", SftStrategy, SftOptions, "plain decoding of the spoken stream")
+    register("cotbs", CotbsStrategy, CotbsOptions, "chain of thought (hidden) before speaking")
+    register("reempathy", ReEmpathyStrategy, ReEmpathyOptions, "spoken chunks alternating with hidden reflections")

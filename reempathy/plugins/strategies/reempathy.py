@@ -1,0 +1,102 @@
+"""Strategy ``reempathy``: spoken chunks and unspoken reflection chunks alternate, r1 f1 r2 f2 …, on one KV cache.
+
+Where it decides: :meth:`ReEmpathyStrategy.reempathy_token` switches to a reflection when a
+spoken chunk is full (:class:`SpokenChunker`), and back to speaking when the model closes the
+reflection or the cap is reached. The decoder forces the delimiters; nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from reempathy.backbones.base import DELIMITER_TOKENS, REFLECTION_CLOSE, REFLECTION_OPEN, Backbone
+from reempathy.decoding.directives import Directive, Switch
+from reempathy.decoding.session import DecodeSession
+from reempathy.decoding.spans import SPEAK
+from reempathy.hooks import hookimpl
+from reempathy.plugins.strategies.chunking import ChunkLayout, SpokenChunker
+
+REFLECTION = "reflection"
+
+
+class ReEmpathyOptions(BaseModel):
+    """Options of ``reempathy`` (the paper's best: 5+10 or 7+14 per spoken chunk)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_tokens: int = Field(5, ge=1, description="text slots at the start of each spoken chunk")
+    audio_tokens: int = Field(10, ge=1, description="audio slots after them")
+    reflect: bool = Field(True, description="false: the paper's ablation, the same chunking with no reflections")
+    max_reflection_tokens: int = Field(32, ge=1, description="the decoder closes a reflection at this many tokens")
+    reflection_tokens: int | None = Field(
+        None, ge=1, description="fixed-length mode: every reflection is exactly this many tokens"
+    )
+
+    @model_validator(mode="after")
+    def _chunk_size(self) -> "ReEmpathyOptions":
+        if self.text_tokens + self.audio_tokens < 2:
+            raise ValueError("a spoken chunk needs at least 2 tokens")
+        return self
+
+    @property
+    def layout(self) -> ChunkLayout:
+        return ChunkLayout(self.text_tokens, self.audio_tokens)
+
+
+class ReEmpathyStrategy:
+    """Alternates spoken chunks of a fixed text+audio layout with reflections in text."""
+
+    name = "reempathy"
+
+    def __init__(self, options: ReEmpathyOptions, backbone: Backbone) -> None:
+        self.options = options
+        layout = backbone.layout
+        self.open_id = layout.token_id(REFLECTION_OPEN)
+        self.close_id = layout.token_id(REFLECTION_CLOSE)
+        self.chunker = SpokenChunker(options.layout)
+        device = backbone.model.device
+        text = layout.text_mask(device)
+        audio = layout.audio_mask(device)
+        stops = torch.zeros_like(text)
+        stops[list(layout.stop_ids)] = True
+        # Precomputed "banned" masks, one per kind of slot, so each step is one masked_fill.
+        self.ban_text_slot = ~(text | audio | stops)
+        self.ban_audio_slot = ~(audio | stops)
+        reflect_ok = text.clone()
+        if options.reflection_tokens is None:
+            reflect_ok[self.close_id] = True
+        self.ban_reflection = ~reflect_ok
+        self.limit = options.reflection_tokens or options.max_reflection_tokens
+        self.delimiters = [layout.special[t] for t in DELIMITER_TOKENS if t in layout.special]
+
+    @hookimpl
+    def reempathy_decode_start(self, session: DecodeSession) -> None:
+        self.chunker = SpokenChunker(self.options.layout)
+        session.extra["chunk_layout"] = {
+            "text_tokens": self.options.text_tokens,
+            "audio_tokens": self.options.audio_tokens,
+        }
+
+    @hookimpl(tryfirst=True)
+    def reempathy_logits(self, session: DecodeSession, logits: torch.Tensor) -> None:
+        if session.hidden:
+            logits.masked_fill_(self.ban_reflection, float("-inf"))
+        elif self.chunker.text_allowed():
+            logits.masked_fill_(self.ban_text_slot, float("-inf"))
+        else:
+            logits.masked_fill_(self.ban_audio_slot, float("-inf"))
+
+    @hookimpl
+    def reempathy_token(self, session: DecodeSession, token_id: int) -> Directive | None:
+        if session.hidden:
+            if token_id == self.close_id:
+                return Switch(SPEAK)
+            if len(session.segment) + 1 >= self.limit:  # type: ignore[arg-type]
+                return Switch(SPEAK, forced=(self.close_id,))
+            return None
+        if not self.chunker.push(session.layout.is_audio(token_id)):
+            return None
+        if self.options.reflect:
+            return Switch(REFLECTION, forced=(self.open_id,), hidden=True)
+        return Switch(SPEAK)
