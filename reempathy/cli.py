@@ -54,8 +54,12 @@ def format_result(result: Any) -> str:
     units = result.audio_units
     shown = " ".join(map(str, units[:24])) + (" …" if len(units) > 24 else "")
     lines.append(f"audio units: {len(units)}  [{shown}]")
-    for h in result.hidden:
-        lines.append(f"{h.kind} {h.index} (positions {h.start}-{h.end}): {h.text!r}")
+    if result.hidden:
+        # The answer in order: each spoken chunk, then the hidden segment that followed it.
+        events = [(c.start, f"  spoken {c.index}: {c.text!r} + {len(c.audio_units)} audio units") for c in result.chunks]
+        events += [(h.start, f"  {h.kind} {h.index}: {h.text!r}") for h in result.hidden]
+        lines.append("in order:")
+        lines.extend(text for _, text in sorted(events))
     t = result.timings
     lat = t.token_latencies_s
     p50 = statistics.median(lat) * 1000 if lat else float("nan")

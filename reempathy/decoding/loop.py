@@ -216,7 +216,7 @@ def build_result(session: DecodeSession, strategy_name: str, stop_reason: str, t
         ]
         if not c_text and not c_units:
             continue
-        chunks.append(SpokenChunk(seg.index, backbone.decode_text(c_text), c_text, c_units))
+        chunks.append(SpokenChunk(seg.index, backbone.decode_text(c_text), c_text, c_units, seg.start, seg.end))
         text_ids.extend(c_text)
         units.extend(c_units)
     spans = [

@@ -27,6 +27,8 @@ class SpokenChunk:
     text: str
     text_ids: list[int]
     audio_units: list[int]
+    start: int = 0
+    end: int = 0
 
 
 @dataclass
