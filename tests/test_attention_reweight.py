@@ -10,19 +10,14 @@ from transformers import AttentionInterface
 
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.hooks import hookimpl
+
+from helpers import NoStop
 from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
 
 
-class NoStop:
-    def __init__(self, backbone):
-        self.ids = list(backbone.layout.stop_ids)
-
-    @hookimpl
-    def reempathy_logits(self, session, logits):
-        logits[self.ids] = float("-inf")
 
 
 class PlanSpy(AttentionReweight):

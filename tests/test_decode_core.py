@@ -9,6 +9,8 @@ from reempathy.backbones.base import Turn
 from reempathy.decoding.directives import Stop, Switch
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.hooks import hookimpl
+
+from helpers import NoStop
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
 
 PROMPTS = [
@@ -72,19 +74,10 @@ def test_sampling_leaves_the_global_rng_untouched(tiny, tiny_prompt):
     assert torch.equal(torch.rand(3), expected)
 
 
-class _NoStop:
-    """Bans the backbone's stop tokens so that only the budget can end the answer."""
-
-    def __init__(self, backbone):
-        self.stop_ids = list(backbone.layout.stop_ids)
-
-    @hookimpl
-    def reempathy_logits(self, session, logits):
-        logits[self.stop_ids] = float("-inf")
 
 
 def test_decode_stops_at_max_new_tokens(tiny, tiny_prompt):
-    result = decode(tiny, tiny_prompt, _sft(tiny), [_NoStop(tiny)], LoopOptions(max_new_tokens=5, greedy=True))
+    result = decode(tiny, tiny_prompt, _sft(tiny), [NoStop(tiny)], LoopOptions(max_new_tokens=5, greedy=True))
     assert result.counts.generated == 5
     assert result.stop_reason == "max_new_tokens"
 
@@ -118,7 +111,7 @@ def test_decode_stops_at_a_stop_token_and_drops_it(tiny, tiny_prompt):
 
 def test_forwarded_counter_equals_prompt_plus_generated_plus_forced(tiny, tiny_prompt):
     result = decode(
-        tiny, tiny_prompt, _SwitchEvery3(tiny), [_NoStop(tiny)], LoopOptions(max_new_tokens=20, greedy=True)
+        tiny, tiny_prompt, _SwitchEvery3(tiny), [NoStop(tiny)], LoopOptions(max_new_tokens=20, greedy=True)
     )
     c = result.counts
     assert c.forced > 0
@@ -150,7 +143,7 @@ class _SwitchEvery3:
 
 def test_forced_tokens_are_labelled_control_and_hidden_text_is_kept_apart(tiny, tiny_prompt):
     result = decode(
-        tiny, tiny_prompt, _SwitchEvery3(tiny), [_NoStop(tiny)], LoopOptions(max_new_tokens=12, greedy=True)
+        tiny, tiny_prompt, _SwitchEvery3(tiny), [NoStop(tiny)], LoopOptions(max_new_tokens=12, greedy=True)
     )
     # 12 tokens in segments of 3: speak, note, speak, note; a delimiter after each segment.
     assert [(s["label"] == "control") for s in result.spans].count(True) == 4
@@ -181,7 +174,7 @@ def test_strategy_stop_directive_ends_the_answer(tiny, tiny_prompt):
         def reempathy_token(self, session, token_id):
             return Stop("enough", keep_token=True) if session.generated == 4 else None
 
-    result = decode(tiny, tiny_prompt, StopAt5(), [_NoStop(tiny)], LoopOptions(max_new_tokens=50, greedy=True))
+    result = decode(tiny, tiny_prompt, StopAt5(), [NoStop(tiny)], LoopOptions(max_new_tokens=50, greedy=True))
     assert result.stop_reason == "enough"
     assert result.counts.generated == 5
 

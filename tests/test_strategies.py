@@ -11,21 +11,14 @@ from reempathy.backbones.base import REFLECTION_CLOSE, REFLECTION_OPEN, THOUGHT_
 from reempathy.cli import main
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.hooks import hookimpl
+
+from helpers import NoStop
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class NoStop:
-    """Bans the stop tokens so the answer runs to its budget (the random tiny model stops anywhere)."""
-
-    def __init__(self, backbone):
-        self.ids = list(backbone.layout.stop_ids)
-
-    @hookimpl
-    def reempathy_logits(self, session, logits):
-        logits[self.ids] = float("-inf")
 
 
 def _reempathy(tiny, prompt, n=120, seed=0, procs=(), **opts):
