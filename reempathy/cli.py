@@ -10,6 +10,7 @@ import warnings
 from typing import Any, Sequence
 
 from reempathy.errors import ReempathyError
+from reempathy.training.cli import add_demo_parser, add_train_parser
 
 
 def _discovery():
@@ -36,6 +37,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         overrides.append(f"decode.max_new_tokens={args.max_new_tokens}")
     if args.greedy:
         overrides.append("sampling.greedy=true")
+    if args.checkpoint is not None:
+        overrides.append(f"decode.checkpoint={json.dumps(args.checkpoint)}")
     disc = _discovery()
     cfg = load_config(args.config, overrides, args.strategy, disc.registry)
     result = run_decode(cfg, disc.registry, prompt=args.prompt, units_file=args.units)
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--max-new-tokens", type=int, help="token budget of the answer")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
+    p.add_argument("--checkpoint", help="a directory written by `reempathy train` (its strategy is used unless told otherwise)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (docs/result-schema.md)")
     p.set_defaults(func=cmd_decode)
 
@@ -129,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="directory to write (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     p.set_defaults(func=cmd_convert)
+
+    add_train_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,13 +31,18 @@ class SamplingConfig(BaseModel):
 
 
 class DecodeSettings(BaseModel):
-    """``[decode]``: the question and the budget."""
+    """``[decode]``: the question, the budget, and how the KV cache is kept."""
 
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int = Field(128, ge=1)
     prompt: str | None = None
     units: str | None = Field(None, description="file of speech unit ids (JSON list or whitespace-separated)")
     system_prompt: str | None = None
+    checkpoint: str | None = Field(
+        None, description="a directory written by `reempathy train`: its adapter, backbone and strategy are used"
+    )
+    cache: Literal["dynamic", "static"] = Field("dynamic", description="static: a preallocated KV cache (for compile)")
+    compile: bool = Field(False, description="torch.compile the decode steps; needs cache = \"static\"")
 
 
 class ComponentConfig(BaseModel):
@@ -61,6 +66,7 @@ class DecodeConfig(BaseModel):
     sampling: SamplingConfig = SamplingConfig()
     decode: DecodeSettings = DecodeSettings()
     source: str | None = Field(None, exclude=True)
+    explicit: frozenset[str] = Field(frozenset(), exclude=True, description="tables the user set (file or flags)")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -136,6 +142,9 @@ def load_config(
     if strategy:
         data = set_strategy(data, strategy)
     data = apply_overrides(data, overrides or [])
+    explicit = frozenset(k for k in TOP_LEVEL_KEYS if k in data) | frozenset(
+        f"{k}.name" for k in ("backbone", "strategy") if isinstance(data.get(k), dict) and "name" in data[k]
+    )
     for key, default in (("backbone", "tiny"), ("strategy", "sft")):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{where}: {key} must be a table with a name, e.g. [{key}] name = \"...\"")
@@ -153,9 +162,28 @@ def load_config(
             ) from None
         raise ConfigError(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
     cfg.source = str(path) if path is not None else None
+    cfg.explicit = explicit
+    if cfg.decode.checkpoint:
+        apply_manifest(cfg)
     if registry is not None:
         validate_plugins(cfg, registry)
     return cfg
+
+
+def apply_manifest(cfg: DecodeConfig) -> None:
+    """Take backbone and strategy from the checkpoint's manifest unless the config names them; refuse contradictions."""
+    from reempathy.training.checkpoint import read_manifest
+    from reempathy.training.overrides import checkpoint_config_overrides
+
+    manifest = read_manifest(cfg.decode.checkpoint)  # type: ignore[arg-type]
+    name, options = checkpoint_config_overrides(
+        manifest,
+        cfg.strategy.name if "strategy.name" in cfg.explicit else None,
+        cfg.strategy.options if "strategy" in cfg.explicit else {},
+    )
+    cfg.strategy = ComponentConfig(name=name, **options)
+    if "backbone" not in cfg.explicit:
+        cfg.backbone = ComponentConfig(name=manifest.backbone.name, **manifest.backbone.options)
 
 
 def validate_plugins(cfg: DecodeConfig, registry: Registry) -> None:

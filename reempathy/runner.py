@@ -20,7 +20,12 @@ _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     """Build the configured backbone through its registered factory."""
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    return registry.get("backbone", cfg.backbone.name).factory(options)
+    backbone = registry.get("backbone", cfg.backbone.name).factory(options)
+    if cfg.decode.checkpoint:
+        from reempathy.training.checkpoint import apply_checkpoint
+
+        backbone = apply_checkpoint(backbone, cfg.decode.checkpoint)
+    return backbone
 
 
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
@@ -117,6 +122,8 @@ def run_decode(
     """Decode one answer as ``cfg`` says; ``prompt``/``units_file`` override ``[decode]``."""
     if prompt is not None and units_file is not None:
         raise ConfigError("give either --prompt or --units, not both")
+    if cfg.decode.compile and cfg.decode.cache != "static":
+        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
     backbone = backbone or load_backbone(cfg, registry)
     strategy, processors = build_plugins(cfg, backbone, registry)
     prompt = prompt if prompt is not None else (None if units_file else cfg.decode.prompt)
@@ -128,5 +135,7 @@ def run_decode(
         greedy=cfg.sampling.greedy,
         seed=cfg.sampling.seed,
         strategy_name=cfg.strategy.name,
+        cache=cfg.decode.cache,
+        compile=cfg.decode.compile,
     )
     return decode(backbone, ids, strategy, processors, options)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,6 +46,10 @@ ATTENTION_NAME = "reempathy_sdpa"
 
 # Attribute set on attention modules while `biased_attention` is active.
 _CONTROLLER_ATTR = "_reempathy_bias_controller"
+
+# transformers' SDPA attention function, looked up once by `register_attention` (which runs before
+# our attention function can be called) instead of imported on every layer call.
+_sdpa_forward: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class BiasController:
         self._plan: AttentionPlan = {}
         # layer index -> normalised, non-empty tuple of biases
         self._active: dict[int, tuple[KeyBias, ...]] = {}
+        # layer index -> the bias row of its biases (layers with equal biases share one row)
+        self._rows: dict[int, _BiasRow] = {}
         # Single-entry cache of the last combined mask, so layers sharing the same biases reuse
         # one mask within a forward pass. Identity-checked on the mask and bias objects.
         self._cache_key: tuple | None = None
@@ -98,8 +105,13 @@ class BiasController:
             if kept:
                 entry = tuple(kept)
                 active[int(layer)] = interned.setdefault(entry, entry)
+        rows: dict[int, _BiasRow] = {}
+        shared: dict[int, _BiasRow] = {}
+        for layer, entry in active.items():
+            rows[layer] = shared.get(id(entry)) or shared.setdefault(id(entry), _BiasRow(entry))
         self._plan = {layer: list(biases or ()) for layer, biases in plan.items()}
         self._active = active
+        self._rows = rows
         self.clear_cache()
 
     @property
@@ -134,18 +146,59 @@ def _bias_columns(
     return bias
 
 
+class _BiasRow:
+    """The bias columns of one tuple of biases, built once per plan and sliced to the current key length.
+
+    Decoding adds a key every step; rebuilding the columns for every step and layer was most of
+    what reweighting cost per token. The buffer grows (doubling) only when the keys outgrow it.
+    """
+
+    __slots__ = ("biases", "per_head", "_buffer", "_dtype", "_device", "_view", "_view_len")
+
+    def __init__(self, biases: tuple[KeyBias, ...]) -> None:
+        self.biases = biases
+        self.per_head = any(kb.heads is not None for kb in biases)
+        self._buffer: torch.Tensor | None = None
+        self._dtype: torch.dtype | None = None
+        self._device: torch.device | None = None
+        # The last slice handed out: every planned layer of one forward pass asks for the same one.
+        self._view: torch.Tensor | None = None
+        self._view_len = -1
+
+    def columns(self, num_heads: int, kv_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[1, 1, 1, kv_length]`` (or ``[1, H, 1, kv_length]``): a slice of the buffer, contiguous."""
+        heads_ok = not self.per_head or self._view is None or self._view.shape[1] == num_heads
+        if kv_length == self._view_len and dtype is self._dtype and device == self._device and heads_ok:
+            return self._view  # type: ignore[return-value]
+        buf = self._buffer
+        if buf is None or buf.shape[-1] < kv_length or dtype is not self._dtype or device != self._device or not heads_ok:
+            capacity = max(256, 2 * kv_length)
+            buf = self._buffer = _bias_columns(self.biases, num_heads, capacity, dtype, device)
+            self._dtype, self._device = dtype, device
+        # A [1, 1, 1, K] slice is contiguous as it is; a per-head one is copied once per length.
+        view = buf[..., :kv_length]
+        self._view = view.contiguous() if self.per_head else view
+        self._view_len = kv_length
+        return self._view
+
+
 def _combined_mask(
     biases: tuple[KeyBias, ...],
     attention_mask: torch.Tensor | None,
     causal: bool,
     query: torch.Tensor,
     key: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float additive mask = causal/padding part (0 or dtype min) + bias at the target key columns."""
+    """Float additive mask = causal/padding part (0 or dtype min) + bias at the target key columns.
+
+    ``bias`` is the precomputed bias columns (from a :class:`_BiasRow`); built here when None.
+    """
     num_heads, q_length = query.shape[1], query.shape[2]
     kv_length = key.shape[2]
     dtype, device = query.dtype, query.device
-    bias = _bias_columns(biases, num_heads, kv_length, dtype, device)
+    if bias is None:
+        bias = _bias_columns(biases, num_heads, kv_length, dtype, device)
     min_value = torch.finfo(dtype).min
 
     if attention_mask is None:
@@ -181,14 +234,20 @@ def _reempathy_sdpa_forward(
     is_causal: bool | None = None,
     **kwargs,
 ):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    sdpa_attention_forward = _sdpa_forward
     controller = module.__dict__.get(_CONTROLLER_ATTR)
-    biases = None if controller is None else controller._active.get(getattr(module, "layer_idx", None))
-    if biases is None:
+    row = None if controller is None else controller._rows.get(getattr(module, "layer_idx", None))
+    if row is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    if attention_mask is None and query.shape[2] == 1:
+        # One new token over a dynamic cache: it sees every key, so the bias columns are the whole mask.
+        mask = row.columns(query.shape[1], key.shape[2], query.dtype, query.device)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    biases = row.biases
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cache_key = (
@@ -210,7 +269,8 @@ def _reempathy_sdpa_forward(
     ):
         mask = controller._cache_value
     else:
-        mask = _combined_mask(biases, attention_mask, bool(causal), query, key)
+        bias = row.columns(query.shape[1], key.shape[2], query.dtype, query.device)
+        mask = _combined_mask(biases, attention_mask, bool(causal), query, key, bias)
         controller._cache_key = cache_key
         controller._cache_mask_ref = attention_mask
         controller._cache_value = mask
@@ -225,8 +285,11 @@ def _reempathy_sdpa_forward(
 def register_attention() -> None:
     """Register the attention function and its mask function under ATTENTION_NAME (idempotent)."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    global _sdpa_forward
+    _sdpa_forward = sdpa_attention_forward
     AttentionInterface.register(ATTENTION_NAME, _reempathy_sdpa_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 

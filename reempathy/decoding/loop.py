@@ -6,11 +6,11 @@ import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import pluggy
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding import hookspecs
@@ -23,13 +23,22 @@ from reempathy.errors import InputError
 
 @dataclass
 class LoopOptions:
-    """Settings of the loop itself (the strategy and processors carry their own)."""
+    """Settings of the loop itself (the strategy and processors carry their own).
+
+    ``cache="static"`` preallocates a transformers ``StaticCache`` of prompt + 2 × budget positions
+    (forced tokens need room too), the shape ``torch.compile`` and CUDA graphs want. ``compile``
+    runs the decode steps (not the prefill) through the model's compiled call; it needs the static
+    cache and is skipped while an attention plan is active, whose per-phase Python state would
+    make the graph recompile.
+    """
 
     max_new_tokens: int = 128
     greedy: bool = False
     seed: int = 0
     strategy_name: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
 
 
 def session_plugin_manager(strategy: object, processors: Sequence[object] = ()) -> pluggy.PluginManager:
@@ -50,6 +59,17 @@ def _cache_keyword(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _compiled_call(model: Any) -> Any:
+    """The model's compiled ``__call__``, cached on the model by transformers (or by us where it has none)."""
+    getter = getattr(model, "get_compiled_call", None)
+    if getter is not None:
+        return getter(None)
+    compiled = model.__dict__.get("_reempathy_compiled_call")
+    if compiled is None:
+        compiled = model.__dict__["_reempathy_compiled_call"] = torch.compile(model.__call__)
+    return compiled
 
 
 def _sample(scores: torch.Tensor, greedy: bool, generator: torch.Generator) -> int:
@@ -96,21 +116,29 @@ def decode(
     else:
         attention_ctx = contextlib.nullcontext(None)
 
-    cache = DynamicCache(config=model.config)
+    if options.cache == "static":
+        context_limit = min(backbone.max_context, len(prompt_ids) + 2 * budget)
+        cache: Any = StaticCache(config=model.config, max_cache_len=context_limit)
+    else:
+        context_limit = backbone.max_context
+        cache = DynamicCache(config=model.config)
+    compiled = options.compile and options.cache == "static" and not wants_plan
+    step_call = _compiled_call(model) if compiled else model
     cache_kw = _cache_keyword(model)
     timings = Timings()
     stop_reason = "max_new_tokens"
     to_forward: list[int] = []
 
-    def forward(ids: list[int]) -> torch.Tensor:
-        out = model(
+    def forward(ids: list[int], call: Any = model) -> torch.Tensor:
+        out = call(
             input_ids=torch.tensor([ids], device=device),
             use_cache=True,
             logits_to_keep=1,
             **{cache_kw: cache},
         )
         session.forwarded += len(ids)
-        return out.logits[0, -1]
+        # A compiled (CUDA-graph) call reuses its output buffer; processors edit logits in place.
+        return out.logits[0, -1].clone() if compiled else out.logits[0, -1]
 
     def enter(phase: str, hidden: bool) -> None:
         old = session.phase
@@ -178,11 +206,11 @@ def decode(
             if session.generated >= budget:
                 stop_reason = "max_new_tokens" if session.generated >= options.max_new_tokens else "max_context"
                 break
-            if len(session.ids) >= backbone.max_context:
+            if len(session.ids) >= context_limit:
                 stop_reason = "max_context"
                 break
             if to_forward:
-                logits = forward(to_forward)
+                logits = forward(to_forward, step_call)
                 to_forward = []
         timings.total_s = time.perf_counter() - t_start
 

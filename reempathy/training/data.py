@@ -1,0 +1,113 @@
+"""Reading a JSONL dataset: every bad record is reported with its file and line number."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from reempathy.errors import InputError
+from reempathy.training.schema import Record
+
+# How many bad lines one error message lists before it says "and N more".
+SHOWN_BAD = 3
+
+
+@dataclass(frozen=True)
+class SourcedRecord:
+    """A valid record and where it came from (``where`` is ``FILE:LINE``)."""
+
+    where: str
+    record: Record
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that failed validation: ``FILE:LINE`` and what is wrong, on one line."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class RecordSet:
+    """The valid records of one file and the bad ones that were skipped."""
+
+    path: str
+    records: list[SourcedRecord] = field(default_factory=list)
+    skipped: list[BadRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def describe_record_error(exc: ValidationError) -> str:
+    """One line from a pydantic error on a record: the field path and what is wrong."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        text = f"missing field {loc!r}"
+    else:
+        text = f"{loc}: {msg}" if loc else msg
+    more = len(exc.errors()) - 1
+    return text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def bad_records_message(path: str, bad: list[BadRecord], hint: str) -> str:
+    """The one-line error for bad records: the first few in full, the rest counted."""
+    shown = "; ".join(str(b) for b in bad[:SHOWN_BAD])
+    rest = len(bad) - SHOWN_BAD
+    extra = f"; and {rest} more bad line{'s' if rest > 1 else ''}" if rest > 0 else ""
+    count = f"{len(bad)} bad record{'s' if len(bad) > 1 else ''} in {path}: " if len(bad) > 1 else ""
+    return f"{count}{shown}{extra}; {hint}"
+
+
+def load_records(path: str | Path, audio_count: int | None = None, skip_bad: bool = False) -> RecordSet:
+    """Read and validate every line of a JSONL file.
+
+    ``audio_count`` is the backbone's number of audio units (units at or above it are bad).
+    Without ``skip_bad`` any bad record raises an InputError naming ``FILE:LINE`` of each bad
+    line (the first few); with it, bad records are left out and listed in ``RecordSet.skipped``.
+    Blank lines are ignored.
+    """
+    p = Path(path)
+    name = str(path)
+    if not p.is_file():
+        raise InputError(f"dataset {name!r} not found; give the path of a JSONL file")
+    result = RecordSet(path=name)
+    context = {"audio_count": audio_count}
+    with p.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{name}:{lineno}"
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                result.skipped.append(BadRecord(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            if not isinstance(data, dict):
+                result.skipped.append(BadRecord(where, f"expected a JSON object, got {type(data).__name__}"))
+                continue
+            try:
+                record = Record.model_validate(data, context=context)
+            except ValidationError as exc:
+                result.skipped.append(BadRecord(where, describe_record_error(exc)))
+                continue
+            result.records.append(SourcedRecord(where, record))
+    if result.skipped and not skip_bad:
+        raise InputError(
+            bad_records_message(name, result.skipped, "fix them, or set [data] skip_bad = true to skip bad records")
+        )
+    if not result.records:
+        raise InputError(f"dataset {name!r} holds no valid records")
+    return result
+
+
+__all__ = ["load_records", "RecordSet", "SourcedRecord", "BadRecord", "bad_records_message"]

@@ -1,0 +1,248 @@
+"""Training: LoRA (peft) on the backbone, Trainer for sft / cotbs / reempathy, TRL's DPOTrainer for dpo.
+
+The recipe, top to bottom: load the backbone → read and validate the records → build one
+sequence (or preference pair) per record → wrap the model with LoRA on all linear layers and
+the strategy's delimiter tokens as peft trainable tokens → train (resuming from the last
+``checkpoint-N`` when asked) → save the adapter and the manifest. Trainer does the device
+placement and the distribution, so the same entry point runs under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from pydantic import BaseModel
+
+from reempathy.backbones.base import Backbone
+from reempathy.decoding.registry import Registry
+from reempathy.training.builders import BuilderSpec, PreferencePair, TrainingSequence, build_all
+from reempathy.training.checkpoint import (
+    ChunkLayoutRecord,
+    Component,
+    Manifest,
+    begin_run,
+    delimiter_ids,
+    now_iso,
+    write_checkpoint,
+)
+from reempathy.training.collate import PadCollator
+from reempathy.training.config import TrainConfig
+from reempathy.training.data import BadRecord, load_records
+
+
+@dataclass
+class TrainResult:
+    """What a run did: where the checkpoint is, its steps, the logged losses and the records left out."""
+
+    output_dir: Path
+    steps: int
+    losses: list[float]
+    manifest: Manifest
+    records: int
+    skipped: list[BadRecord] = field(default_factory=list)
+    unused: int = 0
+    resumed_from: str | None = None
+    main_process: bool = True  # False on the other processes of a distributed run
+
+
+def load_training_backbone(cfg: TrainConfig, registry: Registry | None = None) -> tuple[Backbone, BaseModel]:
+    """The configured backbone and its validated options, through the plugin registry (as decoding does)."""
+    if registry is None:
+        from reempathy.decoding.registry import default_discovery
+
+        registry = default_discovery().registry
+    options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
+    return registry.get("backbone", cfg.backbone.name).factory(options), options
+
+
+def trainable_token_targets(model: Any, token_ids: Sequence[int], include_head: bool) -> dict[str, list[int]] | None:
+    """peft ``trainable_token_indices`` for the delimiters: the input embedding rows, and the LM head rows
+    when the head is a separate (untied) linear layer and ``include_head``."""
+    if not token_ids:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    ids = sorted(set(int(i) for i in token_ids))
+    targets = {names[id(model.get_input_embeddings())]: ids}
+    head = model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if include_head and head is not None and not tied and isinstance(head, torch.nn.Linear) and head.bias is None:
+        targets[names[id(head)]] = ids
+    return targets
+
+
+def lora_config(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone) -> Any:
+    """LoRA on all linear layers (rank/alpha from ``[train]``) plus the strategy's delimiters as trainable tokens.
+
+    The LM-head rows are left out for DPO: TRL computes its log-probabilities from
+    ``lm_head.weight`` directly, so trainable rows there would never see a gradient.
+    """
+    from peft import LoraConfig
+
+    delimiter_tokens = [backbone.layout.token_id(name) for name in spec.delimiters(options)]
+    return LoraConfig(
+        r=cfg.train.lora_rank,
+        lora_alpha=cfg.train.lora_alpha,
+        lora_dropout=cfg.train.lora_dropout,
+        target_modules="all-linear",
+        trainable_token_indices=trainable_token_targets(backbone.model, delimiter_tokens, not spec.preference),
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_info(cfg: TrainConfig) -> dict[str, Any]:
+    """Settings that must not change between a run and its resumption."""
+    return {
+        "backbone": {"name": cfg.backbone.name, "options": cfg.backbone.options},
+        "strategy": {"name": cfg.strategy.name, "options": cfg.strategy.options},
+        "data": cfg.data.path,
+        "lora": {"rank": cfg.train.lora_rank, "alpha": cfg.train.lora_alpha, "dropout": cfg.train.lora_dropout},
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+    }
+
+
+def _common_args(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
+    t = cfg.train
+    return dict(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        seed=t.seed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,  # TRL turns it on by default; the models here are small
+    )
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, list[int]]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.items[i]
+
+
+def make_lm_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, items: list[TrainingSequence], callbacks: Sequence[Any], progress: bool) -> Any:
+    """transformers' Trainer on the LoRA-wrapped model, our padding collator, the built sequences."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(cfg.train.seed)  # LoRA's A matrices are random: seed before wrapping
+    model = get_peft_model(backbone.model, peft_config)
+    data = _ListDataset([{"input_ids": s.input_ids, "labels": s.labels} for s in items])
+    args = TrainingArguments(remove_unused_columns=False, **_common_args(cfg, progress))
+    pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(pad), callbacks=list(callbacks))
+
+
+def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, options: BaseModel, items: list[PreferencePair], callbacks: Sequence[Any], progress: bool) -> Any:
+    """TRL's DPOTrainer on pre-tokenized pairs; the reference model is the backbone with the adapter disabled."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig
+
+    from reempathy.training.dpo import PretokenizedDPOTrainer
+
+    set_seed(cfg.train.seed)
+    data = Dataset.from_list(
+        [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in items]
+    )
+    args = DPOConfig(beta=getattr(options, "beta", 0.1), max_length=backbone.max_context, **_common_args(cfg, progress))
+    return PretokenizedDPOTrainer(
+        model=backbone.model,
+        args=args,
+        train_dataset=data,
+        processing_class=backbone.tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+
+
+def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone, backbone_options: BaseModel, steps: int, records: int) -> Manifest:
+    """The manifest that tells the decoder what this checkpoint was trained for."""
+    layout = spec.chunk_layout(options)
+    strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
+    return Manifest(
+        backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
+        strategy=Component(name=spec.decode_strategy, options=strategy_options),
+        chunk_layout=ChunkLayoutRecord(text_tokens=layout.text_tokens, audio_tokens=layout.audio_tokens) if layout else None,
+        delimiters=delimiter_ids(backbone),
+        steps=steps,
+        created=now_iso(),
+        training={
+            "method": spec.name,
+            "options": options.model_dump(mode="json"),
+            "lora_rank": cfg.train.lora_rank,
+            "lora_alpha": cfg.train.lora_alpha,
+            "data": cfg.data.path,
+            "records": records,
+        },
+    )
+
+
+def train(
+    cfg: TrainConfig,
+    registry: Registry | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Train the configured strategy's adapter and write a complete checkpoint to ``[train] output_dir``."""
+    spec = cfg.spec
+    options = cfg.strategy_options()
+    backbone, backbone_options = load_training_backbone(cfg, registry)
+    records = load_records(cfg.data.path, backbone.layout.audio_count, cfg.data.skip_bad)
+    built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
+    peft_config = lora_config(cfg, spec, options, backbone)
+    if spec.preference:
+        trainer = make_dpo_trainer(cfg, backbone, peft_config, options, built.items, callbacks, progress)  # type: ignore[arg-type]
+    else:
+        trainer = make_lm_trainer(cfg, backbone, peft_config, built.items, callbacks, progress)  # type: ignore[arg-type]
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    resume_from = None
+    if trainer.is_world_process_zero():
+        resume_from = begin_run(cfg.train.output_dir, run_info(cfg), cfg.train.resume, cfg.train.overwrite)
+    trainer.accelerator.wait_for_everyone()
+    if cfg.train.resume and resume_from is None:
+        # Other processes did not look; the main one found the folder (or found none).
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = get_last_checkpoint(cfg.train.output_dir)
+    trainer.train(resume_from_checkpoint=resume_from)
+    steps = int(trainer.state.global_step)
+    manifest = build_manifest(cfg, spec, options, backbone, backbone_options, steps, len(built.items))
+    if trainer.is_world_process_zero():
+        write_checkpoint(trainer.model, cfg.train.output_dir, manifest)
+    trainer.accelerator.wait_for_everyone()
+    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    return TrainResult(
+        output_dir=Path(cfg.train.output_dir),
+        steps=steps,
+        losses=losses,
+        manifest=manifest,
+        records=len(built.items),
+        skipped=records.skipped + built.skipped,
+        unused=built.unused,
+        resumed_from=resume_from,
+        main_process=trainer.is_world_process_zero(),
+    )
+
+
+__all__ = ["train", "TrainResult", "lora_config", "trainable_token_targets", "load_training_backbone", "build_manifest"]
