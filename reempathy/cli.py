@@ -9,7 +9,8 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from reempathy.errors import ReempathyError
+from reempathy.errors import InputError, ReempathyError
+from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 
 
@@ -41,7 +42,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
         overrides.append(f"decode.checkpoint={json.dumps(args.checkpoint)}")
     disc = _discovery()
     cfg = load_config(args.config, overrides, args.strategy, disc.registry)
-    result = run_decode(cfg, disc.registry, prompt=args.prompt, units_file=args.units)
+    if args.audio:
+        from reempathy.speech.pipeline import run_spoken_turn
+
+        result = run_spoken_turn(cfg, disc.registry, args.audio, args.out)
+    elif args.out:
+        raise InputError("--out writes the spoken answer of a spoken turn; give --audio IN.wav too")
+    else:
+        result = run_decode(cfg, disc.registry, prompt=args.prompt, units_file=args.units)
     if args.json:
         json.dump(result.to_json(), sys.stdout, ensure_ascii=False, indent=2)
         sys.stdout.write("\n")
@@ -116,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt")
     src.add_argument("--units", help="file of speech unit ids")
+    src.add_argument("--audio", help="WAV file of the user's spoken turn (the backbone needs tokenizer_path)")
+    p.add_argument("--out", help="write the spoken answer to this WAV (needs --audio and the backbone's decoder_path)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--max-new-tokens", type=int, help="token budget of the answer")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_demo_parser(sub)
+    add_speech_parser(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.config import DecodeConfig
@@ -118,17 +118,26 @@ def run_decode(
     prompt: str | None = None,
     units_file: str | None = None,
     backbone: Backbone | None = None,
+    units: list[int] | None = None,
+    observers: Sequence[object] = (),
 ) -> DecodeResult:
-    """Decode one answer as ``cfg`` says; ``prompt``/``units_file`` override ``[decode]``."""
+    """Decode one answer as ``cfg`` says; ``prompt``/``units_file``/``units`` override ``[decode]``.
+
+    ``observers`` are plugin objects added after the configured processors (read-only hooks, e.g. streaming).
+    """
     if prompt is not None and units_file is not None:
         raise ConfigError("give either --prompt or --units, not both")
+    if units is not None and (prompt is not None or units_file is not None):
+        raise ConfigError("give speech units or a prompt/units file, not both")
     if cfg.decode.compile and cfg.decode.cache != "static":
         raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
     backbone = backbone or load_backbone(cfg, registry)
     strategy, processors = build_plugins(cfg, backbone, registry)
-    prompt = prompt if prompt is not None else (None if units_file else cfg.decode.prompt)
-    units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
-    units = read_units(units_file) if units_file else None
+    processors = [*processors, *observers]
+    if units is None:
+        prompt = prompt if prompt is not None else (None if units_file else cfg.decode.prompt)
+        units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
+        units = read_units(units_file) if units_file else None
     ids = build_prompt_ids(backbone, prompt, units, cfg.decode.system_prompt)
     options = LoopOptions(
         max_new_tokens=cfg.decode.max_new_tokens,

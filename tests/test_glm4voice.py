@@ -21,7 +21,7 @@ from reempathy.backbones.base import DELIMITER_TOKENS, StreamPolicy, Turn
 from reempathy.backbones.glm4voice import Glm4VoiceOptions, convert_glm4voice, load_glm4voice
 from reempathy.backbones.glm4voice import convert as convert_module
 from reempathy.backbones.glm4voice.prompt import SPEECH_SYSTEM_PROMPT, TEXT_SYSTEM_PROMPT
-from reempathy.errors import CheckpointError, ConfigError, InputError, NotAvailableError
+from reempathy.errors import CheckpointError, ConfigError, InputError
 
 TEXTS = [
     "Hello world, I'm here and you'll see.",
@@ -343,9 +343,9 @@ def test_prompt_must_end_with_a_user_turn(backbone):
 # --- options and errors ----------------------------------------------------------------------
 
 
-def test_speech_tokenizer_and_decoder_paths_are_not_available(tiny_dir):
+def test_speech_paths_that_do_not_exist_are_checkpoint_errors(tiny_dir):
     for extra in ({"tokenizer_path": "tok"}, {"decoder_path": "dec"}):
-        with pytest.raises(NotAvailableError, match="issue 7"):
+        with pytest.raises(CheckpointError, match="does not exist"):
             load_glm4voice(Glm4VoiceOptions(path=str(tiny_dir), **extra))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,13 +25,10 @@ from reempathy.backbones.glm4voice.layout import build_layout, plan_delimiters
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
 from reempathy.backbones.glm4voice.tokenizer import encode_plain, with_added_tokens, wrap
 from reempathy.backbones.glm4voice.weights import iter_native_shards, pad_rows
-from reempathy.errors import CheckpointError, ConfigError, NotAvailableError
+from reempathy.errors import CheckpointError, ConfigError
 
 BACKBONE_NAME = "glm-4-voice"
 SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.8}  # the published demo's defaults
-_SPEECH_IO_MESSAGE = (
-    "GLM-4-Voice speech tokenizer/decoder is not available yet (issue 7); pass --units FILE with unit ids instead"
-)
 
 
 class Glm4VoiceOptions(BaseModel):
@@ -47,8 +44,8 @@ class Glm4VoiceOptions(BaseModel):
     system_prompt: str | None = Field(
         None, description="replaces the published system prompt; an empty string leaves the system block out"
     )
-    tokenizer_path: str | None = Field(None, description="GLM-4-Voice speech tokenizer (not available yet)")
-    decoder_path: str | None = Field(None, description="GLM-4-Voice speech decoder (not available yet)")
+    tokenizer_path: str | None = Field(None, description="glm-4-voice-tokenizer directory: speech in (WAV → units)")
+    decoder_path: str | None = Field(None, description="glm-4-voice-decoder directory: speech out (units → WAV)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,11 +70,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_glm4voice(options: Glm4VoiceOptions) -> Backbone:
     """A GLM-4-Voice ``Backbone`` from ``options.path`` (published or converted layout)."""
-    if options.tokenizer_path is not None or options.decoder_path is not None:
-        raise NotAvailableError(_SPEECH_IO_MESSAGE)
     path = Path(options.path).expanduser()
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    speech_tokenizer, speech_decoder = _load_speech(options, device)  # before the LM: fail fast on a bad path
     kind = model_type(path)
     if kind == config_map.CHATGLM_MODEL_TYPE:
         ck = open_original(path)
@@ -95,6 +91,7 @@ def load_glm4voice(options: Glm4VoiceOptions) -> Backbone:
 
     source = str(path / ("tokenizer.json" if converted else "tokenizer_config.json"))
     layout = build_layout(added, text_end, model.config.vocab_size, model.config.eos_token_id, source)
+    _check_speech_units(speech_tokenizer, speech_decoder, layout.audio_count, options)
     model.generation_config = GenerationConfig(
         eos_token_id=list(layout.stop_ids), pad_token_id=model.config.pad_token_id, **SAMPLING_DEFAULTS, do_sample=True
     )
@@ -107,6 +104,8 @@ def load_glm4voice(options: Glm4VoiceOptions) -> Backbone:
         max_context=int(model.config.max_position_embeddings),
         prompt_builder=Glm4VoicePrompt(partial(encode_plain, tokenizer), layout, system_prompt=options.system_prompt),
         sampling_defaults=dict(SAMPLING_DEFAULTS),
+        speech_tokenizer=speech_tokenizer,
+        speech_decoder=speech_decoder,
         info={
             "path": str(path),
             "converted": converted,
@@ -118,6 +117,34 @@ def load_glm4voice(options: Glm4VoiceOptions) -> Backbone:
             "delimiters_added": {s.content: s.id for s in new},
         },
     )
+
+
+def _load_speech(options: Glm4VoiceOptions, device: torch.device) -> tuple[Any, Any]:
+    """The speech tokenizer and decoder named by the options (``None`` where no path is given)."""
+    tokenizer = decoder = None
+    if options.tokenizer_path is not None:
+        from reempathy.speech.tokenizer import load_speech_tokenizer
+
+        tokenizer = load_speech_tokenizer(options.tokenizer_path, device=device)
+    if options.decoder_path is not None:
+        from reempathy.speech.decoder import load_speech_decoder
+
+        decoder = load_speech_decoder(options.decoder_path, device=device)
+    return tokenizer, decoder
+
+
+def _check_speech_units(tokenizer: Any, decoder: Any, audio_count: int, options: Glm4VoiceOptions) -> None:
+    """The speech tokenizer may make only units the model has; the decoder must read every one of them."""
+    if tokenizer is not None and tokenizer.vocab_size > audio_count:
+        raise CheckpointError(
+            f"{options.tokenizer_path} makes units 0..{tokenizer.vocab_size - 1} but the model has {audio_count} "
+            "audio tokens; the speech tokenizer and the language model do not belong together"
+        )
+    if decoder is not None and decoder.vocab_size < audio_count:
+        raise CheckpointError(
+            f"{options.decoder_path} reads units 0..{decoder.vocab_size - 1} but the model has {audio_count} "
+            "audio tokens; the speech decoder and the language model do not belong together"
+        )
 
 
 def materialize(ck: OriginalCheckpoint, dtype: torch.dtype, device: torch.device) -> GlmForCausalLM:

@@ -1,0 +1,310 @@
+"""One spoken turn: user WAV → units → decode with any strategy → spoken units → answer WAV.
+
+- ``run_spoken_turn`` decodes the whole answer, then synthesises its spoken units in one pass
+  (the published offline path) and writes the WAV atomically.
+- ``stream_spoken_turn`` yields events while the answer is decoded: spoken text as it arrives,
+  audio pieces synthesised chunk by chunk with the published demo's growing blocks
+  (``StreamingSynthesizer``), and each reflection or thought once it is complete.
+
+Only ``DecodeResult.audio_units`` is synthesised: the units of the spoken chunks. Reflections and
+thoughts are never heard. Speech facts (seconds, synthesis time, time to first audio, real-time
+factor) go to ``result.extra["speech"]``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reempathy.backbones.base import Backbone
+from reempathy.config import DecodeConfig
+from reempathy.decoding.registry import Registry
+from reempathy.decoding.result import DecodeResult
+from reempathy.decoding.spans import SPOKEN_AUDIO, SPOKEN_TEXT
+from reempathy.errors import ConfigError
+from reempathy.hooks import hookimpl
+from reempathy.runner import load_backbone, run_decode
+from reempathy.speech.audio import check_writable, write_wav
+from reempathy.speech.decoder import DEFAULT_SEED
+from reempathy.speech.decoder.streaming import BLOCK_SIZES, StreamingSynthesizer
+
+
+@dataclass
+class TextEvent:
+    """New spoken text (a delta to append) from spoken segment ``segment``."""
+
+    text: str
+    segment: int
+
+
+@dataclass
+class AudioEvent:
+    """The next piece of the answer's audio: ``samples`` ``(n,)`` float32 at ``sample_rate``, played after the last."""
+
+    samples: torch.Tensor
+    sample_rate: int
+    index: int
+    units: int  # units in the chunk that made it (0 for the held-back tail)
+    elapsed_s: float  # since decoding began
+
+
+@dataclass
+class ReflectionEvent:
+    """A finished hidden segment (``kind`` is its phase: reflection, thought, …); never spoken."""
+
+    kind: str
+    index: int
+    text: str
+
+
+@dataclass
+class DoneEvent:
+    """The answer is complete; ``result.extra["speech"]`` holds the speech timings."""
+
+    result: DecodeResult
+
+
+SpeechEvent = TextEvent | AudioEvent | ReflectionEvent | DoneEvent
+
+
+def speech_parts(backbone: Backbone, need_tokenizer: bool = True, need_decoder: bool = True) -> tuple[Any, Any]:
+    """The backbone's speech tokenizer and decoder; ``ConfigError`` saying how to attach a missing one."""
+    if need_tokenizer and backbone.speech_tokenizer is None:
+        raise ConfigError(
+            f"backbone {backbone.name!r} has no speech tokenizer; use glm-4-voice with "
+            "backbone.options.tokenizer_path = the glm-4-voice-tokenizer directory"
+        )
+    if need_decoder and backbone.speech_decoder is None:
+        raise ConfigError(
+            f"backbone {backbone.name!r} has no speech decoder; use glm-4-voice with "
+            "backbone.options.decoder_path = the glm-4-voice-decoder directory"
+        )
+    return backbone.speech_tokenizer, backbone.speech_decoder
+
+
+def run_spoken_turn(
+    cfg: DecodeConfig,
+    registry: Registry,
+    audio_path: str,
+    out_path: str | None = None,
+    backbone: Backbone | None = None,
+    seed: int = DEFAULT_SEED,
+) -> DecodeResult:
+    """Tokenize ``audio_path``, decode an answer as ``cfg`` says, write its spoken audio to ``out_path``.
+
+    Without ``out_path`` nothing is synthesised (and no speech decoder is needed).
+    """
+    backbone = backbone or load_backbone(cfg, registry)
+    tokenizer, decoder = speech_parts(backbone, need_decoder=out_path is not None)
+    out = check_writable(out_path) if out_path is not None else None
+    t0 = time.perf_counter()
+    units = tokenizer.tokenize(audio_path)
+    tokenize_s = time.perf_counter() - t0
+    result = run_decode(cfg, registry, units=units, backbone=backbone)
+    if out is None:
+        result.extra["speech"] = {"input": audio_path, "input_units": len(units), "tokenize_s": tokenize_s}
+        return result
+    t1 = time.perf_counter()
+    wave = decoder.synthesize(result.audio_units, seed=seed) if result.audio_units else torch.zeros(0)
+    synthesis_s = time.perf_counter() - t1
+    write_wav(out, wave, decoder.sample_rate)
+    result.extra["speech"] = _speech_facts(
+        audio_path, len(units), tokenize_s, synthesis_s, wave.shape[0], decoder.sample_rate, out, seed, result
+    )
+    return result
+
+
+def stream_spoken_turn(
+    cfg: DecodeConfig,
+    registry: Registry,
+    audio_path: str | None = None,
+    *,
+    units: Sequence[int] | None = None,
+    out_path: str | None = None,
+    backbone: Backbone | None = None,
+    seed: int = DEFAULT_SEED,
+    block_sizes: Sequence[int] = BLOCK_SIZES,
+) -> Iterator[SpeechEvent]:
+    """Decode an answer to ``audio_path`` (or prompt ``units``) and yield its text, audio and reflections as they come.
+
+    The model decodes in a worker thread; audio is synthesised here, between events. Closing the
+    iterator early stops the decoding at its next token.
+    """
+    if (audio_path is None) == (units is None):
+        raise ConfigError("give either an audio file or prompt units to stream_spoken_turn")
+    backbone = backbone or load_backbone(cfg, registry)
+    tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
+    out = check_writable(out_path) if out_path is not None else None
+    synth = StreamingSynthesizer(decoder, seed=seed, block_sizes=block_sizes)
+    t0 = time.perf_counter()
+    prompt_units = list(units) if units is not None else tokenizer.tokenize(audio_path)
+    tokenize_s = time.perf_counter() - t0
+
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    feed = _TokenFeed(events, cancel, backbone)
+    started = time.perf_counter()
+
+    def work() -> None:
+        try:
+            events.put(("done", run_decode(cfg, registry, units=prompt_units, backbone=backbone, observers=[feed])))
+        except _Cancelled:
+            events.put(("cancelled", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            events.put(("error", exc))
+
+    worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
+    worker.start()
+    pieces: list[torch.Tensor] = []
+    first_audio: float | None = None
+    synthesis_s = 0.0
+    text_ids: list[int] = []
+    shown = ""
+
+    def audio(made: list[torch.Tensor], units_in_chunk: list[int]) -> Iterator[AudioEvent]:
+        nonlocal first_audio
+        for piece, n in zip(made, units_in_chunk, strict=False):
+            elapsed = time.perf_counter() - started
+            first_audio = elapsed if first_audio is None else first_audio
+            pieces.append(piece)
+            yield AudioEvent(piece, decoder.sample_rate, len(pieces) - 1, n, elapsed)
+
+    def synthesize(step: Any) -> tuple[list[torch.Tensor], list[int]]:
+        nonlocal synthesis_s
+        before, t = len(synth.chunk_sizes), time.perf_counter()
+        made = step()
+        synthesis_s += time.perf_counter() - t
+        return made, synth.chunk_sizes[before:]
+
+    try:
+        while True:
+            kind, payload = events.get()
+            if kind in ("token", "text", "audio"):
+                yield from audio(*synthesize(synth.tick))
+            if kind == "audio":
+                synth.add(payload)
+            elif kind == "text":
+                token_id, segment = payload
+                text_ids.append(token_id)
+                text = backbone.decode_text(text_ids)
+                if len(text) > len(shown) and not text.endswith("\ufffd") and text.startswith(shown):
+                    yield TextEvent(text[len(shown) :], segment)
+                    shown = text
+            elif kind == "reflection":
+                yield ReflectionEvent(*payload)
+            elif kind == "error":
+                raise payload
+            elif kind == "done":
+                result = payload
+                break
+        if text_ids:  # whatever was held back waiting for the rest of a character
+            text = backbone.decode_text(text_ids)
+            if text.startswith(shown) and len(text) > len(shown):
+                yield TextEvent(text[len(shown) :], segment)
+        made, sizes = synthesize(lambda: [p for p in [synth.finish()] if p is not None])
+        yield from audio(made, sizes + [0] * (len(made) - len(sizes)))
+    finally:
+        cancel.set()
+        worker.join()
+    wave = torch.cat(pieces) if pieces else torch.zeros(0)
+    if out is not None:
+        write_wav(out, wave, decoder.sample_rate)
+    facts = _speech_facts(
+        audio_path, len(prompt_units), tokenize_s, synthesis_s, wave.shape[0], decoder.sample_rate, out, seed, result
+    )
+    facts.update(first_audio_s=first_audio, chunks=list(synth.chunk_sizes), streamed=True)
+    result.extra["speech"] = facts
+    yield DoneEvent(result)
+
+
+def _speech_facts(
+    audio_path: str | None,
+    input_units: int,
+    tokenize_s: float,
+    synthesis_s: float,
+    samples: int,
+    sample_rate: int,
+    out: Path | None,
+    seed: int,
+    result: DecodeResult,
+) -> dict[str, Any]:
+    seconds = samples / sample_rate
+    facts: dict[str, Any] = {
+        "input": audio_path,
+        "input_units": input_units,
+        "output_units": len(result.audio_units),
+        "tokenize_s": tokenize_s,
+        "synthesis_s": synthesis_s,
+        "audio_s": seconds,
+        "sample_rate": sample_rate,
+        "real_time_factor": (synthesis_s / seconds) if seconds else None,
+        "seed": seed,
+        "out": str(out) if out is not None else None,
+    }
+    if not result.audio_units:
+        facts["note"] = "the answer holds no spoken audio units; the WAV has no samples"
+    return facts
+
+
+def _segment_index(session: Any, position: int) -> int:
+    """Index of the segment holding ``position`` (segments are few; search from the latest)."""
+    for seg in reversed(session.segments):
+        if seg.start <= position < seg.end:
+            return seg.index
+    return 0
+
+
+class _Cancelled(Exception):
+    """The consumer closed the stream; raised inside the decode loop to stop it."""
+
+
+class _TokenFeed:
+    """Read-only observer: hands each new position of the answer to the consuming thread.
+
+    It looks at the session before every sampling step (``reempathy_logits``) and once at the
+    end, so each token is seen one step after it is appended — the same point at which the
+    published demo acts on a token. It never changes the logits.
+    """
+
+    def __init__(self, events: queue.Queue, cancel: threading.Event, backbone: Backbone):
+        self.events = events
+        self.cancel = cancel
+        self.backbone = backbone
+        self.seen: int | None = None
+        self.reflections = 0
+
+    @hookimpl
+    def reempathy_logits(self, session: Any, logits: torch.Tensor) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled()
+        self._scan(session, finished=False)
+
+    @hookimpl
+    def reempathy_decode_end(self, session: Any, result: DecodeResult) -> None:
+        self._scan(session, finished=True)
+
+    def _scan(self, session: Any, finished: bool) -> None:
+        if self.seen is None:
+            self.seen = session.prompt_len
+        layout = session.layout
+        for i in range(self.seen, len(session.ids)):
+            label = session.labels[i]
+            if label == SPOKEN_TEXT:
+                self.events.put(("text", (session.ids[i], _segment_index(session, i))))
+            elif label == SPOKEN_AUDIO:
+                self.events.put(("audio", layout.token_to_unit(session.ids[i])))
+            else:
+                self.events.put(("token", None))
+        self.seen = len(session.ids)
+        done = session.segments if finished else session.segments[:-1]
+        hidden = [seg for seg in done if seg.hidden]
+        for seg in hidden[self.reflections :]:
+            self.events.put(("reflection", (seg.phase, seg.index, self.backbone.decode_text(session.segment_ids(seg)))))
+        self.reflections = len(hidden)
