@@ -179,6 +179,7 @@ def test_stream_yields_text_audio_then_done_and_writes_what_it_played(registry, 
     speech = result.extra["speech"]
     assert speech["streamed"] and speech["chunks"][0] == 25 and sum(speech["chunks"]) == len(result.audio_units)
     assert 0 < speech["first_audio_s"] == audio[0].elapsed_s
+    assert result.timings.time_to_first_speech_s == speech["first_audio_s"]
 
 
 def test_stream_reports_reflections_and_never_plays_them(registry, backbones, user_wav):

@@ -10,11 +10,16 @@ RESULT_SCHEMA = "reempathy.result/1"
 
 @dataclass
 class Timings:
-    """Seconds. ``token_latencies_s[i]`` is the wall time between sampled token ``i-1`` (or decode start) and ``i``."""
+    """Seconds. ``token_latencies_s[i]`` is the wall time between sampled token ``i-1`` (or decode start) and ``i``.
+
+    ``time_to_first_audio_s`` is when the first audio unit was sampled; ``time_to_first_speech_s``
+    when a streaming spoken turn had its first waveform piece (None elsewhere).
+    """
 
     prefill_s: float = 0.0
     time_to_first_token_s: float | None = None
     time_to_first_audio_s: float | None = None
+    time_to_first_speech_s: float | None = None
     total_s: float = 0.0
     token_latencies_s: list[float] = field(default_factory=list)
 

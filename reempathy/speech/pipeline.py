@@ -221,6 +221,7 @@ def stream_spoken_turn(
     )
     facts.update(first_audio_s=first_audio, chunks=list(synth.chunk_sizes), streamed=True)
     result.extra["speech"] = facts
+    result.timings.time_to_first_speech_s = first_audio
     yield DoneEvent(result)
 
 
