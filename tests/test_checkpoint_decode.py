@@ -40,7 +40,7 @@ class TeacherForcing:
 def test_reempathy_decoding_forced_to_a_record_reproduces_the_builders_sequence(tiny, text_tokens, audio_tokens):
     records = load_records(EXAMPLES, audio_count=tiny.layout.audio_count).records
     checked = 0
-    for sr in records[:6]:
+    for sr in records[:3]:
         seq = build_reempathy(sr, tiny, ReempathyBuild(text_tokens=text_tokens, audio_tokens=audio_tokens))
         prompt = seq.input_ids[: seq.prompt_len]
         # A generous cap: the builder's reflections are the assessment split evenly.
@@ -58,7 +58,7 @@ def test_reempathy_decoding_forced_to_a_record_reproduces_the_builders_sequence(
         assert prompt + result.ids == seq.input_ids[:-1]
         assert seq.input_ids[-1] in tiny.layout.stop_ids
         checked += 1
-    assert checked == 6
+    assert checked == 3
 
 
 def _reflections(ids, tiny):
