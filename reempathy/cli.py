@@ -9,6 +9,7 @@ import sys
 import warnings
 from typing import Any, Sequence
 
+from reempathy.bench import add_bench_parser
 from reempathy.errors import InputError, ReempathyError
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_demo_parser(sub)
     add_speech_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -223,6 +223,37 @@ def _combined_mask(
     return mask.contiguous()
 
 
+# Keyword arguments only transformers' own SDPA path knows how to honour (or refuse).
+_NEEDS_TRANSFORMERS = frozenset({"position_bias", "softcap", "output_attentions", "sliding_window", "s_aux"})
+
+
+def _one_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for one query with a float mask, called as transformers' ``sdpa_attention_forward`` calls it.
+
+    Same kernel inputs (GQA folded into the query rows, the mask shared or split per KV group, the
+    output unfolded), without that function's per-call checks, which cost more than the small
+    attention itself on a small model: this runs once per planned layer per token.
+    """
+    batch, heads, _, dim = query.shape
+    n_rep = heads // key.shape[1]
+    if n_rep > 1:
+        query = query.reshape(batch, heads // n_rep, n_rep, dim)
+        if mask.shape[1] != 1:
+            mask = mask.reshape(mask.shape[0], heads // n_rep, n_rep, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    out = out.reshape(out.shape[0], -1, 1, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _reempathy_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -241,12 +272,10 @@ def _reempathy_sdpa_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    if attention_mask is None and query.shape[2] == 1:
+    if attention_mask is None and query.shape[2] == 1 and not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS):
         # One new token over a dynamic cache: it sees every key, so the bias columns are the whole mask.
         mask = row.columns(query.shape[1], key.shape[2], query.dtype, query.device)
-        return sdpa_attention_forward(
-            module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
+        return _one_query_attention(query, key, value, mask, dropout, scaling)
     biases = row.biases
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -328,16 +357,50 @@ def _decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+@dataclass
+class _Targets:
+    """What :func:`biased_attention` changes on one model, found once per model.
+
+    Walking the module tree (twice) and ``set_attn_implementation`` cost about as much as a few
+    decode steps of a small model, once per answer; the second answer on a model replays the
+    switch the first one made.
+    """
+
+    configs: list
+    modules: list
+    switch_from: tuple | None = None  # implementations before the last real switch
+    switch_to: tuple | None = None  # what set_attn_implementation made of them
+
+
+_TARGETS_ATTR = "_reempathy_attention_targets"
+
+
+def _targets(model: torch.nn.Module) -> _Targets:
+    targets = model.__dict__.get(_TARGETS_ATTR)
+    if targets is None:
+        configs = [config for config, _ in _snapshot_attn_implementations(model)]
+        targets = model.__dict__[_TARGETS_ATTR] = _Targets(configs, _decoder_attention_modules(model))
+    return targets
+
+
 @contextlib.contextmanager
 def biased_attention(model) -> Iterator[BiasController]:
     """Switch `model` to ATTENTION_NAME for the duration (and restore its previous attn implementation after, even on error); yield a controller whose plan the attention function reads."""
     register_attention()
     controller = BiasController()
-    snapshot = _snapshot_attn_implementations(model)
-    modules = _decoder_attention_modules(model)
+    targets = _targets(model)
+    before = tuple(config._attn_implementation_internal for config in targets.configs)
+    snapshot = list(zip(targets.configs, before))
+    modules = targets.modules
     previous = [(module, module.__dict__.get(_CONTROLLER_ATTR)) for module in modules]
     try:
-        model.set_attn_implementation(ATTENTION_NAME)
+        if before == targets.switch_from:
+            for config, value in zip(targets.configs, targets.switch_to):  # type: ignore[arg-type]
+                config._attn_implementation_internal = value
+        else:
+            model.set_attn_implementation(ATTENTION_NAME)
+            targets.switch_from = before
+            targets.switch_to = tuple(config._attn_implementation_internal for config in targets.configs)
         for module in modules:
             module.__dict__[_CONTROLLER_ATTR] = controller
         yield controller

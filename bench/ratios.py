@@ -1,0 +1,204 @@
+"""Print the three performance targets as ratios measured side by side in one run.
+
+    .venv/bin/python bench/ratios.py [--models tiny,cpu512] [--rounds 15] [--tokens 64]
+
+Per model shape and round, the runs are interleaved (generate(), sft, reempathy+reweight, in an
+order that rotates every round, ``--reps`` times over) so that drift in machine load hits every
+side alike; a round keeps each side's fastest run (a burst from another process slows one run,
+rarely all of them) and gives one ratio; the median over rounds is reported:
+
+1. ``sft`` per-token latency / transformers ``generate()`` per-token latency  (target ≤ 1.00)
+2. ``reempathy`` + ``attention-reweight`` / ``sft``                             (target ≤ 1.05)
+3. hook dispatch per token (the loop's two per-token hook calls, 5 no-op plugins registered)
+   / one tiny-model decode step (median inter-token latency of the round's tiny sft run)
+                                                                                 (target ≤ 2 %)
+
+Per-token latency is the whole call (prefill included) divided by the new tokens; every run
+decodes exactly ``--tokens`` tokens greedily (stop tokens banned on both sides; see harness.py).
+Garbage collection is paused inside each timed call (as ``timeit`` does), on every side alike.
+Next to each median ratio the script prints the ratio of the two sides' fastest rounds, a
+second estimate that other tenants of a shared machine disturb less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+from reempathy.bench import Clock, environment  # noqa: E402
+
+TARGETS = {"sft/generate": 1.00, "reempathy+reweight/sft": 1.05, "dispatch/tiny step": 0.02}
+
+
+def quiet(fn):
+    """``fn()`` with garbage collection paused (collected just before)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return fn()
+    finally:
+        gc.enable()
+
+
+def dispatch_seconds(pm, session, logits, reps: int) -> float:
+    """Seconds per token of the loop's two per-token hook calls."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        harness.dispatch_once(pm, session, logits)
+    return (time.perf_counter() - start) / reps
+
+
+def measure_model(name: str, args: argparse.Namespace) -> dict:
+    bb = harness.backbone(name, args.device)
+    clock = Clock(bb.model.device)
+    n = args.tokens
+    inputs = harness.generate_inputs(bb)
+    loop = {"cache": args.cache, "compile": args.compile}
+
+    def run_generate() -> float:
+        return quiet(lambda: clock.time(lambda: harness.run_generate(bb, inputs, n, args.cache, args.compile)))[1] / n
+
+    def run_ours(variant: str) -> tuple[float, list[float]]:
+        a = harness.decode_args(bb, variant, n, **loop)
+        result, seconds = quiet(lambda: clock.time(lambda: harness.run_decode(a)))
+        return seconds / n, result.timings.token_latencies_s
+
+    sides = ["generate", "sft", "reempathy+reweight"]
+    for _ in range(args.warmup):
+        run_generate()
+        run_ours("sft")
+        run_ours("reempathy+reweight")
+    per_token: dict[str, list[float]] = {s: [] for s in sides}
+    steps: list[float] = []
+    r_sft, r_rw = [], []
+    for rnd in range(args.rounds if name == "tiny" else args.large_rounds):
+        got: dict[str, float] = {side: math.inf for side in sides}
+        for _ in range(args.reps):
+            for side in sides[rnd % 3 :] + sides[: rnd % 3]:
+                if side == "generate":
+                    got[side] = min(got[side], run_generate())
+                else:
+                    seconds, latencies = run_ours(side)
+                    got[side] = min(got[side], seconds)
+                    if side == "sft":
+                        steps.append(statistics.median(latencies[1:]))
+        for side in sides:
+            per_token[side].append(got[side])
+        r_sft.append(got["sft"] / got["generate"])
+        r_rw.append(got["reempathy+reweight"] / got["sft"])
+    return {
+        "per_token_ms": {s: statistics.median(v) * 1e3 for s, v in per_token.items()},
+        "sft/generate": statistics.median(r_sft),
+        "reempathy+reweight/sft": statistics.median(r_rw),
+        "sft/generate fastest": min(per_token["sft"]) / min(per_token["generate"]),
+        "reempathy+reweight/sft fastest": min(per_token["reempathy+reweight"]) / min(per_token["sft"]),
+        "sft/generate rounds": r_sft,
+        "reempathy+reweight/sft rounds": r_rw,
+        "step_s": steps,
+    }
+
+
+def measure_dispatch(args: argparse.Namespace, tiny_steps: list[float]) -> dict:
+    bb = harness.backbone("tiny", args.device)
+    managers = {k: harness.dispatch_pm(bb, k) for k in (0, 1, 5)}
+    for k, (pm, session, logits) in managers.items():
+        dispatch_seconds(pm, session, logits, 2000)  # warm-up
+    per_k: dict[int, list[float]] = {k: [] for k in managers}
+    for _ in range(len(tiny_steps)):
+        for k, (pm, session, logits) in managers.items():
+            per_k[k].append(quiet(lambda: dispatch_seconds(pm, session, logits, args.dispatch_reps)))
+    ratios = [d / step for d, step in zip(per_k[5], tiny_steps)]
+    return {
+        "dispatch_us": {k: statistics.median(v) * 1e6 for k, v in per_k.items()},
+        "tiny_step_ms": statistics.median(tiny_steps) * 1e3,
+        "dispatch/tiny step": statistics.median(ratios),
+    }
+
+
+def verdict(value: float, target: float) -> str:
+    return "ok" if value <= target else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,cpu512", help=f"model shapes, from {', '.join(harness.MODELS)}")
+    p.add_argument("--rounds", type=int, default=41, help="rounds on the tiny model")
+    p.add_argument("--large-rounds", type=int, default=11, help="rounds on the larger shapes (cpu512)")
+    p.add_argument("--warmup", type=int, default=2, help="unrecorded rounds first")
+    p.add_argument("--reps", type=int, default=3, help="runs per side in a round; the round keeps each side's fastest")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per run")
+    p.add_argument("--dispatch-reps", type=int, default=2000, help="hook calls per dispatch measurement")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
+    p.add_argument("--compile", action="store_true", help="torch.compile our decode steps (needs --cache static)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in harness.MODELS]
+    if unknown:
+        p.error(f"unknown model {unknown[0]!r}; choose from {', '.join(harness.MODELS)}")
+
+    load_before = os.getloadavg()
+    env = environment(torch.device(args.device))
+    results = {m: measure_model(m, args) for m in models}
+    tiny_steps = results["tiny"]["step_s"] if "tiny" in results else measure_model("tiny", args)["step_s"]
+    dispatch = measure_dispatch(args, tiny_steps)
+    load_after = os.getloadavg()
+
+    print(
+        f"machine: {env['gpu'] or env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"transformers {env['transformers']}, device {args.device}, cache {args.cache}"
+        f"{', compiled' if args.compile else ''}"
+    )
+    print(
+        f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
+        f"{' '.join(f'{x:.2f}' for x in load_after)} after; {args.rounds} rounds (tiny), "
+        f"{args.large_rounds} (larger), each the fastest of {args.reps} runs per side, × {args.tokens} tokens"
+    )
+    for m, r in results.items():
+        pt = r["per_token_ms"]
+        print(f"\n[{m}] per-token ms (median): " + ", ".join(f"{k} {v:.3f}" for k, v in pt.items()))
+        for key in ("sft/generate", "reempathy+reweight/sft"):
+            q1, _, q3 = statistics.quantiles(r[key + " rounds"], n=4)
+            print(
+                f"  {key:<24}{r[key]:8.3f}   target ≤ {TARGETS[key]:.2f}   {verdict(r[key], TARGETS[key]):<6}"
+                f"  (rounds' IQR {q1:.3f}–{q3:.3f}; fastest rounds: {r[key + ' fastest']:.3f})"
+            )
+    d = dispatch
+    print(
+        "\n[hook dispatch] per token: "
+        + ", ".join(f"{k} no-op plugins {v:.2f} µs" for k, v in d["dispatch_us"].items())
+        + f"; tiny decode step {d['tiny_step_ms']:.3f} ms"
+    )
+    key = "dispatch/tiny step"
+    print(f"  {key:<24}{d[key] * 100:7.2f} %   target ≤ {TARGETS[key] * 100:.0f} %    {verdict(d[key], TARGETS[key])}")
+    if args.json:
+        doc = {
+            "environment": env,
+            "load_before": load_before,
+            "load_after": load_after,
+            "args": vars(args),
+            "models": {m: {k: v for k, v in r.items() if k != "step_s"} for m, r in results.items()},
+            "dispatch": dispatch,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
