@@ -88,7 +88,7 @@ class PhaseTrace:
     @hookimpl
     def reempathy_logits(self, session: Any, logits: Any) -> None:
         seg = session.segment
-        self.steps.append((len(session.ids), session.phase, session.hidden, seg.index if seg else 0))
+        self.steps.append((len(session.ids), session.phase, session.hidden, seg.index if seg is not None else 0))
 
 
 class IgnoreStop:
@@ -324,10 +324,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every strategy and return the ``reempathy.bench/1`` document."""
     from reempathy.config import load_config
     from reempathy.decoding.registry import default_discovery
-    from reempathy.runner import load_backbone, run_decode
+    from reempathy.runner import load_backbone, run_decode, sampling_chain
 
     if args.runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {args.runs}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
     if args.max_new_tokens is not None:
         overrides.append(f"decode.max_new_tokens={args.max_new_tokens}")
@@ -355,7 +361,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         extra = [{"name": NO_STOP_PROCESSOR}] if args.ignore_stop else []
         timed = cfg.model_copy(update={"processors": [*cfg.processors, *map(_component, extra)]})
         warm = timed.model_copy(update={"processors": [*timed.processors, _component({"name": TRACE_PROCESSOR})]})
-        bench = StrategyBench(name, [p.name for p in timed.processors], rate)
+        processors = [p.name for p in timed.processors] + [n for n, _ in sampling_chain(timed, backbone)]
+        bench = StrategyBench(name, processors, rate)
         warm_result = run_decode(warm, registry, backbone=backbone)
         bench.hidden_steps = hidden_steps(trace.steps, len(warm_result.timings.token_latencies_s))
         for _ in range(args.runs):
@@ -495,6 +502,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="token budget of each answer")
     p.add_argument("--cache", choices=["dynamic", "static"], help="KV cache kind (static: preallocated, for --compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode steps (needs --cache static)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
     p.add_argument("--ignore-stop", action="store_true",
                    help="ban the stop tokens so every answer runs the whole budget")
     p.add_argument("--json", metavar="OUT", help="write every figure of every run (schema reempathy.bench/1)")
