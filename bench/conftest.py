@@ -20,6 +20,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-cache", default="dynamic", choices=["dynamic", "static"], help="KV cache kind")
     group.addoption("--bench-compile", action="store_true", help="torch.compile the decode steps (needs static cache)")
     group.addoption("--bench-tokens", type=int, default=None, help=f"new tokens per run (default {BENCH_TOKENS})")
+    group.addoption("--bench-threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("bench_threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

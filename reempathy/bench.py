@@ -437,6 +437,7 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     strategies = list(doc["strategies"].values())
     fig, axes = plt.subplots(len(strategies), 1, figsize=(10, 2.6 * len(strategies)), squeeze=False)
@@ -465,6 +466,7 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
             f"{s['strategy']}  (TTFT {ttft * 1e3:.1f} ms, {length} tokens)" if ttft else s["strategy"], fontsize=10
         )
         ax.set_ylabel("ms / token")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(-0.5, max(length, 1) - 0.5)
         ax.set_ylim(bottom=0)
         ax.legend(loc="upper right", fontsize=8)
