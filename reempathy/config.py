@@ -172,8 +172,7 @@ def load_config(
 
 def apply_manifest(cfg: DecodeConfig) -> None:
     """Take backbone and strategy from the checkpoint's manifest unless the config names them; refuse contradictions."""
-    from reempathy.training.checkpoint import read_manifest
-    from reempathy.training.overrides import checkpoint_config_overrides
+    from reempathy.checkpoints import checkpoint_config_overrides, read_manifest
 
     manifest = read_manifest(cfg.decode.checkpoint)  # type: ignore[arg-type]
     name, options = checkpoint_config_overrides(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class ReempathyError(Exception):
-    """Base class: the CLI prints the message on one line and exits with status 2."""
+    """Base class: the CLI prints the message on one line and exits with ``exit_code`` (2: the user's input)."""
+
+    exit_code = 2
 
 
 class ConfigError(ReempathyError):
@@ -25,3 +27,23 @@ class CheckpointError(ReempathyError):
 
 class NotAvailableError(ReempathyError):
     """A feature that is documented as not implemented yet was asked for."""
+
+
+class PluginFailure(ReempathyError):
+    """A plugin's own code raised while it was called (a hook or a factory).
+
+    Not the user's fault: the CLI prints one line naming the plugin and the hook and exits
+    with status 1 (``--debug`` shows the traceback). ``plugin`` and ``hook`` name where it happened.
+    """
+
+    exit_code = 1
+
+    def __init__(self, plugin: str, hook: str, error: BaseException) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        self.error = error
+        super().__init__(f"plugin {plugin!r} failed in {hook}: {type(error).__name__}: {error}")
+
+
+class DecodeError(ReempathyError):
+    """Decoding cannot go on (every token banned, NaN logits): names the step and what to change."""

@@ -22,7 +22,7 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
     backbone = registry.get("backbone", cfg.backbone.name).factory(options)
     if cfg.decode.checkpoint:
-        from reempathy.training.checkpoint import apply_checkpoint
+        from reempathy.checkpoints import apply_checkpoint
 
         backbone = apply_checkpoint(backbone, cfg.decode.checkpoint)
     return backbone

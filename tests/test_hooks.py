@@ -15,6 +15,7 @@ from reempathy.decoding.directives import Switch
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.hooks import hookimpl
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
+from helpers import NoStop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,47 @@ def test_reempathy_attention_plan_bias_changes_the_logits(tiny, tiny_prompt):
     # step 0 logits come from the prefill, before any plan; step 1 is decoded under the plan
     assert torch.equal(seen[0], seen[2])
     assert not torch.allclose(seen[1], seen[3])
+
+
+def test_reempathy_token_appended_sees_every_token_whatever_the_strategy_answers(tiny, tiny_prompt):
+    from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def reempathy_token_appended(self, session, token_id, kind):
+            seen.append((kind, token_id, len(session.ids)))
+
+    strategy = ReEmpathyStrategy(ReEmpathyOptions(text_tokens=2, audio_tokens=3, max_reflection_tokens=3), tiny)
+    r = decode(tiny, tiny_prompt, strategy, [NoStop(tiny), Observer()], LoopOptions(max_new_tokens=30, greedy=True))
+    appended = [s for s in seen if s[0] in ("sampled", "forced")]
+    # The strategy answers Switch at every chunk and reflection end; the observer still sees every token.
+    assert len(appended) == r.counts.generated + r.counts.forced
+    assert [t for _, t, _ in appended] == r.ids
+    assert sum(1 for s in appended if s[0] == "forced") == r.counts.forced > 0
+    # each call comes right after its token is appended
+    assert all(n == len(tiny_prompt) + i + 1 for i, (_, _, n) in enumerate(appended))
+
+
+def test_reempathy_token_appended_reports_a_stop_token_that_was_not_appended(tiny, tiny_prompt):
+    stop = tiny.layout.stop_ids[0]
+    seen = []
+
+    class ForceStop:
+        @hookimpl
+        def reempathy_logits(self, session, logits):
+            if session.generated == 2:
+                logits.fill_(float("-inf"))
+                logits[stop] = 0.0
+
+        @hookimpl
+        def reempathy_token_appended(self, session, token_id, kind):
+            seen.append((kind, token_id))
+
+    r = decode(tiny, tiny_prompt, SftStrategy(SftOptions(), tiny), [NoStop(tiny), ForceStop()], LoopOptions(max_new_tokens=9, greedy=True))
+    assert r.stop_reason == "stop_token" and r.counts.generated == 2
+    assert [k for k, _ in seen] == ["sampled", "sampled", "stop"] and seen[-1][1] == stop
 
 
 def test_reempathy_decode_end_sees_the_final_result(tiny, tiny_prompt):

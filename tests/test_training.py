@@ -20,7 +20,7 @@ from reempathy.runner import run_decode
 from reempathy.training.checkpoint import MANIFEST, apply_checkpoint, begin_run, read_manifest
 from reempathy.training.cli import add_train_parser
 from reempathy.training.config import load_train_config
-from reempathy.training.overrides import checkpoint_config_overrides
+from reempathy.checkpoints import checkpoint_config_overrides
 from reempathy.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,6 +62,17 @@ def reempathy_token(session: DecodeSession, token_id: int) -> Directive | None:
 
 
 @hookspec
+def reempathy_token_appended(session: DecodeSession, token_id: int, kind: str) -> None:
+    """Observe every token of the answer, whatever the strategy answered: ``kind`` is ``sampled``, ``forced`` or ``stop``.
+
+    Called once per token appended to ``session.ids`` (``sampled`` or ``forced``), in order, after it
+    is appended; once with ``kind="stop"`` for a sampled token that ended the answer without being
+    appended (a stop token, or a ``Stop`` with ``keep_token=False``); and once with ``kind="dropped"``
+    for a sampled token a ``Switch(keep_token=False)`` left out. Return values are ignored.
+    """
+
+
+@hookspec
 def reempathy_phase_change(session: DecodeSession, old: str | None, new: str) -> None:
     """The phase changed from ``old`` to ``new`` (forced tokens already appended); a new segment has begun."""
 
@@ -80,6 +91,7 @@ RUN_HOOKS = (
     "reempathy_decode_start",
     "reempathy_logits",
     "reempathy_token",
+    "reempathy_token_appended",
     "reempathy_phase_change",
     "reempathy_attention_plan",
     "reempathy_decode_end",

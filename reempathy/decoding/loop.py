@@ -176,6 +176,13 @@ def decode(
         # A compiled (CUDA-graph) call reuses its output buffer; processors edit logits in place.
         return out.logits[0, -1].clone() if compiled else out.logits[0, -1]
 
+    observers = hook.reempathy_token_appended if hook.reempathy_token_appended.get_hookimpls() else None
+
+    def observe(tokens: Sequence[int], kind: str) -> None:
+        if observers is not None:
+            for t in tokens:
+                observers(session=session, token_id=t, kind=kind)
+
     def enter(phase: str, hidden: bool) -> None:
         old = session.phase
         session._enter(phase, hidden)
@@ -197,6 +204,7 @@ def decode(
         first = next((d for d in hook.reempathy_decode_start(session=session) if type(d) is Switch), None)
         if first is not None:
             session._append_forced(first.forced)
+            observe(first.forced, "forced")
             enter(first.phase, first.hidden)
         else:
             enter(SPEAK, False)
@@ -222,20 +230,26 @@ def decode(
                 to_forward = []
                 if directive.keep_token:
                     session._append_sampled(token)
+                    observe((token,), "sampled")
                     to_forward = [token]
                 else:
+                    observe((token,), "stop")
                     latencies.pop()  # one latency per token of the answer
                 stop_reason = directive.reason
                 break
             to_forward = []
-            if type(directive) is not Switch or directive.keep_token:
+            if type(directive) is Switch and not directive.keep_token:
+                observe((token,), "dropped")
+            else:
                 session._append_sampled(token)
+                observe((token,), "sampled")
                 to_forward.append(token)
                 if timings.time_to_first_audio_s is None and session.labels[-1] == SPOKEN_AUDIO:
                     timings.time_to_first_audio_s = now - t_start
             if type(directive) is Switch:
                 if directive.forced:
                     session._append_forced(directive.forced)
+                    observe(directive.forced, "forced")
                     to_forward.extend(directive.forced)
                 enter(directive.phase, directive.hidden)
                 update_plan(controller)

@@ -79,7 +79,7 @@ def train_checkpoints(
     root: Path, directory: Path, force: bool, say: Callable[[str], None], max_steps: int | None = None
 ) -> dict[str, DemoRow]:
     """Train (or find in the cache) one checkpoint per strategy."""
-    from reempathy.training.checkpoint import read_manifest
+    from reempathy.checkpoints import read_manifest
     from reempathy.training.config import load_train_config
     from reempathy.training.train import train
 
@@ -123,8 +123,7 @@ def decode_with(directory: Path, units_file: Path) -> object:
     from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, SamplingConfig
     from reempathy.decoding.registry import default_discovery
     from reempathy.runner import load_backbone, run_decode
-    from reempathy.training.checkpoint import apply_checkpoint, read_manifest
-    from reempathy.training.overrides import checkpoint_config_overrides
+    from reempathy.checkpoints import apply_checkpoint, checkpoint_config_overrides, read_manifest
 
     registry = default_discovery().registry
     manifest = read_manifest(directory)

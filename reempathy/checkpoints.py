@@ -1,0 +1,186 @@
+"""Reading a checkpoint: the ``reempathy.json`` manifest, the adapter it describes, and what it means for decoding.
+
+A checkpoint directory (written by ``reempathy train``, see :mod:`reempathy.training.checkpoint`)
+holds a LoRA adapter (safetensors) and a manifest written last: a directory is complete only
+when its manifest is there. ``decode``, ``run`` and ``eval`` load checkpoints through this
+module, so decoding never imports training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reempathy.backbones.base import DELIMITER_TOKENS, Backbone
+from reempathy.errors import CheckpointError, ConfigError
+
+MANIFEST = "reempathy.json"
+SCHEMA = "reempathy.checkpoint/1"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class Component(BaseModel):
+    """A plugin choice as recorded in the manifest: name and options."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChunkLayoutRecord(BaseModel):
+    """The spoken-chunk layout a ``reempathy`` checkpoint was trained with."""
+
+    model_config = ConfigDict(extra="forbid")
+    text_tokens: int
+    audio_tokens: int
+
+
+class Manifest(BaseModel):
+    """``reempathy.json``: what the adapter was trained for, so the decoder can check and configure itself."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_id: Literal["reempathy.checkpoint/1"] = Field(SCHEMA, alias="schema")
+    backbone: Component
+    strategy: Component
+    chunk_layout: ChunkLayoutRecord | None = None
+    delimiters: dict[str, int]
+    steps: int = Field(ge=0)
+    created: str
+    training: dict[str, Any] = Field(default_factory=dict, description="method, LoRA settings, data")
+    directory: str | None = Field(None, exclude=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def delimiter_ids(backbone: Backbone) -> dict[str, int]:
+    """The backbone's ids of the strategy delimiters (those it has)."""
+    return {name: backbone.layout.special[name] for name in DELIMITER_TOKENS if name in backbone.layout.special}
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest of a complete checkpoint; CheckpointError (one line, naming the file) otherwise."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {str(d)!r} not found; give a directory written by `reempathy train`")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing, so checkpoint {str(d)!r} is incomplete (its training did not finish); "
+            "rerun it with --resume"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(manifest)"
+        raise CheckpointError(f"{path}: invalid manifest, {loc}: {err['msg']}") from None
+    missing = [name for name in ADAPTER_FILES if not (d / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{d / missing[0]}: missing, so checkpoint {str(d)!r} is incomplete")
+    manifest.directory = str(d)
+    return manifest
+
+
+def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = True) -> Backbone:
+    """The backbone with the checkpoint's adapter loaded (and merged, by default) into its model.
+
+    The backbone's model is changed in place; build a fresh backbone to decode without the
+    adapter. Refuses a checkpoint trained on another backbone or with other delimiter ids.
+    """
+    from peft import PeftModel
+
+    manifest = read_manifest(directory)
+    where = Path(directory) / MANIFEST
+    if manifest.backbone.name != backbone.name:
+        raise CheckpointError(
+            f"{where}: trained on backbone {manifest.backbone.name!r}, but the backbone is {backbone.name!r}"
+        )
+    have = delimiter_ids(backbone)
+    for name, token in manifest.delimiters.items():
+        if have.get(name) != token:
+            raise CheckpointError(
+                f"{where}: delimiter {name} is id {token} in the checkpoint but {have.get(name)} in backbone "
+                f"{backbone.name!r}; the vocabularies differ"
+            )
+    try:
+        model = PeftModel.from_pretrained(backbone.model, str(directory), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        reason = "its weight shapes differ" if "size mismatch" in str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{directory}: the adapter does not fit backbone {backbone.name!r} ({reason}); it was trained on "
+            f"{manifest.backbone.name!r} with options {json.dumps(manifest.backbone.options, sort_keys=True)}"
+        ) from None
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    info = dict(backbone.info, checkpoint=str(directory))
+    return dataclasses.replace(backbone, model=model, info=info)
+
+
+LAYOUT_KEYS = ("text_tokens", "audio_tokens")
+
+
+def checkpoint_config_overrides(
+    manifest: Manifest,
+    requested_strategy: str | None = None,
+    requested_options: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The strategy name and options to decode a checkpoint with.
+
+    With no request the manifest's strategy and options are used. A requested strategy must be
+    the manifest's; requested options are laid over the manifest's, except that the chunk layout
+    (``text_tokens``, ``audio_tokens``) must equal the one trained. Anything else is a
+    ConfigError that says what the checkpoint was trained for.
+    """
+    where = f"checkpoint {manifest.directory!r}" if manifest.directory else "the checkpoint"
+    trained = manifest.strategy.name
+    if requested_strategy is not None and requested_strategy != trained:
+        raise ConfigError(
+            f"{where} was trained for strategy {trained!r}, not {requested_strategy!r}; "
+            f"decode it with strategy {trained!r} (or leave the strategy unset), or use a checkpoint trained for "
+            f"{requested_strategy!r}"
+        )
+    requested = dict(requested_options or {})
+    layout = manifest.chunk_layout
+    if layout is not None:
+        trained_layout = {"text_tokens": layout.text_tokens, "audio_tokens": layout.audio_tokens}
+        for key in LAYOUT_KEYS:
+            if key in requested and requested[key] != trained_layout[key]:
+                raise ConfigError(
+                    f"{where} was trained with {trained!r} chunks of {layout.text_tokens}+{layout.audio_tokens} "
+                    f"text+audio tokens, but the config asks for {key} = {requested[key]!r}; "
+                    f"drop strategy.{key} or set it to {trained_layout[key]}"
+                )
+    options = dict(manifest.strategy.options)
+    options.update(requested)
+    return trained, options
+
+
+__all__ = [
+    "Manifest",
+    "Component",
+    "ChunkLayoutRecord",
+    "MANIFEST",
+    "SCHEMA",
+    "ADAPTER_FILES",
+    "read_manifest",
+    "apply_checkpoint",
+    "delimiter_ids",
+    "now_iso",
+    "checkpoint_config_overrides",
+]
