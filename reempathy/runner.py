@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.config import DecodeConfig
+from reempathy.decoding.failures import build_plugin
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
@@ -20,7 +21,7 @@ _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     """Build the configured backbone through its registered factory."""
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    backbone = registry.get("backbone", cfg.backbone.name).factory(options)
+    backbone = build_plugin(cfg.backbone.name, registry.get("backbone", cfg.backbone.name).factory, options)
     if cfg.decode.checkpoint:
         from reempathy.checkpoints import apply_checkpoint
 
@@ -31,14 +32,14 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
     """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
     s_opts = registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
-    strategy = registry.get("strategy", cfg.strategy.name).factory(s_opts, backbone)
+    strategy = build_plugin(cfg.strategy.name, registry.get("strategy", cfg.strategy.name).factory, s_opts, backbone)
     processors = []
     for proc in cfg.processors:
         p_opts = registry.validate("processor", proc.name, proc.options)
-        processors.append(registry.get("processor", proc.name).factory(p_opts, backbone))
+        processors.append(build_plugin(proc.name, registry.get("processor", proc.name).factory, p_opts, backbone))
     for name, options in sampling_chain(cfg, backbone):
         p_opts = registry.validate("processor", name, options)
-        processors.append(registry.get("processor", name).factory(p_opts, backbone))
+        processors.append(build_plugin(name, registry.get("processor", name).factory, p_opts, backbone))
     return strategy, processors
 
 
