@@ -30,7 +30,13 @@ from reempathy.backbones.base import (
     VocabLayout,
 )
 from reempathy.backbones.contract import check_backbone
-from reempathy.backbones.interleaved import ChatTemplatePrompt, InterleavedBackbone, InterleavedOptions
+from reempathy.backbones.interleaved import (
+    AudioIds,
+    ChatTemplatePrompt,
+    InterleavedBackbone,
+    InterleavedOptions,
+    StreamOptions,
+)
 from reempathy.config import DecodeConfig, load_config
 from reempathy.decoding.attention import KeyBias
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
@@ -98,6 +104,8 @@ __all__ = [
     "check_backbone",
     "InterleavedBackbone",
     "InterleavedOptions",
+    "StreamOptions",
+    "AudioIds",
     "ChatTemplatePrompt",
     # results
     "DecodeResult",

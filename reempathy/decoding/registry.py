@@ -453,7 +453,7 @@ class _Discovery:
                 _problem(
                     f"clash:{name}",
                     f"plugin {name!r} registers {', '.join(clashes)}",
-                    f"the first registration is kept and {name!r}'s is ignored (rename it)",
+                    f"the earlier registration is kept (give {name!r}'s another name)",
                 )
 
     @staticmethod
