@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.config import DecodeConfig
-from reempathy.decoding.failures import build_plugin
+from reempathy.decoding.failures import remember_name
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
@@ -20,8 +20,7 @@ _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
 def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     """Build the configured backbone through its registered factory."""
-    options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    backbone = build_plugin(cfg.backbone.name, registry.get("backbone", cfg.backbone.name).factory, options)
+    backbone = registry.create("backbone", cfg.backbone.name, cfg.backbone.options)
     if cfg.decode.checkpoint:
         from reempathy.checkpoints import apply_checkpoint
 
@@ -31,15 +30,14 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
 
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
     """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
-    s_opts = registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
-    strategy = build_plugin(cfg.strategy.name, registry.get("strategy", cfg.strategy.name).factory, s_opts, backbone)
+    # The registered names are remembered so that a run hook's failure names the component.
+    strategy = registry.create("strategy", cfg.strategy.name, cfg.strategy.options, backbone)
+    remember_name(strategy, cfg.strategy.name)
     processors = []
-    for proc in cfg.processors:
-        p_opts = registry.validate("processor", proc.name, proc.options)
-        processors.append(build_plugin(proc.name, registry.get("processor", proc.name).factory, p_opts, backbone))
-    for name, options in sampling_chain(cfg, backbone):
-        p_opts = registry.validate("processor", name, options)
-        processors.append(build_plugin(name, registry.get("processor", name).factory, p_opts, backbone))
+    for name, options in [(p.name, p.options) for p in cfg.processors] + sampling_chain(cfg, backbone):
+        processor = registry.create("processor", name, options, backbone)
+        remember_name(processor, name)
+        processors.append(processor)
     return strategy, processors
 
 

@@ -372,3 +372,22 @@ def test_a_batch_size_below_one_is_a_config_error(tiny, size):
 
 def test_no_requests_give_no_results(tiny):
     assert list(decode_batch(tiny, iter(()), LoopOptions(), 4)) == []
+
+
+def test_a_llama_architecture_backbone_decodes_batched_like_the_single_row_loop(reempathy_interleaved_dir):
+    from reempathy.testing import isolated_discovery
+
+    registry = isolated_discovery().registry
+    declared = {k: v for k, v in reempathy_interleaved_dir.items() if k != "name"}
+    backbone = registry.create("backbone", "hf-interleaved", declared)
+
+    def plugins():
+        strategy = registry.create("strategy", "reempathy", {"text_tokens": 3, "audio_tokens": 4}, backbone)
+        return strategy, [registry.create("processor", "attention-reweight", {"factor": 1.5}, backbone)]
+
+    prompts = [backbone.build_prompt([Turn("user", text=t)]) for t in ("Hi", "I had a rough day at work.", "So tired")]
+    options = LoopOptions(max_new_tokens=30, greedy=True)
+    single = [decode(backbone, p, *plugins(), options) for p in prompts]
+    batched = dict(decode_batch(backbone, [RowRequest(i, p, *plugins()) for i, p in enumerate(prompts)], options, 2))
+    assert sum(len(r.hidden) for r in single) > 0
+    assert [batched[i].ids for i in range(3)] == [r.ids for r in single]

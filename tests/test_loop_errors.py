@@ -22,7 +22,7 @@ from reempathy.decoding.registry import discover
 from reempathy.errors import ConfigError, DecodeError, PluginFailure
 from reempathy.hooks import hookimpl
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
-from reempathy.runner import build_plugins, run_decode
+from reempathy.runner import run_decode
 
 
 def _sft(tiny):
@@ -198,21 +198,6 @@ def test_a_non_finite_attention_bias_is_a_decode_error(tiny, tiny_prompt):
 
 class _NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def _broken_factory(options, backbone):
-    raise RuntimeError("cannot build")
-
-
-def test_a_raising_factory_is_a_plugin_failure_naming_the_registered_name(tiny, fresh_discovery):
-    plugin = types.SimpleNamespace(
-        reempathy_register_processors=hookimpl(lambda register: register("broken-proc", _broken_factory, _NoOptions))
-    )
-    registry = discover(extra_plugins=[("broken-plugin", plugin)]).registry
-    cfg = load_config(None, ["processors=[{name = \"broken-proc\"}]", "sampling.greedy=true"])
-    with pytest.raises(PluginFailure) as info:
-        build_plugins(cfg, tiny, registry)
-    assert (info.value.plugin, info.value.hook) == ("broken-proc", "factory")
 
 
 def test_a_hook_failure_names_a_processor_built_from_the_registry_by_its_registered_name(tiny, fresh_discovery):

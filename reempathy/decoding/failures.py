@@ -1,11 +1,11 @@
-"""Which plugin failed: a factory or a run hook raising becomes ``PluginFailure(plugin, hook, error)``.
+"""Which plugin failed: a run hook raising becomes ``PluginFailure(plugin, hook, error)``.
 
-Where it decides: :func:`build_plugin` wraps a factory call and remembers the registered name
-of the object it built; :func:`hook_failure` finds the hook implementation that raised by walking
-the exception's traceback, so the loop pays nothing while nothing fails (a ``try`` costs nothing
-in Python 3.11 until it catches). Our own errors (:class:`~reempathy.errors.ReempathyError`, e.g.
-a ``ConfigError`` a factory raises for a bad option) pass through unchanged: they already say
-what to do.
+Where it decides: :func:`hook_failure` finds the hook implementation that raised by walking the
+exception's traceback, so the loop pays nothing while nothing fails (a ``try`` costs nothing in
+Python 3.11 until it catches); the plugin is named by the registered name the runner recorded
+with :func:`remember_name` when it built the object, else by its class. Our own errors
+(:class:`~reempathy.errors.ReempathyError`) pass through the loop unchanged: they already say what
+to do. (A factory that raises is turned into ``PluginFailure`` by ``Registry.create``.)
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import inspect
 import types
 import weakref
-from typing import Any, Callable
+from typing import Any
 
-from reempathy.errors import PluginFailure, ReempathyError
+from reempathy.errors import PluginFailure
 
 # plugin object -> the name it was registered under (objects that cannot be weakly referenced
 # are named by their class instead).
@@ -41,18 +41,6 @@ def plugin_name(plugin: object) -> str:
     if isinstance(plugin, types.ModuleType):
         return plugin.__name__
     return type(plugin).__name__
-
-
-def build_plugin(name: str, factory: Callable[..., Any], *args: Any) -> Any:
-    """``factory(*args)``; its own exceptions become ``PluginFailure(name, "factory", error)``."""
-    try:
-        plugin = factory(*args)
-    except ReempathyError:
-        raise
-    except Exception as exc:
-        raise PluginFailure(name, "factory", exc) from exc
-    remember_name(plugin, name)
-    return plugin
 
 
 def _code_of(function: Any) -> Any:
@@ -94,4 +82,4 @@ def hook_failure(pm: Any, hook_name: str, error: Exception) -> PluginFailure:
     return PluginFailure(name, hook_name, error)
 
 
-__all__ = ["build_plugin", "culprit", "hook_failure", "plugin_name", "remember_name"]
+__all__ = ["culprit", "hook_failure", "plugin_name", "remember_name"]
