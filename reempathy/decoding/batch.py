@@ -202,8 +202,8 @@ class _BatchLoop:
             if type(layer) is not DynamicLayer:
                 raise NotAvailableError(
                     f"batched decoding needs full-attention KV cache layers; backbone {self.backbone.name!r} "
-                    f"has {type(layer).__name__}: decode its records one at a time (batch size 1 with "
-                    "`reempathy decode`)"
+                    f"has {type(layer).__name__} layers (sliding window or linear attention): decode its "
+                    "prompts one at a time with the single-row loop (`reempathy decode`)"
                 )
         row.prefilled(len(ids))
         logits = out.logits[0, -1]
