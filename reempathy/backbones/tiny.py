@@ -17,6 +17,7 @@ from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, VocabLayout
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
+from reempathy.backbones.quantize import Quantize, quantize_weights
 from reempathy.errors import CheckpointError
 
 # Control tokens in GLM-4-Voice's order, then our delimiters; audio units follow.
@@ -73,6 +74,9 @@ class TinyOptions(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     path: str | None = Field(None, description="load a saved tiny model (save_pretrained directory) instead of building one")
+    quantize: Quantize = Field(
+        "none", description="weight-only quantization through torchao (extra 'quant'): int8 (CPU, CUDA), int4 (CUDA)"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -162,6 +166,7 @@ def load_tiny(options: TinyOptions) -> Backbone:
         vocab_size = (len(tok) + 7) // 8 * 8
         model = build_model(options, vocab_size).to(dtype)
     model.to(options.device).eval()
+    quantize_weights(model, options.quantize)
     layout = layout_from_tokenizer(tok, int(model.config.vocab_size))
     prompt = Glm4VoicePrompt(lambda text: tok.encode(text, add_special_tokens=False), layout, GLM4_VOICE_STREAM)
     return Backbone(
@@ -172,5 +177,5 @@ def load_tiny(options: TinyOptions) -> Backbone:
         stream=GLM4_VOICE_STREAM,
         max_context=int(model.config.max_position_embeddings),
         prompt_builder=prompt,
-        info={"seed": options.seed, "path": options.path},
+        info={"seed": options.seed, "path": options.path, "quantize": options.quantize},
     )

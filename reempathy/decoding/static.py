@@ -114,6 +114,8 @@ class StaticEngine:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self.backend = "inductor"
+        """``torch.compile`` backend of the step graphs; set before the first compiled step (tests and smoke runs may use "eager")."""
         self._compiled: Any = None
         self._pool: dict[tuple[int, int], list[StaticSlot]] = {}
 
@@ -123,8 +125,9 @@ class StaticEngine:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
-            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
-            self._compiled = torch.compile(self.model.__call__, mode=mode, dynamic=False)
+            cuda = self.model.device.type == "cuda"
+            mode = "reduce-overhead" if cuda and self.backend == "inductor" else None
+            self._compiled = torch.compile(self.model.__call__, backend=self.backend, mode=mode, dynamic=False)
         return self._compiled
 
     def acquire(self, rows: int, columns: int, bias: bool) -> StaticSlot:
