@@ -139,9 +139,10 @@ class StaticEngine:
             slot = StaticSlot(rows, columns, StaticCache(config=self.model.config, max_cache_len=columns))
             slots.append(slot)
         slot.busy = True
-        slot.reset()
-        if bias:
-            self.with_bias(slot)
+        with torch.inference_mode():  # the slot's tensors are inference tensors (the loops decode in that mode)
+            slot.reset()
+            if bias:
+                self.with_bias(slot)
         return slot
 
     def release(self, slot: StaticSlot) -> None:
