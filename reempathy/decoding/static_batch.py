@@ -177,14 +177,12 @@ class _StaticBatchLoop(_BatchLoop):
             raise RuntimeError(f"static batch cache full: head {self.length} of {slot.columns} columns")
         ids = [[row.session.ids[row.session.forwarded]] for row in rows]
         ids += [[self._pad_id]] * (slot.rows - len(rows))
-        out = self.step_call(
-            input_ids=torch.tensor(ids, device=self.device),
-            attention_mask=slot.mask,
-            position_ids=slot.positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kw: slot.cache},
-        )
+        kwargs: dict[str, Any] = {self.cache_kw: slot.cache}
+        if slot.rows > 1:
+            kwargs.update(attention_mask=slot.mask, position_ids=slot.positions)
+        # else one row, never padded (the head is its own length): exactly the single-row loop's
+        # call on the same pooled slot, so a batch of one reuses that loop's one-token graph.
+        out = self.step_call(input_ids=torch.tensor(ids, device=self.device), use_cache=True, logits_to_keep=1, **kwargs)
         self.length += 1
         slot.positions.add_(1)  # type: ignore[union-attr]
         logits = out.logits[: len(rows), -1]
