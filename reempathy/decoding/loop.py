@@ -8,7 +8,7 @@ import time
 import types
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import pluggy
 import torch
@@ -121,8 +121,13 @@ def decode(
     strategy: object,
     processors: Sequence[object] = (),
     options: LoopOptions | None = None,
+    prefill_inputs: Mapping[str, Any] | None = None,
 ) -> DecodeResult:
-    """Decode one answer to ``prompt_ids`` with ``strategy`` and ``processors`` (plugin objects)."""
+    """Decode one answer to ``prompt_ids`` with ``strategy`` and ``processors`` (plugin objects).
+
+    ``prefill_inputs`` (from ``PromptInputs``, e.g. audio features) are passed to the model's
+    first call only, beside the prompt ids.
+    """
     options = options or LoopOptions()
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
@@ -165,12 +170,13 @@ def decode(
     stop_reason = "max_new_tokens"
     to_forward: list[int] = []
 
-    def forward(ids: list[int], call: Any = model) -> torch.Tensor:
+    def forward(ids: list[int], call: Any = model, extra: Mapping[str, Any] | None = None) -> torch.Tensor:
         out = call(
             input_ids=torch.tensor([ids], device=device),
             use_cache=True,
             logits_to_keep=1,
             **{cache_kw: cache},
+            **(extra or {}),
         )
         session.forwarded += len(ids)
         # A compiled (CUDA-graph) call reuses its output buffer; processors edit logits in place.
@@ -208,7 +214,7 @@ def decode(
             enter(first.phase, first.hidden)
         else:
             enter(SPEAK, False)
-        logits = forward(list(session.ids))
+        logits = forward(list(session.ids), extra=prefill_inputs)
         t_prev = time.perf_counter()
         timings.prefill_s = t_prev - t_start
         update_plan(controller)
