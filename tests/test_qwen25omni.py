@@ -213,10 +213,11 @@ def test_reempathy_on_a_text_only_stream_alternates_n_text_tokens_and_reflection
 
 
 @pytest.mark.parametrize("name", ["sft", "cotbs", "reempathy"])
-def test_every_strategy_and_reweighting_runs_through_the_cli(tmp_path, qwen_dir, capsys, name):
-    extra = '[[processors]]\nname = "attention-reweight"\nfactor = 1.2\nlayers = "0-1"\n'
-    cfg = write_config(tmp_path, qwen_dir, name, extra=extra, talker=False)
-    code = main(["decode", "--config", str(cfg), "--prompt", "I feel lonely.", "--json", "--max-new-tokens", "16"])
+def test_every_strategy_runs_from_its_shipped_config(qwen_dir, capsys, name):
+    config = ROOT / "configs" / f"qwen2.5-omni-{name}.toml"
+    overrides = [f"backbone.path={json.dumps(str(qwen_dir))}", "backbone.talker=false"]
+    argv = ["decode", "--config", str(config), "--json", "--max-new-tokens", "16", "--seed", "1"]
+    code = main(argv + [arg for o in overrides for arg in ("--set", o)])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["backbone"] == "qwen2.5-omni" and out["strategy"] == name
     assert out["counts"]["generated"] >= 1 and out["spoken"]["audio_units"] == []

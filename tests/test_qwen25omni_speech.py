@@ -204,12 +204,14 @@ def tone(path: Path, seconds: float = 0.6, rate: int = 16000) -> Path:
     return path
 
 
-def speech_config(tmp_path: Path, qwen_dir: Path, **backbone):
+def speech_config(tmp_path: Path, qwen_dir: Path, reweight: bool = False, **backbone):
     options = {**QWEN_TEST_OPTIONS, **backbone}
     lines = ["[backbone]", 'name = "qwen2.5-omni"', f"path = {json.dumps(str(qwen_dir))}"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
     lines += ["[strategy]", 'name = "reempathy"', "text_tokens = 3", "max_reflection_tokens = 3",
               "[sampling]", "greedy = true", "[decode]", "max_new_tokens = 12"]  # fmt: skip
+    if reweight:
+        lines += ["[[processors]]", 'name = "attention-reweight"', "factor = 1.5"]
     path = tmp_path / "qwen-speech.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -231,11 +233,11 @@ def test_stream_spoken_turn_yields_text_reflections_and_the_same_audio_as_the_of
 
 
 def test_decode_audio_in_wav_out_on_the_command_line(tmp_path, qwen_dir, capsys):
-    cfg = speech_config(tmp_path, qwen_dir)
+    cfg = speech_config(tmp_path, qwen_dir, reweight=True)
     out = tmp_path / "answer.wav"
     code = main(["decode", "--config", str(cfg), "--audio", str(tone(tmp_path / "in.wav")), "--out", str(out), "--json"])
     data = json.loads(capsys.readouterr().out)
-    assert code == 0 and data["backbone"] == "qwen2.5-omni"
+    assert code == 0 and data["backbone"] == "qwen2.5-omni" and data["hidden"]
     with wavelib.open(str(out)) as f:
         assert f.getframerate() == 24000 and f.getnframes() == round(data["extra"]["speech"]["audio_s"] * 24000) > 0
 
