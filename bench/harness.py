@@ -74,7 +74,9 @@ def backbone(name: str, device: str = "cpu") -> Backbone:
 
 def qwen_backbone(device: str) -> Backbone:
     """The tests' tiny Qwen2.5-Omni checkpoint, written to a temporary directory, loaded as a user's download is (thinker only)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
     from qwen25omni_fixture import make_tiny_qwen25omni_dir
 
     from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni

@@ -37,12 +37,11 @@ def qwen_dir(tmp_path_factory):
     return make_tiny_qwen25omni_dir(tmp_path_factory.mktemp("qwen25omni") / "ckpt")
 
 
-QWEN_TEST_OPTIONS = {"talker_greedy": True, "token2wav_steps": 2, "talker_max_new_tokens": 12}
-
-
 @pytest.fixture(scope="session")
 def qwen(qwen_dir):
     """The ``qwen2.5-omni`` backbone on the tiny checkpoint, talker on (greedy, short). Tests must not modify it."""
+    from qwen25omni_fixture import QWEN_TEST_OPTIONS
+
     from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
 
     return load_qwen25omni(Qwen25OmniOptions(path=str(qwen_dir), **QWEN_TEST_OPTIONS))

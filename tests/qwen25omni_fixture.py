@@ -34,6 +34,8 @@ SPARE_ROWS = 9  # embedding rows past the last token, as the published 152064 ro
 SPEAKER = "Chelsie"
 CODEC = {"pad": 32, "bos": 33, "end": 34, "mask": 36}
 MEL_BINS = 16
+# Backbone options the tests load it with: a greedy talker, short, and a 2-step token2wav (seconds, not minutes).
+QWEN_TEST_OPTIONS = {"talker_greedy": True, "token2wav_steps": 2, "talker_max_new_tokens": 12}
 
 # Written for these tests in the published template's layout (ChatML; audio parts as
 # <|audio_bos|><|AUDIO|><|audio_eos|>; a default system message when none is given).

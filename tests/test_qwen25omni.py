@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QWEN_TEST_OPTIONS
 from helpers import NoStop
+from qwen25omni_fixture import QWEN_TEST_OPTIONS
 from transformers import (
     AttentionInterface,
     Qwen2_5OmniThinkerForConditionalGeneration,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QWEN_TEST_OPTIONS
 from helpers import NoStop
+from qwen25omni_fixture import QWEN_TEST_OPTIONS
 from transformers import Qwen2_5OmniForConditionalGeneration
 
 from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
