@@ -1,4 +1,4 @@
-"""Built-in backbones: ``tiny`` (random, built from a config), ``glm-4-voice`` and ``qwen2.5-omni`` (local checkpoints)."""
+"""Built-in backbones: ``tiny`` (random, built from a config), ``glm-4-voice`` and ``qwen2.5-omni`` (local checkpoints), ``hf-interleaved`` (declared in TOML)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,7 @@ def reempathy_register_backbones(register: Register) -> None:
     register(
         "qwen2.5-omni", load_qwen25omni, Qwen25OmniOptions, "a local Qwen2.5-Omni checkpoint: thinker decodes, talker speaks"
     )
+
+    from reempathy.backbones.interleaved import InterleavedOptions, load_interleaved
+
+    register("hf-interleaved", load_interleaved, InterleavedOptions, "any local causal LM with text and audio-unit tokens, declared in TOML")
