@@ -18,11 +18,12 @@ from reempathy.errors import ConfigError, PluginError
 ENTRY_POINT_GROUP = "reempathy"
 STRICT_ENV = "REEMPATHY_STRICT_PLUGINS"
 ONLY_ENV = "REEMPATHY_PLUGINS"
-KINDS = ("strategy", "processor", "backbone")
+KINDS = ("strategy", "processor", "backbone", "evaluator")
 _HOOK_OF_KIND = {
     "strategy": "reempathy_register_strategies",
     "processor": "reempathy_register_processors",
     "backbone": "reempathy_register_backbones",
+    "evaluator": "reempathy_register_evaluators",
 }
 
 
@@ -51,7 +52,7 @@ class PluginInfo:
 
 
 class Registry:
-    """Strategies, processors and backbones by name, filled by the discovery hooks."""
+    """Strategies, processors, backbones and evaluators by name, filled by the discovery hooks."""
 
     def __init__(self) -> None:
         self.items: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
