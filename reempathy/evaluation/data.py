@@ -8,7 +8,8 @@ One JSON object per line; the last message is the answer being assessed::
      "assessment": {"text": "The user needs ...", "scores": {"need_support": 4, "wording_appropriateness": 3,
                                                            "emotion_understanding": 4, "emotional_support": 3}}}
 
-``scores`` may also stand at the top level (human MOS files). Audio paths are relative to the
+``scores`` may also stand at the top level (human MOS files), with any score names (those of the
+evaluator being checked); the assessment's scores are the four EmpathyEval dimensions, 1–5. Audio paths are relative to the
 file's directory. Unknown keys are ignored, so the training dataset of ``reempathy train`` (which
 has the same shape) can be used as it is.
 """
@@ -64,7 +65,7 @@ class EvalRecord(BaseModel):
     id: str | None = None
     messages: list[EvalMessage] = Field(min_length=2)
     assessment: EvalAssessment | None = None
-    scores: Scores | None = None
+    scores: dict[str, float] | None = Field(None, description="human scores by name (any evaluator's names)")
 
     @model_validator(mode="after")
     def _answer_last(self) -> "EvalRecord":
@@ -73,7 +74,10 @@ class EvalRecord(BaseModel):
         return self
 
     def human_scores(self) -> dict[str, float] | None:
-        s = self.scores or (self.assessment.scores if self.assessment else None)
+        """Top-level ``scores``, else the assessment's four scores, else None."""
+        if self.scores:
+            return dict(self.scores)
+        s = self.assessment.scores if self.assessment else None
         return s.model_dump() if s is not None else None
 
 

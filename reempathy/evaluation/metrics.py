@@ -116,6 +116,15 @@ def agreement_table(
     return table
 
 
+def format_agreement(table: Mapping[str, Agreement]) -> str:
+    """LCC / SRCC / MSE per dimension as an aligned table (NaN where a series is constant)."""
+    width = max([len("dimension"), *(len(k) for k in table)])
+    rows = [f"  {'dimension'.ljust(width)}     LCC    SRCC     MSE      n"]
+    for name, a in table.items():
+        rows.append(f"  {name.ljust(width)}  {a.lcc:6.3f}  {a.srcc:6.3f}  {a.mse:6.3f}  {a.n:5d}")
+    return "\n".join(rows)
+
+
 def summarize_scores(rows: Sequence[Mapping[str, float]], names: Sequence[str], seed: int = 0) -> dict[str, Any]:
     """Per score: mean, 95 % bootstrap interval of the mean, and n (rows that have the score)."""
     out: dict[str, Any] = {}
@@ -130,4 +139,4 @@ def summarize_scores(rows: Sequence[Mapping[str, float]], names: Sequence[str], 
     return out
 
 
-__all__ = ["lcc", "srcc", "mse", "rankdata", "bootstrap_ci", "Agreement", "agreement", "agreement_table", "summarize_scores"]
+__all__ = ["lcc", "srcc", "mse", "rankdata", "bootstrap_ci", "Agreement", "agreement", "agreement_table", "format_agreement", "summarize_scores"]

@@ -164,7 +164,7 @@ class ScoreFile:
                     f"({json.dumps(before.get('options'), sort_keys=True)}); pass the same options, choose another "
                     "--name, or delete the file to start over"
                 )
-        _atomic_text(self.options_path, json.dumps(identity, indent=2, sort_keys=True))
+        atomic_text(self.options_path, json.dumps(identity, indent=2, sort_keys=True))
         if not self.path.is_file():
             return {}
         self._cut_partial_line()
@@ -173,7 +173,7 @@ class ScoreFile:
             done.setdefault(str(obj.get("id")), obj)
         if retry_failed and any(o.get("error") for o in done.values()):
             done = {k: v for k, v in done.items() if not v.get("error")}
-            _atomic_text(self.path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
+            atomic_text(self.path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
         return done
 
     def _cut_partial_line(self) -> None:
@@ -213,11 +213,12 @@ class ScoreFile:
             "failed_ids": [str(r.get("id")) for r in failed],
             "scores": summarize_scores(ok, names),
         }
-        _atomic_text(self.summary_path, json.dumps(summary, indent=2, ensure_ascii=False))
+        atomic_text(self.summary_path, json.dumps(summary, indent=2, ensure_ascii=False))
         return summary
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, fsync, rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -240,5 +241,5 @@ def evaluation_from_line(line: dict[str, Any]) -> Evaluation:
 
 __all__ = [
     "RUN_RECORD_SCHEMA", "SCORE_SCHEMA", "SUMMARY_SCHEMA", "read_run", "read_jsonl", "run_manifest",
-    "run_results", "item_from_record", "evaluation_line", "evaluation_from_line", "ScoreFile",
+    "run_results", "item_from_record", "evaluation_line", "evaluation_from_line", "ScoreFile", "atomic_text",
 ]

@@ -34,7 +34,7 @@ from reempathy.evaluation.empathyeval.model import EmpathyEvalModel, ScoreHeads,
 from reempathy.evaluation.empathyeval.omni import load_omni
 from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
 from reempathy.evaluation.empathyeval.prompt import Example, collate
-from reempathy.evaluation.metrics import Agreement, agreement_table
+from reempathy.evaluation.metrics import Agreement, agreement_table, format_agreement
 from reempathy.training.checkpoint import begin_run, checkpoint_dirs
 from reempathy.training.config import TrainSettings
 
@@ -103,15 +103,6 @@ class EvaluatorTrainResult:
         return "\n".join(lines)
 
 
-def format_agreement(table: dict[str, Agreement]) -> str:
-    """LCC / SRCC / MSE per dimension as an aligned table."""
-    width = max(len(k) for k in table)
-    rows = [f"  {'dimension'.ljust(width)}    LCC    SRCC    MSE     n"]
-    for name, a in table.items():
-        rows.append(f"  {name.ljust(width)}  {a.lcc:6.3f}  {a.srcc:6.3f}  {a.mse:6.3f}  {a.n:4d}")
-    return "\n".join(rows)
-
-
 def parse_config(raw: dict[str, Any], where: str) -> EvaluatorTrainConfig:
     """Validate the whole config; one-line errors that name the key."""
     try:
@@ -135,6 +126,9 @@ def _examples(omni: Any, records: list[Labelled], audio: AudioSource, progress: 
     for rec in tqdm(records, desc=f"preparing {what}", disable=not progress, unit="record"):
         if rec.assessment is None and rec.scores is None:
             raise InputError(f"record {rec.item.id!r} (line {rec.line}) has neither an assessment text nor scores to learn")
+        missing = [n for n in EMPATHY_SCORES if rec.scores and n not in rec.scores]
+        if missing:
+            raise InputError(f"record {rec.item.id!r} (line {rec.line}) lacks score(s) {', '.join(missing)}")
         scores = [float(rec.scores[n]) for n in EMPATHY_SCORES] if rec.scores else None
         out.append(make_example(omni, rec.item, audio, rec.assessment, scores))
     return out

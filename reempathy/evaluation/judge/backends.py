@@ -119,7 +119,11 @@ class OpenAIClientBackend:
         except openai.APITimeoutError:
             raise BackendError(f"{o.endpoint} did not answer within {o.timeout_s:g} s (timeout_s)") from None
         except openai.APIStatusError as exc:
-            detail = str(exc.message).replace("\n", " ")[:300]
+            try:
+                body = exc.response.text
+            except Exception:  # a streamed or closed response: fall back to the client's message
+                body = ""
+            detail = (body or str(exc.message)).replace("\n", " ").strip()[:300]
             raise BackendError(f"{o.endpoint} answered HTTP {exc.status_code}: {detail}") from None
         except openai.APIConnectionError as exc:
             raise BackendError(f"cannot reach {o.endpoint}: {exc.__cause__ or exc}") from None
