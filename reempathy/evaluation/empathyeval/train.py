@@ -119,6 +119,21 @@ def parse_config(raw: dict[str, Any], where: str) -> EvaluatorTrainConfig:
         raise ConfigError(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
 
 
+def linear_targets(thinker: Any) -> list[str]:
+    """Every ``nn.Linear`` of the thinker by full name, except the LM head and the vision tower.
+
+    The paper's "all linear modules". Named in full rather than with peft's ``"all-linear"``,
+    which matches by the last name component and so, in Qwen3-Omni, also hits whole encoder
+    layers named like an ``nn.Sequential`` index (``layers.0``). The vision tower never sees
+    input here, so adapting it would only add weights.
+    """
+    head = thinker.get_output_embeddings()
+    return [
+        name for name, m in thinker.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and ".visual." not in f".{name}."
+    ]
+
+
 def _examples(omni: Any, records: list[Labelled], audio: AudioSource, progress: bool, what: str) -> list[Example]:
     from tqdm import tqdm
 
@@ -182,8 +197,7 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
     val_ex = _examples(omni, val_recs, audio, progress and accelerator.is_main_process, "validation records")
 
     lora = LoraConfig(
-        r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-        target_modules="all-linear", exclude_modules=r".*visual.*",
+        r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=linear_targets(omni.thinker)
     )
     thinker = get_peft_model(omni.thinker, lora)
     heads = ScoreHeads(omni.hidden_size, EMPATHY_SCORES)
