@@ -19,14 +19,12 @@ GOOD = ["I am so sorry you are going through this. That sounds really hard.", "T
 BAD = ["Whatever. Just deal with it yourself.", "It is not a big problem, change the subject."]
 
 
-def dialogues(n: int, offset: int = 0, units_first: bool = False) -> list[dict]:
+def dialogues(n: int, offset: int = 0) -> list[dict]:
     """Good answers score 4.5, cold ones 1.5: the scores are learnable from the answer."""
     out = []
     for i in range(offset, offset + n):
         good = i % 2 == 0
         answer = {"role": "assistant", "text": (GOOD if good else BAD)[(i // 2) % 2]}
-        if units_first and i == offset:
-            answer["units"] = [5, 9, 100, 7, 64]
         out.append({
             "id": f"d{i}",
             "messages": [{"role": "user", "text": "My dog is sick and the vet is closed."}, answer],
@@ -79,7 +77,7 @@ def parts(tmp_path_factory):
 def trained(parts):
     """One EmpathyEval training run through `reempathy train` (Qwen2.5-Omni thinker)."""
     root = parts["root"]
-    data = write_jsonl(root / "train.jsonl", dialogues(12, units_first=True))
+    data = write_jsonl(root / "train.jsonl", dialogues(12))
     val = write_jsonl(root / "val.jsonl", dialogues(6, offset=100))
     out = root / "ckpt"
     cfg = train_config(root / "train.toml", parts["qwen2.5-omni"], parts["decoder"], data, val, out, 40)
@@ -158,8 +156,8 @@ def test_generated_assessments_come_back_as_text(trained):
 def test_units_are_heard_through_the_speech_decoder_at_the_feature_rate(parts):
     from reempathy.evaluation.empathyeval.audio import AudioSource
 
-    wave = AudioSource(16000, str(parts["decoder"])).from_units([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25])
-    assert wave.dtype == np.float32 and abs(len(wave) - 32000) < 1600  # 25 units at 12.5 Hz = 2 s at 16 kHz
+    wave = AudioSource(16000, str(parts["decoder"])).from_units(list(range(1, 14)))
+    assert wave.dtype == np.float32 and abs(len(wave) - 16640) < 1600  # 13 units at 12.5 Hz = 1.04 s at 16 kHz
 
 
 def test_units_without_a_speech_decoder_are_a_config_error():

@@ -266,7 +266,9 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
             _save_resumable(accelerator.unwrap_model(model), optimizer, out_dir, step, t.save_total_limit)
     bar.close()
 
-    unwrapped: EmpathyEvalModel = accelerator.unwrap_model(model)
+    # Without accelerate's mixed-precision wrapper: validation scores as `reempathy eval` will (float32
+    # unless dtype says otherwise), even when `accelerate launch --mixed_precision` trained under autocast.
+    unwrapped: EmpathyEvalModel = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     unwrapped.eval()
     table = validate(unwrapped, omni, val_ex, accelerator.device) if any(ex.scores for ex in val_ex) else None
     manifest = EvaluatorManifest(
