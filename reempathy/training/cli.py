@@ -19,7 +19,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from reempathy.evaluation.training import is_evaluator_config, train_evaluator
 
     if is_evaluator_config(args.config):  # an [evaluator] table: the evaluator's own trainer
-        print(train_evaluator(args.config, overrides, progress=not args.quiet).format())
+        evaluator_result = train_evaluator(args.config, overrides, progress=not args.quiet)
+        if getattr(evaluator_result, "main_process", True):
+            print(evaluator_result.format())
         return 0
     cfg = load_train_config(args.config, overrides)
     result = train(cfg, progress=not args.quiet)

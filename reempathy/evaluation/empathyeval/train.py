@@ -81,6 +81,7 @@ class EvaluatorTrainResult:
     validation_records: int
     skipped: list[str] = field(default_factory=list)
     resumed_from: str | None = None
+    main_process: bool = True  # False on the other processes of a distributed run
 
     def format(self) -> str:
         """A short report for the terminal."""
@@ -288,7 +289,9 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
     if accelerator.is_main_process:
         write_evaluator_checkpoint(unwrapped.thinker, unwrapped.heads.state_dict(), out_dir, manifest)
     accelerator.wait_for_everyone()
-    return EvaluatorTrainResult(out_dir, step, losses, table, len(train_ex), len(val_ex), skipped, resume_from)
+    return EvaluatorTrainResult(
+        out_dir, step, losses, table, len(train_ex), len(val_ex), skipped, resume_from, accelerator.is_main_process
+    )
 
 
 def _save_resumable(model: EmpathyEvalModel, optimizer: Any, out_dir: Path, step: int, keep: int | None) -> None:
