@@ -3,7 +3,9 @@
 What happens to a sampled token (hooks, directive, forced tokens, phases, plans) is one row's
 logic in :mod:`reempathy.decoding.row`, which the batched loop (:mod:`reempathy.decoding.batch`)
 runs too; this loop decides only what goes through the model: the prefill, then after each step
-every pending token (the sampled one and any forced with it) in one forward call.
+every pending token (the sampled one and any forced with it) in one forward call — on the static
+path (``cache = "static"``, :mod:`reempathy.decoding.static`) in calls of one or two tokens, the
+widths of its step graphs.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def decode(
             columns = static_path.columns_for(context_limit, backbone.max_context)
             slot = stack.enter_context(engine.lease(1, columns, row.wants_plan))
             cache: Any = slot.cache
-            controller = slot.controller
+            controller = slot.controller if row.wants_plan else None
             step_call = engine.compiled() if compiled else model
         else:
             cache = DynamicCache(config=model.config)

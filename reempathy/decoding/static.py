@@ -98,11 +98,6 @@ class StaticSlot:
         if self.controller is not None:
             self.controller.set_rows([None] * self.rows, [0] * self.rows)
 
-    @property
-    def length(self) -> int:
-        """Positions written into the cache so far (the write head, shared by every row)."""
-        return int(self.cache.get_seq_length())
-
     def set_length(self, length: int) -> None:
         """Move the write head to ``length`` (in place: the graphs read these tensors)."""
         for layer in self.cache.layers:
