@@ -30,7 +30,7 @@ skipped and says so):
    greedy agreement with bfloat16 over the first tokens (reported, not asserted).
 
 Per side: ``ms_per_token`` = the whole call (prefill included) / new tokens, median of
-``--runs``; ``ms_per_step`` = (whole call of N tokens - whole call of 1 token) / (N - 1), the
+``--runs`` (compiled sides; eager ones are timed once); ``ms_per_step`` = (whole call of N tokens - whole call of 1 token) / (N - 1), the
 steady decode step, compared with the bandwidth limit. Each side is warmed up once first (the
 compiled ones compile then); ``graphs_after_warmup`` counts graphs dynamo compiled during the
 timed runs (0 expected). Peak memory is ``torch.cuda.max_memory_allocated`` per section.
@@ -355,6 +355,7 @@ class Plan:
     copy_bytes: int
     quantize: tuple[str, ...]
     smoke: bool
+    skip: tuple[str, ...] = ()
 
 
 class Report:
@@ -365,6 +366,7 @@ class Report:
         self.doc: dict[str, Any] = {"schema": SCHEMA, "plan": vars(plan).copy(), "sections": {}, "skipped": {}, "failed": {}}
         self.doc["plan"]["batches"] = list(plan.batches)
         self.doc["plan"]["quantize"] = list(plan.quantize)
+        self.doc["plan"]["skip"] = list(plan.skip)
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -444,6 +446,9 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
         return plan.budget_s - (time.perf_counter() - started)
 
     def section(name: str, estimate_s: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        if name in plan.skip:
+            doc["skipped"][name] = "--skip"
+            return None
         if left() < estimate_s:
             doc["skipped"][name] = f"time budget: {left():.0f} s left, about {estimate_s:.0f} s needed"
             print(f"  {name}: skipped ({doc['skipped'][name]})", flush=True)
@@ -495,13 +500,15 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
     bb = state["bb"]
     tokens: dict[str, list[int]] = {}
 
+    # Eager sides take one timed run: a GPU's run-to-run spread is small next to what they show,
+    # and the time goes to the compiles.
     def generate_side(compiled: bool) -> dict[str, Any]:
-        m = measure(transformers_generate(bb, compiled, plan.backend), n, runs, device)
+        m = measure(transformers_generate(bb, compiled, plan.backend), n, runs if compiled else 1, device)
         tokens[f"generate-{'compiled' if compiled else 'eager'}"] = m["last"]
         return side_summary(m)
 
     def our_side(variant: str, compiled: bool) -> dict[str, Any]:
-        m = measure(ours(bb, variant, compiled), n, runs, device)
+        m = measure(ours(bb, variant, compiled), n, runs if compiled else 1, device)
         result = m["last"]
         tokens[f"{variant}-{'compiled' if compiled else 'eager'}"] = list(result.ids)
         summary = side_summary(m)
@@ -526,7 +533,7 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
         return summary
 
     compile_s = 60 * scale
-    eager_s = 6 * (runs + 1) * n / 256 * scale
+    eager_s = 6 * 2 * n / 256 * scale
     section("generate-eager", eager_s, lambda: generate_side(False))
     section("generate-compiled", compile_s + eager_s / 3, lambda: generate_side(True))
     section("sft-eager", eager_s, lambda: our_side("sft", False))
@@ -752,6 +759,7 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, Path]:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting sections after this (default 450)")
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; smoke: eager)")
     p.add_argument("--quantize", default=None, help="comma-separated kinds for the quantized rows (default int8,int4)")
+    p.add_argument("--skip", default="", help="comma-separated section names not to run (e.g. generate-eager,batches)")
     args = p.parse_args(argv)
     if args.smoke:
         plan = Plan(
@@ -769,6 +777,7 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, Path]:
         )  # fmt: skip
         out = Path(args.out or ROOT / "bench/out/gpu")
     plan.quantize = tuple(k for k in plan.quantize if k and k != "none")
+    plan.skip = tuple(k.strip() for k in args.skip.split(",") if k.strip())
     return plan, out
 
 
