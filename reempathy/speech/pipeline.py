@@ -31,7 +31,8 @@ from reempathy.decoding.spans import SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
 from reempathy.runner import load_backbone, run_decode
-from reempathy.speech.audio import check_writable, write_wav
+from reempathy.safe_write import check_output_file
+from reempathy.speech.audio import write_wav
 from reempathy.speech.decoder import DEFAULT_SEED
 from reempathy.speech.decoder.streaming import BLOCK_SIZES, StreamingSynthesizer
 
@@ -103,7 +104,7 @@ def run_spoken_turn(
     """
     backbone = backbone or load_backbone(cfg, registry)
     tokenizer, decoder = speech_parts(backbone, need_decoder=out_path is not None)
-    out = check_writable(out_path) if out_path is not None else None
+    out = check_output_file(out_path, "--out") if out_path is not None else None
     t0 = time.perf_counter()
     units = tokenizer.tokenize(audio_path)
     tokenize_s = time.perf_counter() - t0
@@ -141,7 +142,7 @@ def stream_spoken_turn(
         raise ConfigError("give either an audio file or prompt units to stream_spoken_turn")
     backbone = backbone or load_backbone(cfg, registry)
     tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
-    out = check_writable(out_path) if out_path is not None else None
+    out = check_output_file(out_path, "--out") if out_path is not None else None
     synth = StreamingSynthesizer(decoder, seed=seed, block_sizes=block_sizes)
     t0 = time.perf_counter()
     prompt_units = list(units) if units is not None else tokenizer.tokenize(audio_path)
