@@ -236,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``reempathy`` command; returns the exit status (0 ok, 1 a plugin's failure or a bug, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
+    if sys.stdout is sys.__stdout__ and hasattr(sys.stdout, "reconfigure"):
+        # A file name that is not UTF-8 arrives as lone surrogates; print it back as the bytes it was.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         parser = build_parser()
         try:

@@ -173,12 +173,13 @@ def _load_converted(
         )
     try:
         model = GlmForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}, use_safetensors=True)
-    except OSError as e:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # a damaged file surfaces as any of these
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: the converted weights cannot be loaded ({e}); re-run `reempathy convert`"
+            f"{path}: the converted checkpoint cannot be loaded ({reason}); re-run `reempathy convert`"
         ) from None
     model.eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     added = {t.content: i for i, t in tokenizer.backend_tokenizer.get_added_tokens_decoder().items()}
     if not added:
         raise CheckpointError(f"{path / 'tokenizer.json'} has no added tokens; it is not a GLM-4-Voice tokenizer")
