@@ -198,7 +198,9 @@ def set_component(data: dict[str, Any], kind: str, name: Any, flag: str) -> dict
     the name is unchanged.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{flag}: give a {kind} name, e.g. {flag} {'reempathy' if kind == 'strategy' else 'tiny'}")
+        example = "reempathy" if kind == "strategy" else "tiny"
+        usage = f"{flag}={example}" if flag.startswith("--set") else f"{flag} {example}"
+        raise ConfigError(f"{flag}: give a {kind} name, e.g. {usage}")
     current = data.get(kind)
     if isinstance(current, dict) and current.get("name") == name:
         return data
@@ -224,12 +226,11 @@ def describe_config_error(exc: ValidationError, where: str, sections: dict[str, 
     msg = err["msg"].removeprefix("Value error, ")
     more = len(exc.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    if err["type"] in ("model_type", "dict_type") and "." not in loc and loc:
+    if err["type"] in ("model_type", "dict_type") and loc and "." not in loc:
         return f"{where}: {loc} must be a table, e.g. [{loc}]{tail}"
-    if "input" in err and err["type"] not in ("value_error", "assertion_error") or not loc:
-        shown = toml_value(err.get("input"))
-        return f"{where}: {loc or 'config'}: {msg} (got {shown}){tail}"
-    return f"{where}: {loc}: {msg}{tail}"
+    if err["type"] in ("value_error", "assertion_error"):  # a model's own check: its message says it all
+        return f"{where}: {loc or 'config'}: {msg}{tail}"
+    return f"{where}: {loc or 'config'}: {msg} (got {toml_value(err.get('input'))}){tail}"
 
 
 def toml_value(value: Any, limit: int = 60) -> str:
