@@ -148,7 +148,7 @@ def test_synthesize_refuses_an_over_long_out_name_before_the_work(tmp_path, caps
 def test_synthesize_writes_a_wav_with_no_temporary_left(tmp_path, capsys):
     dec = make_tiny_decoder_dir(tmp_path / "decoder")
     units = tmp_path / "u.txt"
-    units.write_text(" ".join(str(u) for u in range(20)))
+    units.write_text("1 2 3 4")
     out = tmp_path / "out.wav"
     out.write_bytes(b"previous")
     assert main(["speech", "synthesize", "--decoder", str(dec), "--units", str(units), "--out", str(out), "--device", "cpu"]) == 0
