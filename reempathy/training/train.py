@@ -67,7 +67,7 @@ def load_training_backbone(cfg: TrainConfig, registry: Registry | None = None) -
     """The configured backbone and its validated options, through the plugin registry (as decoding does)."""
     registry = _registry(registry)
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    return registry.get("backbone", cfg.backbone.name).factory(options), options
+    return registry.create("backbone", cfg.backbone.name, options), options
 
 
 def trainable_token_targets(model: Any, token_ids: Sequence[int], include_head: bool) -> dict[str, list[int]] | None:
@@ -188,7 +188,7 @@ def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, opt
 
 def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone, backbone_options: BaseModel, steps: int, records: int) -> Manifest:
     """The manifest that tells the decoder what this checkpoint was trained for."""
-    layout = spec.chunk_layout(options)
+    layout = spec.chunk_layout(options, backbone)
     strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
     return Manifest(
         backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
@@ -242,7 +242,8 @@ def train(
             notes=plan.notes,
         )
     backbone, backbone_options = load_training_backbone(cfg, registry)
-    records = load_records(cfg.data.path, backbone.layout.audio_count, cfg.data.skip_bad)
+    # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
+    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     if plan.finish_from is not None:
         return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records, built, main)
