@@ -132,7 +132,8 @@ def _check_layout_agrees(manifest: Manifest, path: Path) -> None:
         return
     recorded = {"text_tokens": layout.text_tokens, "audio_tokens": layout.audio_tokens}
     for key, value in recorded.items():
-        if key in manifest.strategy.options and manifest.strategy.options[key] != value:
+        given = manifest.strategy.options.get(key)
+        if given is not None and given != value:  # None: the strategy's default, resolved into chunk_layout
             raise CheckpointError(
                 f"{path}: chunk_layout.{key} is {value} but strategy.options.{key} is "
                 f"{manifest.strategy.options[key]!r}; the manifest contradicts itself, so the checkpoint is damaged"

@@ -189,3 +189,12 @@ def test_a_checkpoint_that_is_a_file_says_so(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         read_manifest(tmp_path / "f")
+
+
+def test_a_strategy_option_left_to_its_default_does_not_contradict_the_recorded_layout(run_copy):
+    out, _ = run_copy
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["chunk_layout"] = {"text_tokens": 5, "audio_tokens": 0}  # a text-only stream's resolved default
+    manifest["strategy"] = {"name": "reempathy", "options": {"text_tokens": 5, "audio_tokens": None}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert read_manifest(out).chunk_layout.audio_tokens == 0

@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from reempathy.checkpoints import (
     ADAPTER_FILES,
@@ -85,7 +85,14 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)  # what was decided, said to the user
 
 
-def plan_run(output_dir: str | Path, run_info: dict[str, Any], resume: bool, overwrite: bool, max_steps: int) -> RunPlan:
+def plan_run(
+    output_dir: str | Path,
+    run_info: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    max_steps: int | None,
+    step_of: Callable[[Path], int | None] = checkpoint_step,
+) -> RunPlan:
     """Decide what a run does with ``output_dir``; reads only, so a refusal (ConfigError) changes nothing.
 
     Without ``resume``, an earlier run's checkpoints (or finished checkpoint) are an error unless
@@ -93,6 +100,9 @@ def plan_run(output_dir: str | Path, run_info: dict[str, Any], resume: bool, ove
     finished adapter and manifest stay in place until the new ones replace them. With
     ``resume``, the earlier run's settings must match, incomplete ``checkpoint-N`` folders are
     skipped (and removed), and a run that already reached ``max_steps`` trains no further step.
+    ``step_of`` reads a ``checkpoint-N``'s step, None if it is incomplete (Trainer's format by
+    default; a trainer with its own format passes its reader, and ``max_steps=None`` when it
+    stops at ``max_steps`` by itself).
     """
     out = check_output_dir(output_dir, "[train] output_dir", ConfigError)
     plan = RunPlan(out)
@@ -114,7 +124,7 @@ def plan_run(output_dir: str | Path, run_info: dict[str, Any], resume: bool, ove
     _check_same_settings(out, run_info)
     complete: list[tuple[Path, int]] = []
     for path in previous:
-        step = checkpoint_step(path)
+        step = step_of(path)
         if step is None:
             plan.remove.append(path)
             plan.notes.append(
@@ -124,6 +134,9 @@ def plan_run(output_dir: str | Path, run_info: dict[str, Any], resume: bool, ove
             complete.append((path, step))
     if complete:
         last, step = complete[-1]
+        if max_steps is None:
+            plan.resume_from = last
+            return plan
         if step > max_steps:
             raise ConfigError(
                 f"output_dir {str(out)!r}: its last checkpoint ({last.name}) is past max_steps = {max_steps}; "
@@ -139,7 +152,7 @@ def plan_run(output_dir: str | Path, run_info: dict[str, Any], resume: bool, ove
         else:
             plan.resume_from = last
         return plan
-    if finished is not None:
+    if finished is not None and max_steps is not None:
         if finished.steps == max_steps:
             plan.finished = finished
             plan.notes.append(f"{str(out)!r} is already trained to max_steps = {max_steps}; nothing to do")
