@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from reempathy.bench import add_bench_parser
 from reempathy.errors import InputError, ReempathyError
+from reempathy.experiments.cli import add_experiment_parsers
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_speech_parser(sub)
     add_bench_parser(sub)
+    add_experiment_parsers(sub)
     return parser
 
 

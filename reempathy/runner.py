@@ -129,8 +129,7 @@ def run_decode(
         raise ConfigError("give either --prompt or --units, not both")
     if units is not None and (prompt is not None or units_file is not None):
         raise ConfigError("give speech units or a prompt/units file, not both")
-    if cfg.decode.compile and cfg.decode.cache != "static":
-        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
+    options = loop_options(cfg)
     backbone = backbone or load_backbone(cfg, registry)
     strategy, processors = build_plugins(cfg, backbone, registry)
     processors = [*processors, *observers]
@@ -139,7 +138,14 @@ def run_decode(
         units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
         units = read_units(units_file) if units_file else None
     ids = build_prompt_ids(backbone, prompt, units, cfg.decode.system_prompt)
-    options = LoopOptions(
+    return decode(backbone, ids, strategy, processors, options)
+
+
+def loop_options(cfg: DecodeConfig) -> LoopOptions:
+    """The loop's settings from ``[decode]`` and ``[sampling]`` (shared by ``decode`` and ``run``)."""
+    if cfg.decode.compile and cfg.decode.cache != "static":
+        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
+    return LoopOptions(
         max_new_tokens=cfg.decode.max_new_tokens,
         greedy=cfg.sampling.greedy,
         seed=cfg.sampling.seed,
@@ -147,4 +153,3 @@ def run_decode(
         cache=cfg.decode.cache,
         compile=cfg.decode.compile,
     )
-    return decode(backbone, ids, strategy, processors, options)
