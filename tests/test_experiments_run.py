@@ -285,3 +285,13 @@ def test_the_torn_tail_of_a_shard_is_dropped_when_shards_are_merged(tmp_path):
     assert (out / "results.jsonl").read_text() == "".join(
         json.dumps({"id": str(i), "line": i}, separators=(",", ":")) + "\n" for i in range(1, 5)
     )
+
+
+def test_a_wav_prompt_for_a_backbone_without_a_speech_tokenizer_is_named_by_its_line(tmp_path, capsys):
+    (tmp_path / "user.wav").write_bytes(b"RIFF")
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "audio": "user.wav"}]}) + "\n")
+    out = tmp_path / "run"
+    err = _fails(capsys, ["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out)])
+    assert f"{data}:1" in err and "speech tokenizer" in err
+    assert not out.exists()

@@ -53,3 +53,39 @@ def test_each_rank_takes_every_nth_record():
     shares = [Group(rank=r, size=3).share(items) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
     assert sorted(x for share in shares for x in share) == items
+
+
+class _RankZeroOfTwo(Group):
+    """Rank 0 of a two-process run whose rank 1 fails (the collectives answered in-process)."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, size=2)
+
+    def gather(self, obj):
+        return [obj, {"rank": 1, "error": {"message": "boom", "exit_code": 1}, "decoded": 0, "tokens": 0, "stops": {}}]
+
+    def broadcast(self, obj):
+        return obj
+
+
+def test_a_failed_rank_fails_the_run_and_the_others_work_is_kept(tmp_path, tiny):
+    import pytest
+
+    from reempathy.config import load_config
+    from reempathy.decoding.registry import default_discovery
+    from reempathy.errors import ReempathyError
+    from reempathy.experiments.run import RunOptions, run_experiment
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(EXAMPLES.read_text(encoding="utf-8").splitlines()[:3]) + "\n", encoding="utf-8")
+    registry = default_discovery().registry
+    cfg = load_config(CONFIG, ["decode.max_new_tokens=6"], registry=registry)
+    out = tmp_path / "run"
+    with pytest.raises(ReempathyError, match="rank 1 of 2 failed: boom") as err:
+        run_experiment(cfg, registry, RunOptions(data=data, out=out), group=_RankZeroOfTwo())
+    assert err.value.exit_code == 1  # the failed rank's own exit status (a plugin failure, say)
+    ids = [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert ids == ["1", "3"]  # rank 0's share, merged; rank 1's record is left for the next run
+    assert json.loads((out / "manifest.json").read_text())["finished"] is None
+    run_experiment(cfg, registry, RunOptions(data=data, out=out), group=Group())
+    assert [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()] == ["1", "2", "3"]

@@ -146,21 +146,21 @@ def run_experiment(
         try:
             claim(out, manifest, old, opts.force)
         except (ReempathyError, OSError) as exc:
-            error = _error_text(exc)
+            error = _error_report(exc)
     error = group.broadcast(error)
     if error is not None:
-        raise InputError(error)
+        raise _reraise(error)
 
     decode_started = time.perf_counter()
     done = rundir.done_ids(out)
     todo = [r for r in selected if r.id not in done]
     mine = group.share(todo)
-    target = rundir.RESULTS if group.size == 1 else rundir.shard_path(out, group.rank)
-    failure: str | None = None
+    sink_path = out / rundir.RESULTS if group.size == 1 else rundir.shard_path(out, group.rank)
+    failure: dict[str, Any] | None = None
     counts: Counter = Counter()
     tokens = 0
     try:
-        with rundir.LineAppender(out / target if group.size == 1 else target) as sink:
+        with rundir.LineAppender(sink_path) as sink:
             bar = _progress_bar(len(mine), opts.progress if group.main else False, group)
             t0 = time.perf_counter()
             try:
@@ -177,7 +177,7 @@ def run_experiment(
     except ReempathyError as exc:
         if group.size == 1:
             raise
-        failure = _error_text(exc)
+        failure = _error_report(exc)  # told to every rank below, so none waits for this one forever
 
     # Every rank meets here, failed or not; rank 0 merges what was written either way.
     reports = group.gather({"rank": group.rank, "error": failure, "decoded": sum(counts.values()),
@@ -195,7 +195,7 @@ def run_experiment(
     failed = [rep for rep in reports if rep["error"] is not None]
     if failed:
         first = failed[0]
-        raise InputError(f"rank {first['rank']} of {group.size} failed: {first['error']}")
+        raise _reraise(dict(first["error"], message=f"rank {first['rank']} of {group.size} failed: {first['error']['message']}"))
     summary = RunSummary(
         out=out,
         records=len(data.records),
@@ -213,8 +213,17 @@ def run_experiment(
     return summary
 
 
-def _error_text(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, ReempathyError) else f"{type(exc).__name__}: {exc}"
+def _error_report(exc: BaseException) -> dict[str, Any]:
+    """An error as it travels between ranks: its message and the exit status it stands for."""
+    if isinstance(exc, ReempathyError):
+        return {"message": str(exc), "exit_code": exc.exit_code}
+    return {"message": f"{type(exc).__name__}: {exc}", "exit_code": 2}
+
+
+def _reraise(report: dict[str, Any]) -> ReempathyError:
+    error = ReempathyError(report["message"])
+    error.exit_code = report["exit_code"]
+    return error
 
 
 # --- the directory -----------------------------------------------------------------------
