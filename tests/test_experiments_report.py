@@ -90,7 +90,7 @@ def test_the_bootstrap_interval_is_seeded_and_narrows_with_more_records():
 
 def test_a_record_scored_twice_counts_once():
     lines = [{"id": "1", "scores": {"s": 1}}, {"id": "1", "scores": {"s": 5}}, {"id": "2", "scores": {"s": 3}}]
-    assert evaluator_scores("e", lines, {"1", "2"}).scores["s"].mean == 4.0
+    assert evaluator_scores("e", lines, {"1", "2"}).scores["s"].mean == 2.0  # the first line of "1" stands
 
 
 def test_the_first_token_is_not_an_inter_token_latency():

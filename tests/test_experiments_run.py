@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from reempathy.backbones.base import Turn
 from reempathy.cli import main
@@ -17,7 +16,7 @@ from reempathy.experiments import rundir
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
 CONFIG = ROOT / "configs" / "reempathy.toml"
-FEW = ["--set", "decode.max_new_tokens=12"]
+FEW = ["--set", "decode.max_new_tokens=8"]
 
 
 def write_data(path: Path, n: int, ids: bool = False) -> Path:
@@ -207,7 +206,7 @@ def test_an_out_dir_of_another_config_is_refused_and_left_as_it_was(tmp_path, ca
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = ["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), "--set", "decode.max_new_tokens=13"]
     err = _fails(capsys, other)
-    assert "decode.max_new_tokens: 12 there, 13 now" in err and "--force" in err
+    assert "decode.max_new_tokens: 8 there, 13 now" in err and "--force" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*other, "--force"]) == 0
     assert json.loads((out / "manifest.json").read_text())["config"]["decode"]["max_new_tokens"] == 13

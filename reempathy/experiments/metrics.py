@@ -129,17 +129,17 @@ def bootstrap_ci(
 def evaluator_scores(evaluator: str, lines: Iterable[dict[str, Any]], ids: set[str]) -> EvaluatorScores:
     """Summarise ``scores/<evaluator>.jsonl`` lines (``reempathy.score/1``) for the records in ``ids``.
 
-    A record scored twice counts once (its last line). A line with an ``error`` or no scores is a
-    failure and enters no mean.
+    A record scored twice counts once, by its first line (as ``reempathy eval`` reads its own file
+    when it resumes). A line with an ``error`` or no scores is a failure and enters no mean.
     """
-    latest: dict[str, dict[str, Any]] = {}
+    first: dict[str, dict[str, Any]] = {}
     for line in lines:
         rid = str(line.get("id"))
         if rid in ids:
-            latest[rid] = line
+            first.setdefault(rid, line)
     out = EvaluatorScores(evaluator)
     values: dict[str, list[float]] = {}
-    for line in latest.values():
+    for line in first.values():
         scores = line.get("scores") or {}
         if line.get("error") or not scores:
             out.failures += 1

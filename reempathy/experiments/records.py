@@ -147,7 +147,7 @@ def read_records(path: str | Path) -> DataSet:
     except OSError as exc:
         raise InputError(f"data file {name!r} cannot be read ({exc.strerror or exc})") from None
     data = DataSet(path=name, sha256=hashlib.sha256(raw).hexdigest())
-    text = raw.decode("utf-8", errors="replace")
+    text = raw.decode("utf-8-sig", errors="replace")
     bad: list[BadRecord] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(text.split("\n"), start=1):

@@ -165,7 +165,7 @@ def run_experiment(
             t0 = time.perf_counter()
             try:
                 requests = _requests(mine, cfg, registry, backbone, ready_ids)
-                for record, result, ids in _decode(backbone, requests, options, opts.batch_size):
+                for record, result, ids in _decode(backbone, mine, requests, options, opts.batch_size):
                     wav = write_speech(out, record, result, backbone) if opts.speech else None
                     sink.append(record_json(record, result, ids, wav))
                     counts[result.stop_reason] += 1
@@ -321,7 +321,7 @@ def _requests(
             ids = prompt_ids(record, backbone, cfg.decode.system_prompt)
         strategy, processors = build_plugins(cfg, backbone, registry)
         yield RowRequest(
-            key=record,
+            key=record.index,
             prompt_ids=ids,
             strategy=strategy,
             processors=processors,
@@ -330,18 +330,19 @@ def _requests(
 
 
 def _decode(
-    backbone: Backbone, requests: Iterator[RowRequest], options: Any, batch_size: int
+    backbone: Backbone, records: list[RunRecord], requests: Iterator[RowRequest], options: Any, batch_size: int
 ) -> Iterator[tuple[RunRecord, DecodeResult, list[int]]]:
-    """``(record, result, prompt ids)`` from the batched loop, as rows finish."""
-    prompts: dict[str, list[int]] = {}
+    """``(record, result, prompt ids)`` from the batched loop, as rows finish (requests are keyed by record index)."""
+    by_index = {r.index: r for r in records}
+    prompts: dict[int, list[int]] = {}
 
     def remember() -> Iterator[RowRequest]:
         for request in requests:
-            prompts[request.key.id] = request.prompt_ids
+            prompts[request.key] = request.prompt_ids
             yield request
 
-    for record, result in decode_batch(backbone, remember(), options, batch_size):
-        yield record, result, prompts.pop(record.id)
+    for index, result in decode_batch(backbone, remember(), options, batch_size):
+        yield by_index[index], result, prompts.pop(index)
 
 
 def record_json(record: RunRecord, result: DecodeResult, prompt_ids: list[int], wav: str | None) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reempathy.checkpoints import now_iso
-from reempathy.config import DecodeConfig, load_config, parse_override, read_toml
+from reempathy.config import DecodeConfig, apply_overrides, load_config, parse_override, read_toml
 from reempathy.decoding.registry import Registry
 from reempathy.errors import CheckpointError, ConfigError, InputError, ReempathyError
 from reempathy.experiments import rundir
@@ -140,8 +140,6 @@ def plan_sweep(
     registry: Registry | None = None,
 ) -> SweepPlan:
     """Read a sweep (or plain decode) config, expand its runs × grid, and (with ``registry``) validate each sub-run."""
-    from reempathy.config import apply_overrides
-
     data = apply_overrides(read_toml(config), list(overrides or []))
     where = f"config file {str(config)!r}"
     sweep = data.pop("sweep", {})
@@ -183,7 +181,7 @@ def plan_sweep(
             run["decode"]["checkpoint"] = _checkpoint_path(key, ckpt_dir, table)
         run_name = label or (sub_run_name(run_settings) if runs else "")
         origin = f"sweep run {label or run_name or str(i)!r}" if runs else f"the base config {str(config)!r}"
-        merged = merge_config(data, run, f"{where}: sweep.runs[{i}]")
+        merged = merge_config(data, run)
         for combo in itertools.product(*grid.values()):
             point = dict(zip(grid, combo))
             sub = _with_grid(merged, point, origin)
@@ -226,7 +224,7 @@ def _checkpoint_path(key: str, ckpt_dir: Path | None, table: dict[str, str]) -> 
     return table.get(key, key)
 
 
-def merge_config(base: dict[str, Any], run: dict[str, Any], where: str) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """``run`` laid over ``base`` (module docstring: tables by key, lists whole, another plugin drops old options)."""
     out = copy.deepcopy(base)
     for top, value in run.items():
@@ -263,6 +261,11 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
                 raise ConfigError(f"no list item {part!r} in {'.'.join(path[:i]) or 'the config'} ({len(node)} items)")
             node = node[int(part)]
         else:
+            if part not in node and path[i + 1].isdigit():
+                raise ConfigError(
+                    f"{'.'.join(path[: i + 1])} is not in the config; a list item can only be set in a list the "
+                    f"config has (e.g. [[{part}]] in the file)"
+                )
             node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"{'.'.join(path[: i + 1])} is a value, not a table")
