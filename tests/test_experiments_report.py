@@ -128,3 +128,8 @@ def test_plotting_against_a_key_no_run_has_is_a_one_line_error(sweep, tmp_path, 
     assert main(["report", str(sweep), "--plot", str(tmp_path / "p.png"), "--x", "nope", "--y", "itl_p50_ms"]) == 2
     assert "--x 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_axes_without_a_plot_are_a_one_line_error(sweep, capsys):
+    assert main(["report", str(sweep), "--x", "processors.0.factor"]) == 2
+    assert "give --plot too" in capsys.readouterr().err

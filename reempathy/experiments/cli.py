@@ -17,10 +17,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="JSONL test set in the training data schema (docs/experiments.md)")
-    p.add_argument("--out", required=True, help="run directory (created; a rerun continues it)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
-    p.add_argument("--limit", type=int, help="decode only the first N records of the data file")
+    p.add_argument("--data", required=True, metavar="DATA.jsonl", help="JSONL test set in the training data schema (docs/experiments.md)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (created; a rerun continues it)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows decoded together (default 8)")
+    p.add_argument("--limit", type=int, metavar="N", help="decode only the first N records of the data file")
     p.add_argument("--speech", action="store_true", help="also write each spoken answer as DIR/wav/<id>.wav")
     p.add_argument("--force", action="store_true", help="discard the results of a directory made by another config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -66,6 +66,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if (args.x is None or args.y is None) and args.plot:
         raise ConfigError("--plot needs --x KEY (a swept key, e.g. processors.0.factor) and --y METRIC (a column)")
+    if (args.x is not None or args.y is not None) and not args.plot:
+        raise ConfigError("--x and --y choose the axes of --plot OUT.png; give --plot too")
     report = build_report(args.dirs)
     print(report.markdown())
     if args.csv:
@@ -80,9 +82,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``reempathy run``: decode a test set into a resumable run directory."""
     p = subparsers.add_parser("run", help="decode a test set (JSONL) into a resumable run directory")
-    p.add_argument("--config", "-c", help="decode config (TOML)")
-    p.add_argument("--strategy", help="use this strategy instead of the config's")
-    p.add_argument("--checkpoint", help="a directory written by `reempathy train`")
+    p.add_argument("--config", "-c", metavar="FILE", help="decode config (TOML)")
+    p.add_argument("--strategy", metavar="NAME", help="use this strategy instead of the config's")
+    p.add_argument("--checkpoint", metavar="DIR", help="a directory written by `reempathy train`")
     _add_run_args(p)
     p.set_defaults(func=cmd_run)
     return p
@@ -91,7 +93,7 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``reempathy sweep``: one resumable run per point of a grid or per ``[[sweep.runs]]`` table."""
     p = subparsers.add_parser("sweep", help="run a grid of settings (or a sweep TOML's runs) over a test set")
-    p.add_argument("--config", "-c", required=True, help="decode config, or a sweep TOML with a [sweep] table")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="decode config, or a sweep TOML with a [sweep] table")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,…",
                    help="sweep a config key over values (repeatable: the Cartesian product)")
     p.add_argument("--checkpoints", metavar="DIR",
@@ -107,8 +109,8 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories")
     p.add_argument("--csv", metavar="OUT.csv", help="also write the table as CSV")
     p.add_argument("--plot", metavar="OUT.png", help="plot --y against --x (one line per other setting)")
-    p.add_argument("--x", help="a swept key or config key, e.g. processors.0.factor")
-    p.add_argument("--y", help="a column, e.g. hidden_per_spoken or empathyeval.emotional_support")
+    p.add_argument("--x", metavar="KEY", help="a swept key or config key, e.g. processors.0.factor")
+    p.add_argument("--y", metavar="COLUMN", help="a column, e.g. hidden_per_spoken or empathyeval.emotional_support")
     p.set_defaults(func=cmd_report)
     return p
 
