@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from reempathy.bench import add_bench_parser
 from reempathy.errors import InputError, ReempathyError
 from reempathy.experiments.cli import add_experiment_parsers
+from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 
@@ -87,28 +88,6 @@ def format_result(result: Any) -> str:
     return "\n".join(lines)
 
 
-def cmd_plugins(args: argparse.Namespace) -> int:
-    disc = _discovery()
-    if args.json:
-        rows = [
-            {"name": p.name, "source": p.source, "version": p.version, "hooks": p.hooks,
-             "provides": p.provides, "error": p.error}
-            for p in disc.plugins
-        ]
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    for p in disc.plugins:
-        print(f"{p.name}  [{p.source}]  version {p.version or '?'}")
-        if p.error:
-            print(f"    error: {p.error}")
-        if p.provides:
-            print(f"    provides: {', '.join(p.provides)}")
-        if p.hooks:
-            print(f"    hooks: {', '.join(p.hooks)}")
-    return 0
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from reempathy.backbones.glm4voice import convert_glm4voice
 
@@ -135,10 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (docs/result-schema.md)")
     p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("plugins", help="list plugins, their hooks, versions and sources")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plugins)
-
     p = sub.add_parser("convert", help="convert a published checkpoint to transformers' native format")
     p.add_argument("format", choices=["glm-4-voice"], help="the source checkpoint's format")
     p.add_argument("src", help="directory of the published checkpoint")
@@ -151,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_speech_parser(sub)
     add_bench_parser(sub)
     add_experiment_parsers(sub)
+    add_plugins_parser(sub)
+    add_plugins_dir_option(parser, sub)  # last: it adds --plugins-dir to every command
     return parser
 
 

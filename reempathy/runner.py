@@ -19,8 +19,7 @@ _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
 def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     """Build the configured backbone through its registered factory."""
-    options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    backbone = registry.get("backbone", cfg.backbone.name).factory(options)
+    backbone = registry.create("backbone", cfg.backbone.name, cfg.backbone.options)
     if cfg.decode.checkpoint:
         from reempathy.checkpoints import apply_checkpoint
 
@@ -30,15 +29,10 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
 
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
     """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
-    s_opts = registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
-    strategy = registry.get("strategy", cfg.strategy.name).factory(s_opts, backbone)
-    processors = []
-    for proc in cfg.processors:
-        p_opts = registry.validate("processor", proc.name, proc.options)
-        processors.append(registry.get("processor", proc.name).factory(p_opts, backbone))
+    strategy = registry.create("strategy", cfg.strategy.name, cfg.strategy.options, backbone)
+    processors = [registry.create("processor", proc.name, proc.options, backbone) for proc in cfg.processors]
     for name, options in sampling_chain(cfg, backbone):
-        p_opts = registry.validate("processor", name, options)
-        processors.append(registry.get("processor", name).factory(p_opts, backbone))
+        processors.append(registry.create("processor", name, options, backbone))
     return strategy, processors
 
 

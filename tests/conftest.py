@@ -1,17 +1,25 @@
-"""Shared fixtures: a tiny backbone built once per test session, and a fresh plugin discovery."""
+"""Shared fixtures: a tiny backbone built once per test session, and a fresh plugin discovery.
+
+The shipped pytest plugin ``reempathy.testing`` (entry point ``pytest11``) provides
+``reempathy_tiny`` and the plugin-author fixtures; ``tiny`` is the same backbone.
+"""
 
 from __future__ import annotations
+
+from importlib.metadata import entry_points
 
 import pytest
 
 from reempathy.backbones.base import Turn
-from reempathy.backbones.tiny import TinyOptions, load_tiny
+
+if not any(ep.value == "reempathy.testing" for ep in entry_points(group="pytest11")):
+    pytest_plugins = ["reempathy.testing"]  # an install from before the entry point existed
 
 
 @pytest.fixture(scope="session")
-def tiny():
+def tiny(reempathy_tiny):
     """The default tiny backbone (seed 0). Tests must not modify its weights."""
-    return load_tiny(TinyOptions())
+    return reempathy_tiny
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,15 @@ from reempathy.errors import InputError
 # Delimiter token names shared by strategies, backbones and the training builders, so that
 # what is trained is what is decoded.
 REFLECTION_OPEN = "<|begin_of_reflection|>"
+"""Opens a hidden reflection (``reempathy``)."""
 REFLECTION_CLOSE = "<|end_of_reflection|>"
+"""Closes a reflection."""
 THOUGHT_OPEN = "<|begin_of_thought|>"
+"""Opens a hidden chain of thought (``cotbs``)."""
 THOUGHT_CLOSE = "<|end_of_thought|>"
+"""Closes a thought."""
 DELIMITER_TOKENS = (REFLECTION_OPEN, REFLECTION_CLOSE, THOUGHT_OPEN, THOUGHT_CLOSE)
+"""Every delimiter a backbone should hold in ``layout.special`` (strategies look them up by these names)."""
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,15 @@ class VocabLayout:
     stop_ids: tuple[int, ...]
 
     def is_text(self, token_id: int) -> bool:
+        """True for a text token id."""
         return 0 <= token_id < self.text_end
 
     def is_audio(self, token_id: int) -> bool:
+        """True for an audio-unit token id."""
         return self.audio_offset <= token_id < self.audio_offset + self.audio_count
 
     def unit_to_token(self, unit: int) -> int:
+        """Token id of audio unit ``unit``; an :class:`InputError` outside ``0..audio_count-1``."""
         if not 0 <= unit < self.audio_count:
             raise InputError(
                 f"audio unit {unit} is outside this backbone's range 0..{self.audio_count - 1}; "
@@ -49,9 +57,11 @@ class VocabLayout:
         return self.audio_offset + unit
 
     def token_to_unit(self, token_id: int) -> int:
+        """Audio unit of an audio-unit token id."""
         return token_id - self.audio_offset
 
     def token_id(self, name: str) -> int:
+        """Id of the special token ``name``; an :class:`InputError` naming the known ones if absent."""
         try:
             return self.special[name]
         except KeyError:
@@ -93,7 +103,9 @@ class Turn:
 class SpeechTokenizer(Protocol):
     """Waveform → audio units."""
 
-    def tokenize(self, path: str) -> list[int]: ...
+    def tokenize(self, path: str) -> list[int]:
+        """Audio units of the WAV file at ``path``."""
+        ...
 
 
 class SpeechDecoder(Protocol):
@@ -101,14 +113,20 @@ class SpeechDecoder(Protocol):
 
     sample_rate: int
 
-    def synthesize(self, units: Sequence[int]) -> torch.Tensor: ...
+    def synthesize(self, units: Sequence[int]) -> torch.Tensor:
+        """Waveform (at ``sample_rate``) of ``units``."""
+        ...
 
 
 @dataclass
 class Backbone:
     """A loaded speech LM: model, tokenizer, vocabulary layout, prompt format and stream policy.
 
-    Adapters build one of these; the decoder core uses nothing else of the model.
+    Adapters build one of these; the decoder core uses nothing else of the model. A backbone
+    factory returns one; the registry checks it against the backbone contract
+    (:mod:`reempathy.backbones.contract`, docs/backbones.md) before any decode. For a
+    transformers causal LM with interleaved text and audio-unit tokens, subclass
+    :class:`reempathy.backbones.interleaved.InterleavedBackbone` instead of building it by hand.
     """
 
     name: str
@@ -125,10 +143,12 @@ class Backbone:
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers of the model (``config.num_hidden_layers``)."""
         return int(self.model.config.num_hidden_layers)
 
     @property
     def num_heads(self) -> int:
+        """Attention heads per layer (``config.num_attention_heads``)."""
         return int(self.model.config.num_attention_heads)
 
     def build_prompt(self, turns: Sequence[Turn]) -> list[int]:

@@ -34,4 +34,6 @@ class Stop:
 
 
 Directive = Continue | Switch | Stop
+"""What ``reempathy_token`` may answer (``None`` means :data:`CONTINUE`)."""
 CONTINUE = Continue()
+"""The shared :class:`Continue` instance."""

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("reempathy")
 
-#: ``register(name, factory, config_model, description="")``
 Register = Callable[..., None]
+"""The callback a discovery hook receives: ``register(name, factory, config_model, description="")``."""
 
 
 # --- discovery hooks (called once) -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Built-in backbones: ``tiny`` (random, built from a config) and ``glm-4-voice`` (a local checkpoint)."""
+"""Built-in backbones: ``tiny`` (random, built from a config), ``glm-4-voice`` (a local checkpoint), ``hf-interleaved`` (declared in TOML)."""
 
 from __future__ import annotations
 
@@ -14,3 +14,7 @@ def reempathy_register_backbones(register: Register) -> None:
 
     register("tiny", load_tiny, TinyOptions, "small random GLM with GLM-4-Voice's token layout (no download)")
     register("glm-4-voice", load_glm4voice, Glm4VoiceOptions, "a local glm-4-voice-9b checkpoint, loaded natively")
+
+    from reempathy.backbones.interleaved import InterleavedOptions, load_interleaved
+
+    register("hf-interleaved", load_interleaved, InterleavedOptions, "any local causal LM with text and audio-unit tokens, declared in TOML")

@@ -55,7 +55,7 @@ def load_training_backbone(cfg: TrainConfig, registry: Registry | None = None) -
 
         registry = default_discovery().registry
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    return registry.get("backbone", cfg.backbone.name).factory(options), options
+    return registry.create("backbone", cfg.backbone.name, options), options
 
 
 def trainable_token_targets(model: Any, token_ids: Sequence[int], include_head: bool) -> dict[str, list[int]] | None:
