@@ -294,3 +294,15 @@ def test_a_wav_prompt_for_a_backbone_without_a_speech_tokenizer_is_named_by_its_
     err = _fails(capsys, ["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out)])
     assert f"{data}:1" in err and "speech tokenizer" in err
     assert not out.exists()
+
+
+def test_a_backbone_without_audio_units_reads_the_transcript(tmp_path, tiny):
+    import dataclasses
+
+    from reempathy.experiments.records import check_records, read_records
+
+    text_only = dataclasses.replace(tiny, layout=dataclasses.replace(tiny.layout, audio_count=0))
+    data = write_data(tmp_path / "test.jsonl", 1)
+    records = read_records(data)
+    (ids,) = check_records(records, text_only).values()
+    assert ids == tiny.build_prompt([Turn("user", text=records.records[0].prompt[0].text)])

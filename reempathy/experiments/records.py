@@ -13,7 +13,7 @@ Where it decides:
   backbone's speech tokenizer turns into units when the record is decoded. A user message is
   heard as its units when it has them, else read as its text — the same rule the training
   builders use (:func:`reempathy.training.builders.prompt_turn`), so that what is trained is
-  what is run.
+  what is run. A backbone without audio-unit tokens (a text-only spoken stream) reads the text.
 
 Every problem a user can cause is found before anything is decoded or written, and named
 ``FILE:LINE``.
@@ -212,16 +212,18 @@ def check_records(data: DataSet, backbone: Backbone, system_prompt: str | None =
 
     Unit ids must be in the backbone's audio range, WAV prompts need its speech tokenizer, and
     a prompt must fit its context (prompts given as WAVs are measured when they are tokenized).
+    A backbone without audio-unit tokens reads each message's text instead.
     """
-    needs_tokenizer = [r for r in data.records if r.has_audio]
+    needs_tokenizer = [r for r in data.records if r.has_audio] if backbone.layout.audio_count > 0 else []
     if needs_tokenizer and backbone.speech_tokenizer is None:
         raise ConfigError(
             f"{needs_tokenizer[0].where}: the prompt is a WAV file, but backbone {backbone.name!r} has no speech "
             "tokenizer; give the record's units instead, or use glm-4-voice with backbone.tokenizer_path"
         )
     ids: dict[int, list[int]] = {}
+    hears_units = backbone.layout.audio_count > 0
     for record in data.records:
-        for message in record.prompt:
+        for message in record.prompt if hears_units else ():
             for u in message.units or ():
                 if not 0 <= u < backbone.layout.audio_count:
                     raise InputError(
@@ -238,12 +240,20 @@ def prompt_ids(record: RunRecord, backbone: Backbone, system_prompt: str | None 
     from reempathy.training.builders import prompt_turn
     from reempathy.training.schema import Message
 
+    hears_units = backbone.layout.audio_count > 0
     turns: list[Turn] = []
     if system_prompt and record.prompt[0].role != "system":
         turns.append(Turn("system", text=system_prompt))
     for m in record.prompt:
         units = m.units
-        if not units and m.audio:
+        if not hears_units:  # a text-only backbone reads the transcript, as the builders do for it
+            if not m.text:
+                raise InputError(
+                    f"{record.where}: backbone {backbone.name!r} has no audio-unit tokens, so a {m.role} message "
+                    "needs its text (a transcript)"
+                )
+            units = None
+        elif not units and m.audio:
             units = _tokenize(backbone, m.audio, record.where)
         turns.append(prompt_turn(Message(role=m.role, text=m.text, units=units)))
     ids = backbone.build_prompt(turns)
