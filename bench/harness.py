@@ -16,6 +16,7 @@ import torch
 
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.backbones.tiny import TinyOptions, load_tiny
+from reempathy.decoding.batch import RowRequest, decode_batch
 from reempathy.decoding.loop import LoopOptions, decode, session_plugin_manager
 from reempathy.decoding.registry import default_discovery
 from reempathy.decoding.result import DecodeResult
@@ -31,6 +32,11 @@ MODELS: dict[str, dict[str, Any]] = {
 # The strategies measured; "+reweight" adds attention-reweight (α 1.15, default layers: the middle half).
 VARIANTS = ("sft", "cotbs", "reempathy", "reempathy+reweight")
 PROMPT = "I failed my driving test today and I feel stupid."
+# Batched runs: rows whose prompts differ in length (PROMPT plus 0–12 words of this), so that a
+# batch pads as a real test set does.
+FILLER = "and my instructor said I was close but I do not believe it at all now".split()
+BATCH_SIZES = (1, 4, 16)
+BATCH_VARIANT = "reempathy+reweight"
 
 
 class BanStops:
@@ -152,3 +158,29 @@ def dispatch_once(pm: Any, session: DecodeSession, logits: torch.Tensor) -> None
     hook = pm.hook
     hook.reempathy_logits(session=session, logits=logits)
     hook.reempathy_token(session=session, token_id=0)
+
+
+def row_prompt(bb: Backbone, row: int) -> list[int]:
+    """Row ``row``'s prompt: ``PROMPT`` plus ``3 * (row % 5)`` filler words."""
+    words = FILLER[: 3 * (row % 5)]
+    return bb.build_prompt([Turn("user", text=" ".join([PROMPT, *words]))])
+
+
+def batch_requests(bb: Backbone, variant: str, rows: int) -> list[RowRequest]:
+    """``rows`` requests with fresh plugins each (strategy, processors of ``variant``, stop tokens banned)."""
+    requests = []
+    for row in range(rows):
+        strategy, processors = make_plugins(bb, variant)
+        requests.append(RowRequest(row, row_prompt(bb, row), strategy, [*processors, BanStops(bb)], seed=row))
+    return requests
+
+
+def run_batch(bb: Backbone, requests: list[RowRequest], n: int, batch_size: int, variant: str) -> int:
+    """Decode ``requests`` through the batched loop, exactly ``n`` tokens each; the tokens generated."""
+    options = LoopOptions(max_new_tokens=n, greedy=True, strategy_name=variant)
+    total = 0
+    for key, result in decode_batch(bb, requests, options, batch_size):
+        if result.counts.generated != n:
+            raise RuntimeError(f"row {key} stopped after {result.counts.generated} tokens ({result.stop_reason})")
+        total += n
+    return total

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.config import DecodeConfig
+from reempathy.decoding.failures import remember_name
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
@@ -29,10 +30,14 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
 
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
     """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
+    # The registered names are remembered so that a run hook's failure names the component.
     strategy = registry.create("strategy", cfg.strategy.name, cfg.strategy.options, backbone)
-    processors = [registry.create("processor", proc.name, proc.options, backbone) for proc in cfg.processors]
-    for name, options in sampling_chain(cfg, backbone):
-        processors.append(registry.create("processor", name, options, backbone))
+    remember_name(strategy, cfg.strategy.name)
+    processors = []
+    for name, options in [(p.name, p.options) for p in cfg.processors] + sampling_chain(cfg, backbone):
+        processor = registry.create("processor", name, options, backbone)
+        remember_name(processor, name)
+        processors.append(processor)
     return strategy, processors
 
 
