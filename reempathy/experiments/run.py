@@ -135,6 +135,9 @@ def run_experiment(
             "backbone.decoder_path = the glm-4-voice-decoder directory, or leave out --speech"
         )
     ready_ids = check_records(data, backbone, cfg.decode.system_prompt)
+    # decode_batch checks its options when called (and starts nothing until iterated): refuse
+    # settings the batched loop cannot run before the directory is touched.
+    decode_batch(backbone, (), options, opts.batch_size)
     manifest["backbone"] = {"name": backbone.name, "audio_rate_hz": backbone.stream.audio_rate_hz,
                             "device": str(backbone.model.device), "dtype": str(backbone.model.dtype)}
     manifest["processes"] = group.size
@@ -165,9 +168,9 @@ def run_experiment(
             t0 = time.perf_counter()
             try:
                 requests = _requests(mine, cfg, registry, backbone, ready_ids)
-                for record, result, ids in _decode(backbone, mine, requests, options, opts.batch_size):
+                for record, result in _decode(backbone, mine, requests, options, opts.batch_size):
                     wav = write_speech(out, record, result, backbone) if opts.speech else None
-                    sink.append(record_json(record, result, ids, wav))
+                    sink.append(record_json(record, result, wav))
                     counts[result.stop_reason] += 1
                     tokens += result.counts.generated
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
@@ -321,7 +324,7 @@ def _requests(
             ids = prompt_ids(record, backbone, cfg.decode.system_prompt)
         strategy, processors = build_plugins(cfg, backbone, registry)
         yield RowRequest(
-            key=record.index,
+            key=record.id,
             prompt_ids=ids,
             strategy=strategy,
             processors=processors,
@@ -331,25 +334,16 @@ def _requests(
 
 def _decode(
     backbone: Backbone, records: list[RunRecord], requests: Iterator[RowRequest], options: Any, batch_size: int
-) -> Iterator[tuple[RunRecord, DecodeResult, list[int]]]:
-    """``(record, result, prompt ids)`` from the batched loop, as rows finish (requests are keyed by record index)."""
-    by_index = {r.index: r for r in records}
-    prompts: dict[int, list[int]] = {}
-
-    def remember() -> Iterator[RowRequest]:
-        for request in requests:
-            prompts[request.key] = request.prompt_ids
-            yield request
-
-    for index, result in decode_batch(backbone, remember(), options, batch_size):
-        yield by_index[index], result, prompts.pop(index)
+) -> Iterator[tuple[RunRecord, DecodeResult]]:
+    """``(record, result)`` from the batched loop, as rows finish (requests are keyed by record id)."""
+    by_id = {r.id: r for r in records}
+    for record_id, result in decode_batch(backbone, requests, options, batch_size):
+        yield by_id[record_id], result
 
 
-def record_json(record: RunRecord, result: DecodeResult, prompt_ids: list[int], wav: str | None) -> dict[str, Any]:
-    """One line of results.jsonl (schema ``reempathy.run-record/1``)."""
+def record_json(record: RunRecord, result: DecodeResult, wav: str | None) -> dict[str, Any]:
+    """One line of results.jsonl (schema ``reempathy.run-record/1``); the result carries its prompt's ids."""
     doc = result.to_json()
-    # The result carries its prompt's ids (so an answer can be replayed); add them where it does not yet.
-    doc.setdefault("prompt_ids", list(prompt_ids))
     return {
         "schema": rundir.RECORD_SCHEMA,
         "id": record.id,
