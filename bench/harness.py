@@ -8,8 +8,13 @@ processor that bans them). Both pay one small logits processor per step.
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +28,15 @@ from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.session import DecodeSession
 from reempathy.hooks import hookimpl
 
-# The CPU shapes the suite measures: the tests' tiny model, and one large enough that the model
-# (not Python) dominates a step.
+# The CPU shapes the suite measures: the tests' tiny model, one large enough that the model
+# (not Python) dominates a step, and the tests' tiny Qwen2.5-Omni checkpoint (its thinker: our
+# decode against the thinker's own generate()).
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "cpu512": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2, "intermediate_size": 1024},
+    "qwen-tiny": {},
 }
+QWEN_MODELS = ("qwen-tiny",)
 # The strategies measured; "+reweight" adds attention-reweight (α 1.15, default layers: the middle half).
 VARIANTS = ("sft", "cotbs", "reempathy", "reempathy+reweight")
 PROMPT = "I failed my driving test today and I feel stupid."
@@ -65,7 +73,24 @@ class NoOp:
 @lru_cache(maxsize=4)
 def backbone(name: str, device: str = "cpu") -> Backbone:
     """The named model shape (built once per process)."""
+    if name in QWEN_MODELS:
+        return qwen_backbone(device)
     return load_tiny(TinyOptions(**MODELS[name], device=device))
+
+
+def qwen_backbone(device: str) -> Backbone:
+    """The tests' tiny Qwen2.5-Omni checkpoint, written to a temporary directory, loaded as a user's download is (thinker only)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from qwen25omni_fixture import make_tiny_qwen25omni_dir
+
+    from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
+
+    root = Path(tempfile.mkdtemp(prefix="reempathy-bench-qwen-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    directory = make_tiny_qwen25omni_dir(root / "ckpt")
+    return load_qwen25omni(Qwen25OmniOptions(path=str(directory), talker=False, device=device, dtype="float32"))
 
 
 def prompt_ids(bb: Backbone) -> list[int]:

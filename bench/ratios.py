@@ -1,13 +1,14 @@
 """Print the performance targets as ratios measured side by side in one run.
 
-    .venv/bin/python bench/ratios.py [--models tiny,cpu512] [--rounds 15] [--tokens 64]
+    .venv/bin/python bench/ratios.py [--models tiny,cpu512,qwen-tiny] [--rounds 15] [--tokens 64]
 
 Per model shape and round, the runs are interleaved (generate(), sft, reempathy+reweight, in an
 order that rotates every round, ``--reps`` times over) so that drift in machine load hits every
 side alike; a round keeps each side's fastest run (a burst from another process slows one run,
 rarely all of them) and gives one ratio; the median over rounds is reported:
 
-1. ``sft`` per-token latency / transformers ``generate()`` per-token latency  (target ≤ 1.00)
+1. ``sft`` per-token latency / transformers ``generate()`` per-token latency  (target ≤ 1.00;
+   on ``qwen-tiny``: our decode of the Qwen2.5-Omni thinker / the thinker's own ``generate()``)
 2. ``reempathy`` + ``attention-reweight`` / ``sft``                             (target ≤ 1.05)
 3. hook dispatch per token (the loop's two per-token hook calls, 5 no-op plugins registered)
    / one tiny-model decode step (median inter-token latency of the round's tiny sft run)
@@ -190,9 +191,9 @@ def verdict(value: float, target: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="tiny,cpu512", help=f"model shapes, from {', '.join(harness.MODELS)}")
+    p.add_argument("--models", default="tiny,cpu512,qwen-tiny", help=f"model shapes, from {', '.join(harness.MODELS)}")
     p.add_argument("--rounds", type=int, default=41, help="rounds on the tiny model")
-    p.add_argument("--large-rounds", type=int, default=11, help="rounds on the larger shapes (cpu512)")
+    p.add_argument("--large-rounds", type=int, default=11, help="rounds on the other shapes (cpu512, qwen-tiny)")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded rounds first")
     p.add_argument("--reps", type=int, default=3, help="runs per side in a round; the round keeps each side's fastest")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per run")

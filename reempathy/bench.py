@@ -12,7 +12,8 @@ strategy (medians over the runs unless said otherwise):
 * ``hidden_per_spoken``: hidden content tokens (reflections, thoughts) per spoken token
   (text + audio);
 * ``realtime_margin``: audio units produced per second of decoding ÷ the backbone's audio rate
-  (12.5 Hz for GLM-4-Voice): above 1 the answer is produced faster than it plays.
+  (12.5 Hz for GLM-4-Voice): above 1 the answer is produced faster than it plays. None for a
+  text-only spoken stream (Qwen2.5-Omni): its speech is the talker's, which this does not run.
 
 "Seconds of decoding" are the loop's own ``timings.total_s`` (prefill plus every step). Each
 step ends when the sampled token reaches the host, which synchronises a GPU, so per-token
@@ -141,8 +142,10 @@ class RunStats:
     def tokens_per_s(self) -> float | None:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else None
 
-    def realtime_margin(self, audio_rate_hz: float) -> float | None:
-        return self.audio_units / self.decode_s / audio_rate_hz if self.decode_s > 0 else None
+    def realtime_margin(self, audio_rate_hz: float | None) -> float | None:
+        if audio_rate_hz is None or self.decode_s <= 0:
+            return None
+        return self.audio_units / self.decode_s / audio_rate_hz
 
     @property
     def hidden_per_spoken(self) -> float | None:
@@ -203,7 +206,7 @@ class StrategyBench:
 
     strategy: str
     processors: list[str]
-    audio_rate_hz: float
+    audio_rate_hz: float | None  # None: a text-only spoken stream has no audio units to time
     runs: list[RunStats] = field(default_factory=list)
     hidden_steps: list[dict[str, Any]] = field(default_factory=list)
     trace_matches: bool = True
@@ -352,7 +355,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     configs = {name: load_config(args.config, overrides, name, base) for name in names}
     backbone = load_backbone(first, base)
     clock = Clock(backbone.model.device)
-    rate = float(backbone.stream.audio_rate_hz)
+    rate = None if backbone.stream.text_only else float(backbone.stream.audio_rate_hz)
 
     benches: list[StrategyBench] = []
     for name, cfg in configs.items():
@@ -444,7 +447,11 @@ def format_table(doc: dict[str, Any]) -> str:
         "",
         *align(rows),
         "",
-        f"RT margin: audio units per second of decoding / {doc['audio_rate_hz']:g} Hz (above 1: faster than playback)",
+        (
+            "RT margin: - (a text-only spoken stream: its speech is made by the talker, not timed here)"
+            if doc["audio_rate_hz"] is None
+            else f"RT margin: audio units per second of decoding / {doc['audio_rate_hz']:g} Hz (above 1: faster than playback)"
+        ),
     ]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from reempathy.bench import add_bench_parser
 from reempathy.errors import InputError, ReempathyError
+from reempathy.evaluation.commands import add_eval_parser
 from reempathy.experiments.cli import add_experiment_parsers
 from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
 from reempathy.speech.cli import add_speech_parser
@@ -105,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt")
     src.add_argument("--units", help="file of speech unit ids")
-    src.add_argument("--audio", help="WAV file of the user's spoken turn (the backbone needs tokenizer_path)")
-    p.add_argument("--out", help="write the spoken answer to this WAV (needs --audio and the backbone's decoder_path)")
+    src.add_argument("--audio", help="WAV file of the user's spoken turn (glm-4-voice needs tokenizer_path)")
+    p.add_argument("--out", help="write the spoken answer to this WAV (needs --audio, and a speech decoder or talker)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--max-new-tokens", type=int, help="token budget of the answer")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speech_parser(sub)
     add_bench_parser(sub)
     add_experiment_parsers(sub)
+    add_eval_parser(sub)
     add_plugins_parser(sub)
     add_plugins_dir_option(parser, sub)  # last: it adds --plugins-dir to every command
     return parser

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from reempathy.backbones.base import Backbone, Turn
+from reempathy.backbones.base import Backbone, PromptInputs, Turn
 from reempathy.config import DecodeConfig
 from reempathy.decoding.failures import remember_name
 from reempathy.decoding.loop import LoopOptions, decode
@@ -91,13 +91,27 @@ def read_units(path: str | Path) -> list[int]:
     return units
 
 
-def build_prompt_ids(
-    backbone: Backbone, prompt: str | None = None, units: list[int] | None = None, system_prompt: str | None = None
-) -> list[int]:
-    """Token ids of a one-turn prompt from text or speech units."""
-    if units is None and (prompt is None or not prompt.strip()):
+def build_prompt_inputs(
+    backbone: Backbone,
+    prompt: str | None = None,
+    units: list[int] | None = None,
+    system_prompt: str | None = None,
+    audio: str | None = None,
+) -> PromptInputs:
+    """The model inputs of a one-turn prompt from text, speech units or a WAV file (``audio``)."""
+    if units is None and audio is None and (prompt is None or not prompt.strip()):
         raise InputError("the prompt is empty; give --prompt TEXT or --units FILE")
+    if audio is not None and not backbone.reads_audio:
+        raise ConfigError(
+            f"backbone {backbone.name!r} does not read WAV files in its prompt; turn the audio into units "
+            "with its speech tokenizer first"
+        )
     if units is not None:
+        if backbone.layout.audio_count == 0:
+            raise InputError(
+                f"backbone {backbone.name!r} has no audio-unit tokens, so speech units cannot be its prompt; "
+                "give --prompt TEXT or --audio IN.wav"
+            )
         bad = [u for u in units if not 0 <= u < backbone.layout.audio_count]
         if bad:
             raise InputError(
@@ -107,8 +121,16 @@ def build_prompt_ids(
     turns = []
     if system_prompt:
         turns.append(Turn("system", text=system_prompt))
-    turns.append(Turn("user", text=prompt if units is None else None, units=units))
-    return backbone.build_prompt(turns)
+    heard = units is not None or audio is not None
+    turns.append(Turn("user", text=None if heard else prompt, units=units, audio=audio))
+    return backbone.build_prompt_inputs(turns)
+
+
+def build_prompt_ids(
+    backbone: Backbone, prompt: str | None = None, units: list[int] | None = None, system_prompt: str | None = None
+) -> list[int]:
+    """Token ids of a one-turn prompt from text or speech units."""
+    return build_prompt_inputs(backbone, prompt, units, system_prompt).ids
 
 
 def run_decode(
@@ -119,25 +141,29 @@ def run_decode(
     backbone: Backbone | None = None,
     units: list[int] | None = None,
     observers: Sequence[object] = (),
+    audio: str | None = None,
 ) -> DecodeResult:
-    """Decode one answer as ``cfg`` says; ``prompt``/``units_file``/``units`` override ``[decode]``.
+    """Decode one answer as ``cfg`` says; ``prompt``/``units_file``/``units``/``audio`` override ``[decode]``.
 
     ``observers`` are plugin objects added after the configured processors (read-only hooks, e.g. streaming).
+    ``audio`` is a WAV file for a backbone that reads audio in its prompt (``Backbone.reads_audio``).
     """
     if prompt is not None and units_file is not None:
         raise ConfigError("give either --prompt or --units, not both")
     if units is not None and (prompt is not None or units_file is not None):
         raise ConfigError("give speech units or a prompt/units file, not both")
+    if audio is not None and (prompt is not None or units_file is not None or units is not None):
+        raise ConfigError("give an audio file or a prompt/units, not both")
     options = loop_options(cfg)
     backbone = backbone or load_backbone(cfg, registry)
     strategy, processors = build_plugins(cfg, backbone, registry)
     processors = [*processors, *observers]
-    if units is None:
+    if units is None and audio is None:
         prompt = prompt if prompt is not None else (None if units_file else cfg.decode.prompt)
         units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
         units = read_units(units_file) if units_file else None
-    ids = build_prompt_ids(backbone, prompt, units, cfg.decode.system_prompt)
-    return decode(backbone, ids, strategy, processors, options)
+    inputs = build_prompt_inputs(backbone, prompt, units, cfg.decode.system_prompt, audio=audio)
+    return decode(backbone, inputs.ids, strategy, processors, options, prefill_inputs=inputs.prefill_inputs)
 
 
 def loop_options(cfg: DecodeConfig) -> LoopOptions:

@@ -35,3 +35,26 @@ def fresh_discovery(monkeypatch):
     default_discovery.cache_clear()
     yield
     default_discovery.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A tiny Qwen2.5-Omni checkpoint in the published on-disk format (tests/qwen25omni_fixture.py)."""
+    from qwen25omni_fixture import make_tiny_qwen25omni_dir
+
+    return make_tiny_qwen25omni_dir(tmp_path_factory.mktemp("qwen25omni") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    """The ``qwen2.5-omni`` backbone on the tiny checkpoint, talker on (greedy, short). Tests must not modify it."""
+    from qwen25omni_fixture import QWEN_TEST_OPTIONS
+
+    from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
+
+    return load_qwen25omni(Qwen25OmniOptions(path=str(qwen_dir), **QWEN_TEST_OPTIONS))
+
+
+@pytest.fixture(scope="session")
+def qwen_prompt(qwen):
+    return qwen.build_prompt([Turn("user", text="I hear you. That sounds really hard.")])

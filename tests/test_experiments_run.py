@@ -306,8 +306,8 @@ def test_a_backbone_without_audio_units_reads_the_transcript(tmp_path, tiny):
     text_only = dataclasses.replace(tiny, layout=dataclasses.replace(tiny.layout, audio_count=0))
     data = write_data(tmp_path / "test.jsonl", 1)
     records = read_records(data)
-    (ids,) = check_records(records, text_only).values()
-    assert ids == tiny.build_prompt([Turn("user", text=records.records[0].prompt[0].text)])
+    (inputs,) = check_records(records, text_only).values()
+    assert inputs.ids == tiny.build_prompt([Turn("user", text=records.records[0].prompt[0].text)])
 
 
 def test_settings_the_batched_loop_cannot_run_are_refused_before_anything_is_written(tmp_path, capsys):
@@ -317,3 +317,31 @@ def test_settings_the_batched_loop_cannot_run_are_refused_before_anything_is_wri
                           "--set", 'decode.cache="static"'])  # fmt: skip
     assert "static" in err
     assert not out.exists()
+
+
+def test_a_backbone_that_reads_audio_hears_the_wav_of_a_record(tmp_path, qwen, qwen_dir):
+    import math
+
+    import torch
+    from qwen25omni_fixture import QWEN_TEST_OPTIONS
+
+    from reempathy.decoding.loop import LoopOptions, decode
+    from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
+    from reempathy.speech.audio import write_wav
+
+    t = torch.arange(13230) / 22050
+    write_wav(tmp_path / "user.wav", 0.2 * torch.sin(2 * math.pi * 220 * t), 22050)
+    config = tmp_path / "qwen.toml"
+    options = "".join(f"{k} = {json.dumps(v)}\n" for k, v in QWEN_TEST_OPTIONS.items())
+    config.write_text(f'[backbone]\nname = "qwen2.5-omni"\npath = {json.dumps(str(qwen_dir))}\n{options}'
+                      '[sampling]\ngreedy = true\n[decode]\nmax_new_tokens = 6\n')  # fmt: skip
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "text": "(a sigh)", "units": [3, 4],
+                                              "audio": "user.wav"}]}) + "\n")  # fmt: skip
+    assert main(["run", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    (doc,) = results(tmp_path / "run")
+    inputs = qwen.build_prompt_inputs([Turn("user", audio=str(tmp_path / "user.wav"))])
+    alone = decode(qwen, inputs.ids, SftStrategy(SftOptions(), qwen), [], LoopOptions(max_new_tokens=6, greedy=True),
+                   prefill_inputs=inputs.prefill_inputs)  # fmt: skip
+    assert doc["result"]["prompt_ids"] == inputs.ids  # the audio placeholders: the WAV, not the units or the text
+    assert doc["result"]["ids"] == alone.ids

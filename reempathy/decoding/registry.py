@@ -50,6 +50,7 @@ KIND_HOOKS: dict[str, str] = {
     "strategy": "reempathy_register_strategies",
     "processor": "reempathy_register_processors",
     "backbone": "reempathy_register_backbones",
+    "evaluator": "reempathy_register_evaluators",
 }
 KINDS = tuple(KIND_HOOKS)
 #: kinds whose factories return session plugin objects (their run hooks are checked).

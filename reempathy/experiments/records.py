@@ -13,7 +13,8 @@ Where it decides:
   backbone's speech tokenizer turns into units when the record is decoded. A user message is
   heard as its units when it has them, else read as its text — the same rule the training
   builders use (:func:`reempathy.training.builders.prompt_turn`), so that what is trained is
-  what is run. A backbone without audio-unit tokens (a text-only spoken stream) reads the text.
+  what is run. A backbone without audio-unit tokens (a text-only spoken stream) reads the text,
+  or, if it reads audio itself (``Backbone.reads_audio``, e.g. Qwen2.5-Omni), the user's WAV.
 
 Every problem a user can cause is found before anything is decoded or written, and named
 ``FILE:LINE``.
@@ -29,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from reempathy.backbones.base import Backbone, Turn
+from reempathy.backbones.base import Backbone, PromptInputs, Turn
 from reempathy.errors import ConfigError, InputError
 from reempathy.training.data import BadRecord, bad_records_message, describe_record_error
 from reempathy.training.schema import parse_units
@@ -87,11 +88,6 @@ class RunRecord:
     where: str  # FILE:LINE, for messages
     prompt: tuple[PromptMessage, ...]
     reference: PromptMessage | None
-
-    @property
-    def has_audio(self) -> bool:
-        """True when a prompt message is given only as a WAV file (the backbone must tokenize it)."""
-        return any(m.audio and not m.units for m in self.prompt)
 
     def reference_json(self) -> dict[str, Any] | None:
         """``{"text", "units"}`` of the reference answer, or None."""
@@ -207,36 +203,62 @@ def _resolve_audio(message: PromptMessage, folder: Path, where: str) -> PromptMe
 # --- prompts for one backbone -------------------------------------------------------------
 
 
-def check_records(data: DataSet, backbone: Backbone, system_prompt: str | None = None) -> dict[int, list[int]]:
-    """Check every record against ``backbone`` before anything runs; return the prompt ids of those without WAVs.
+def hears_wav(message: PromptMessage, backbone: Backbone) -> bool:
+    """True when the backbone reads this message's WAV itself (``Backbone.reads_audio``), in place of units or text."""
+    return (
+        message.role == "user"
+        and bool(message.audio)
+        and backbone.reads_audio
+        and not (message.units and backbone.layout.audio_count > 0)
+    )
 
-    Unit ids must be in the backbone's audio range, WAV prompts need its speech tokenizer, and
-    a prompt must fit its context (prompts given as WAVs are measured when they are tokenized).
-    A backbone without audio-unit tokens reads each message's text instead.
-    """
-    needs_tokenizer = [r for r in data.records if r.has_audio] if backbone.layout.audio_count > 0 else []
-    if needs_tokenizer and backbone.speech_tokenizer is None:
-        raise ConfigError(
-            f"{needs_tokenizer[0].where}: the prompt is a WAV file, but backbone {backbone.name!r} has no speech "
-            "tokenizer; give the record's units instead, or use glm-4-voice with backbone.tokenizer_path"
-        )
-    ids: dict[int, list[int]] = {}
+
+def uses_wav(record: RunRecord, backbone: Backbone) -> bool:
+    """True when building the record's prompt reads a WAV (tokenized into units, or read by the backbone)."""
     hears_units = backbone.layout.audio_count > 0
+    return any(
+        hears_wav(m, backbone) or (hears_units and m.audio and not m.units) for m in record.prompt
+    )
+
+
+def check_records(data: DataSet, backbone: Backbone, system_prompt: str | None = None) -> dict[int, PromptInputs]:
+    """Check every record against ``backbone`` before anything runs; return the prompts of those without WAVs.
+
+    Unit ids must be in the backbone's audio range, a WAV prompt needs a backbone that reads
+    audio or a speech tokenizer, and a prompt must fit the context (prompts read from WAVs are
+    built, and measured, when their record is decoded). A backbone without audio-unit tokens
+    reads each message's text, unless it reads the WAV itself.
+    """
+    hears_units = backbone.layout.audio_count > 0
+    inputs: dict[int, PromptInputs] = {}
     for record in data.records:
-        for message in record.prompt if hears_units else ():
-            for u in message.units or ():
-                if not 0 <= u < backbone.layout.audio_count:
-                    raise InputError(
-                        f"{record.where}: audio unit {u} is outside the range 0..{backbone.layout.audio_count - 1} "
-                        f"of backbone {backbone.name!r}; check the units come from this backbone's speech tokenizer"
+        for message in record.prompt:
+            if hears_units:
+                for u in message.units or ():
+                    if not 0 <= u < backbone.layout.audio_count:
+                        raise InputError(
+                            f"{record.where}: audio unit {u} is outside the range 0..{backbone.layout.audio_count - 1} "
+                            f"of backbone {backbone.name!r}; check the units come from this backbone's speech tokenizer"
+                        )
+            if hears_units and message.audio and not message.units and not backbone.reads_audio:
+                if backbone.speech_tokenizer is None:
+                    raise ConfigError(
+                        f"{record.where}: the prompt is a WAV file, but backbone {backbone.name!r} has no speech "
+                        "tokenizer; give the record's units instead, or use glm-4-voice with backbone.tokenizer_path"
                     )
-        if not record.has_audio:
-            ids[record.index] = prompt_ids(record, backbone, system_prompt)
-    return ids
+            elif not hears_units and not hears_wav(message, backbone) and not message.text:
+                raise InputError(
+                    f"{record.where}: backbone {backbone.name!r} has no audio-unit tokens"
+                    + ("" if backbone.reads_audio else " and reads no WAV")
+                    + f", so a {message.role} message needs its text (a transcript)"
+                )
+        if not uses_wav(record, backbone):
+            inputs[record.index] = prompt_inputs(record, backbone, system_prompt)
+    return inputs
 
 
-def prompt_ids(record: RunRecord, backbone: Backbone, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a record's prompt; WAV messages are tokenized by the backbone's speech tokenizer."""
+def prompt_inputs(record: RunRecord, backbone: Backbone, system_prompt: str | None = None) -> PromptInputs:
+    """A record's prompt as the model reads it (ids and any prefill inputs); WAVs are tokenized or read here."""
     from reempathy.training.builders import prompt_turn
     from reempathy.training.schema import Message
 
@@ -245,24 +267,23 @@ def prompt_ids(record: RunRecord, backbone: Backbone, system_prompt: str | None 
     if system_prompt and record.prompt[0].role != "system":
         turns.append(Turn("system", text=system_prompt))
     for m in record.prompt:
-        units = m.units
-        if not hears_units:  # a text-only backbone reads the transcript, as the builders do for it
-            if not m.text:
-                raise InputError(
-                    f"{record.where}: backbone {backbone.name!r} has no audio-unit tokens, so a {m.role} message "
-                    "needs its text (a transcript)"
-                )
-            units = None
-        elif not units and m.audio:
+        if hears_wav(m, backbone):
+            turns.append(Turn(m.role, audio=m.audio))
+            continue
+        units = m.units if hears_units else None
+        if hears_units and not units and m.audio:
             units = _tokenize(backbone, m.audio, record.where)
-        turns.append(prompt_turn(Message(role=m.role, text=m.text, units=units)))
-    ids = backbone.build_prompt(turns)
-    if len(ids) >= backbone.max_context:
+        turns.append(prompt_turn(Message(role=m.role, text=m.text, units=units), hears_units))
+    try:
+        built = backbone.build_prompt_inputs(turns)
+    except InputError as exc:
+        raise InputError(f"{record.where}: {exc}") from None
+    if len(built.ids) >= backbone.max_context:
         raise InputError(
-            f"{record.where}: the prompt is {len(ids)} tokens, longer than the context of backbone "
+            f"{record.where}: the prompt is {len(built.ids)} tokens, longer than the context of backbone "
             f"{backbone.name!r} ({backbone.max_context}); shorten it"
         )
-    return ids
+    return built
 
 
 def _tokenize(backbone: Backbone, path: str, where: str) -> list[int]:
@@ -277,4 +298,14 @@ def _tokenize(backbone: Backbone, path: str, where: str) -> list[int]:
     return list(units)
 
 
-__all__ = ["PromptMessage", "RunRecord", "DataSet", "read_records", "split_prompt", "check_records", "prompt_ids"]
+__all__ = [
+    "PromptMessage",
+    "RunRecord",
+    "DataSet",
+    "read_records",
+    "split_prompt",
+    "check_records",
+    "prompt_inputs",
+    "hears_wav",
+    "uses_wav",
+]

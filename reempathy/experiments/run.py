@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from reempathy.backbones.base import Backbone
+from reempathy.backbones.base import Backbone, PromptInputs
 from reempathy.checkpoints import now_iso, read_manifest
 from reempathy.config import DecodeConfig
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
@@ -43,7 +43,7 @@ from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError, ReempathyError
 from reempathy.experiments import rundir
-from reempathy.experiments.records import DataSet, RunRecord, check_records, prompt_ids, read_records
+from reempathy.experiments.records import DataSet, RunRecord, check_records, prompt_inputs, read_records
 from reempathy.experiments.shard import Group, process_group
 from reempathy.runner import build_plugins, load_backbone, loop_options
 
@@ -134,7 +134,7 @@ def run_experiment(
             f"--speech needs a speech decoder, and backbone {backbone.name!r} has none; use glm-4-voice with "
             "backbone.decoder_path = the glm-4-voice-decoder directory, or leave out --speech"
         )
-    ready_ids = check_records(data, backbone, cfg.decode.system_prompt)
+    ready = check_records(data, backbone, cfg.decode.system_prompt)
     # decode_batch checks its options when called (and starts nothing until iterated): refuse
     # settings the batched loop cannot run before the directory is touched.
     decode_batch(backbone, (), options, opts.batch_size)
@@ -167,7 +167,7 @@ def run_experiment(
             bar = _progress_bar(len(mine), opts.progress if group.main else False, group)
             t0 = time.perf_counter()
             try:
-                requests = _requests(mine, cfg, registry, backbone, ready_ids)
+                requests = _requests(mine, cfg, registry, backbone, ready)
                 for record, result in _decode(backbone, mine, requests, options, opts.batch_size):
                     wav = write_speech(out, record, result, backbone) if opts.speech else None
                     sink.append(record_json(record, result, wav))
@@ -315,20 +315,19 @@ def _requests(
     cfg: DecodeConfig,
     registry: Registry,
     backbone: Backbone,
-    ready_ids: dict[int, list[int]],
+    ready: dict[int, PromptInputs],
 ) -> Iterator[RowRequest]:
-    """One request per record, built as the batch asks for it (WAV prompts are tokenized here)."""
+    """One request per record, built as the batch asks for it (WAV prompts are tokenized or read here)."""
     for record in records:
-        ids = ready_ids.get(record.index)
-        if ids is None:
-            ids = prompt_ids(record, backbone, cfg.decode.system_prompt)
+        inputs = ready.pop(record.index, None) or prompt_inputs(record, backbone, cfg.decode.system_prompt)
         strategy, processors = build_plugins(cfg, backbone, registry)
         yield RowRequest(
             key=record.id,
-            prompt_ids=ids,
+            prompt_ids=inputs.ids,
             strategy=strategy,
             processors=processors,
             seed=row_seed(cfg.sampling.seed, record.id),
+            prefill_inputs=inputs.prefill_inputs or None,
         )
 
 

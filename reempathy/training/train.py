@@ -175,7 +175,7 @@ def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, opt
 
 def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone, backbone_options: BaseModel, steps: int, records: int) -> Manifest:
     """The manifest that tells the decoder what this checkpoint was trained for."""
-    layout = spec.chunk_layout(options)
+    layout = spec.chunk_layout(options, backbone)
     strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
     return Manifest(
         backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
@@ -205,7 +205,8 @@ def train(
     spec = cfg.spec
     options = cfg.strategy_options()
     backbone, backbone_options = load_training_backbone(cfg, registry)
-    records = load_records(cfg.data.path, backbone.layout.audio_count, cfg.data.skip_bad)
+    # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
+    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     peft_config = lora_config(cfg, spec, options, backbone)
     if spec.preference:
