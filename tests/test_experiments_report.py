@@ -133,3 +133,34 @@ def test_plotting_against_a_key_no_run_has_is_a_one_line_error(sweep, tmp_path, 
 def test_axes_without_a_plot_are_a_one_line_error(sweep, capsys):
     assert main(["report", str(sweep), "--x", "processors.0.factor"]) == 2
     assert "give --plot too" in capsys.readouterr().err
+
+
+def test_run_then_eval_then_report_shows_the_judges_scores(tmp_path, capsys):
+    from evaluation_helpers import ChatServer
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(EXAMPLES.read_text(encoding="utf-8").splitlines()[:3]) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(run),
+                 "--set", "decode.max_new_tokens=8"]) == 0  # fmt: skip
+    replies = iter([2, 4, 5])  # need_support of the three records; the other scores are 3
+
+    def reply(body):
+        s = next(replies)
+        return 200, json.dumps({"need_support": s, "wording_appropriateness": 3, "emotion_understanding": 3,
+                                "emotional_support": 3, "rationale": "ok"})  # fmt: skip
+
+    with ChatServer(reply) as server:
+        assert main(["eval", str(run), "--evaluator", "llm-judge", "--set", f"endpoint={json.dumps(server.url)}",
+                     "--set", "model=judge", "--set", "retries=0", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    lines = [json.loads(line) for line in (run / "scores" / "llm-judge.jsonl").read_text().splitlines()]
+    values = [line["scores"]["need_support"] for line in lines]
+    assert sorted(values) == [2, 4, 5]
+    mean, lo, hi = bootstrap_ci(values)  # over the records in the file's order, as the report reads them
+    assert cells["llm-judge.need_support"] == f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+    assert cells["llm-judge.emotional_support"].startswith("3.00 [3.00, 3.00]")
+    assert (cells["llm-judge.n"], cells["llm-judge.failures"]) == ("3", "0")
