@@ -23,6 +23,7 @@ from typing import Any, NoReturn, Sequence
 from reempathy.bench import add_bench_parser
 from reempathy.errors import InputError, ReempathyError, UsageError
 from reempathy.evaluation.commands import add_eval_parser
+from reempathy.experiments.cli import add_experiment_parsers
 from reempathy.options import count_arg, seed_arg
 from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
 from reempathy.speech.cli import add_speech_parser
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_speech_parser(sub)
     add_bench_parser(sub)
+    add_experiment_parsers(sub)
     add_eval_parser(sub)
     add_plugins_parser(sub)
     add_plugins_dir_option(parser, sub)  # it adds --plugins-dir to every command

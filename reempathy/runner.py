@@ -192,8 +192,7 @@ def run_decode(
         raise ConfigError("give speech units or a prompt/units file, not both")
     if audio is not None and (prompt is not None or units_file is not None or units is not None):
         raise ConfigError("give an audio file or a prompt/units, not both")
-    if cfg.decode.compile and cfg.decode.cache != "static":
-        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
+    options = loop_options(cfg)
     backbone = backbone or load_backbone(cfg, registry)
     strategy, processors = build_plugins(cfg, backbone, registry)
     processors = [*processors, *observers]
@@ -202,7 +201,14 @@ def run_decode(
         units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
         units = read_units(units_file) if units_file else None
     inputs = build_prompt_inputs(backbone, prompt, units, cfg.decode.system_prompt, audio=audio)
-    options = LoopOptions(
+    return decode(backbone, inputs.ids, strategy, processors, options, prefill_inputs=inputs.prefill_inputs)
+
+
+def loop_options(cfg: DecodeConfig) -> LoopOptions:
+    """The loop's settings from ``[decode]`` and ``[sampling]`` (shared by ``decode`` and ``run``)."""
+    if cfg.decode.compile and cfg.decode.cache != "static":
+        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
+    return LoopOptions(
         max_new_tokens=cfg.decode.max_new_tokens,
         greedy=cfg.sampling.greedy,
         seed=cfg.sampling.seed,
@@ -210,4 +216,3 @@ def run_decode(
         cache=cfg.decode.cache,
         compile=cfg.decode.compile,
     )
-    return decode(backbone, inputs.ids, strategy, processors, options, prefill_inputs=inputs.prefill_inputs)
