@@ -1,4 +1,4 @@
-"""Crash safety (issue 16): SIGKILL at random points of `train`, `convert` and `speech synthesize`, in real processes.
+"""Crash safety (issue 16): SIGKILL at random points of `train`, `convert`, `speech synthesize` and `run`, in real processes.
 
 Each command first runs to the end in this process, counting its file-system writes
 (tests/crash_points.py); then it runs again in a subprocess that kills itself with SIGKILL at a
@@ -194,3 +194,37 @@ def test_synthesize_killed_anywhere_leaves_the_old_or_the_new_wav(tmp_path):
         assert main(args) == 0
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
         assert leftovers == [], f"kill at {k}: {leftovers} not cleaned by the next run"
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def test_run_killed_anywhere_resumes_to_the_same_results(tmp_path):
+    lines = [x for x in (ROOT / "examples" / "empathy_dialogues.jsonl").read_text().splitlines() if x.strip()][:4]
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "run.toml").write_text('[strategy]\nname = "sft"\n[sampling]\ngreedy = true\n[decode]\nmax_new_tokens = 4\n')
+
+    def args(out: str) -> list[str]:
+        return ["run", "--config", "run.toml", "--data", "test.jsonl", "--out", out, "--batch-size", "1"]
+
+    count = count_points(args("reference"), tmp_path)
+    want = {doc["id"]: doc["result"]["ids"] for doc in map(json.loads, (tmp_path / "reference/results.jsonl").read_text().splitlines())}
+    assert len(want) == 4
+    for k in kill_points(count, "run"):
+        out = tmp_path / f"killed-{k}"
+        killed(k, args(out.name), tmp_path)
+        results = out / "results.jsonl"
+        if results.exists():
+            text = results.read_text()
+            complete = text.split("\n")[:-1]  # the piece after the last newline may be a torn line
+            assert all(json.loads(line)["schema"] == "reempathy.run-record/1" for line in complete), f"kill at {k}"
+        if (out / "manifest.json").exists():
+            json.loads((out / "manifest.json").read_text())  # written whole, never half
+        before = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            assert main(args(out.name)) == 0, f"rerun after kill at {k}"
+        finally:
+            os.chdir(before)
+        got = {doc["id"]: doc["result"]["ids"] for doc in map(json.loads, results.read_text().splitlines())}
+        assert got == want, f"kill at {k}: the resumed run's answers differ"
