@@ -147,13 +147,19 @@ def run_generate(
 ) -> torch.Tensor:
     """transformers' ``generate()``, greedy, exactly ``n`` new tokens, the same stop tokens banned.
 
-    With a static cache, generate() compiles its decode steps on its own on CUDA; it is told to
-    do so exactly when our side compiles too.
+    With a static cache, generate() compiles its decode steps exactly when our side compiles too
+    (on CUDA by itself, elsewhere told to through its ``compile_config``).
     """
     kwargs: dict[str, Any] = {}
     if cache == "static":
         kwargs["cache_implementation"] = "static"
         kwargs["disable_compile"] = not compile
+        if compile and bb.model.device.type != "cuda":
+            from transformers import CompileConfig
+
+            config = CompileConfig(mode=None)  # inductor's default on CPU, as our compiled steps there
+            config._compile_all_devices = True  # generate() compiles by itself on CUDA only
+            kwargs["compile_config"] = config
     with torch.inference_mode():
         out = bb.model.generate(
             **inputs,
@@ -200,9 +206,17 @@ def batch_requests(bb: Backbone, variant: str, rows: int) -> list[RowRequest]:
     return requests
 
 
-def run_batch(bb: Backbone, requests: list[RowRequest], n: int, batch_size: int, variant: str) -> int:
+def run_batch(
+    bb: Backbone,
+    requests: list[RowRequest],
+    n: int,
+    batch_size: int,
+    variant: str,
+    cache: str = "dynamic",
+    compile: bool = False,
+) -> int:
     """Decode ``requests`` through the batched loop, exactly ``n`` tokens each; the tokens generated."""
-    options = LoopOptions(max_new_tokens=n, greedy=True, strategy_name=variant)
+    options = LoopOptions(max_new_tokens=n, greedy=True, strategy_name=variant, cache=cache, compile=compile)
     total = 0
     for key, result in decode_batch(bb, requests, options, batch_size):
         if result.counts.generated != n:

@@ -18,6 +18,10 @@ rarely all of them) and gives one ratio; the median over rounds is reported:
 5. batched throughput, ``--batch-models`` (default cpu512): tokens/s of batches of 4 and 16 over
    a batch of 1, ``reempathy`` + ``attention-reweight`` on rows of different prompt lengths
    (``--batch-rounds`` rounds, the three batch sizes interleaved; reported, no target)
+6. the compiled path over the eager one, ``--compiled-models`` (default cpu512): per-token latency
+   of ``sft`` and of ``reempathy`` + ``attention-reweight`` on a static cache through compiled step
+   graphs, over the same on the eager dynamic-cache loop (``--compiled-rounds`` rounds, the four
+   sides interleaved; the graphs are compiled in the warm-up; reported, no target on CPU)
 
 Per-token latency is the whole call (prefill included) divided by the new tokens; every run
 decodes exactly ``--tokens`` tokens greedily (stop tokens banned on both sides; see harness.py).
@@ -89,11 +93,9 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
     def run_batched_one() -> float:
         variant = harness.BATCH_VARIANT
         requests = harness.batch_requests(bb, variant, 1)
-        return quiet(lambda: clock.time(lambda: harness.run_batch(bb, requests, n, 1, variant)))[1] / n
+        return quiet(lambda: clock.time(lambda: harness.run_batch(bb, requests, n, 1, variant, **loop)))[1] / n
 
-    sides = ["generate", "sft", "reempathy+reweight"]
-    if not args.compile and args.cache == "dynamic":  # the batched loop runs eagerly on a dynamic cache
-        sides.append("batched-1")
+    sides = ["generate", "sft", "reempathy+reweight", "batched-1"]
     for _ in range(args.warmup):
         run_generate()
         run_ours("sft")
@@ -150,7 +152,8 @@ def measure_batches(name: str, args: argparse.Namespace) -> dict:
     def tokens_per_s(size: int) -> float:
         rows = 4 if size == 1 else 2 * size  # a rate: batch 1 needs no more rows to be measured
         requests = harness.batch_requests(bb, variant, rows)
-        total, seconds = quiet(lambda: clock.time(lambda: harness.run_batch(bb, requests, n, size, variant)))
+        loop = {"cache": args.cache, "compile": args.compile}
+        total, seconds = quiet(lambda: clock.time(lambda: harness.run_batch(bb, requests, n, size, variant, **loop)))
         return total / seconds
 
     for size in sizes:
@@ -165,6 +168,36 @@ def measure_batches(name: str, args: argparse.Namespace) -> dict:
         "over_batch_1": {
             size: statistics.median(r / b for r, b in zip(rates[size], rates[1])) for size in sizes if size != 1
         },
+    }
+
+
+def measure_compiled(name: str, args: argparse.Namespace) -> dict:
+    """Per-token latency of the compiled static path over the eager loop, for sft and reempathy+reweight."""
+    bb = harness.backbone(name, args.device)
+    clock = Clock(bb.model.device)
+    n = args.tokens
+    sides = [(v, c) for v in ("sft", "reempathy+reweight") for c in (False, True)]
+
+    def per_token(variant: str, compiled: bool) -> float:
+        cache = "static" if compiled else "dynamic"
+        a = harness.decode_args(bb, variant, n, cache=cache, compile=compiled)
+        return quiet(lambda: clock.time(lambda: harness.run_decode(a)))[1] / n
+
+    for side in sides:
+        per_token(*side)  # warm-up: the compiled sides compile their graphs here
+    got: dict[tuple[str, bool], list[float]] = {side: [] for side in sides}
+    ratios: dict[str, list[float]] = {"sft": [], "reempathy+reweight": []}
+    for rnd in range(args.compiled_rounds):
+        k = rnd % len(sides)
+        best = {side: min(per_token(*side) for _ in range(args.reps)) for side in sides[k:] + sides[:k]}
+        for side, seconds in best.items():
+            got[side].append(seconds)
+        for variant in ratios:
+            ratios[variant].append(best[(variant, True)] / best[(variant, False)])
+    return {
+        "per_token_ms": {f"{v}{' compiled' if c else ''}": statistics.median(t) * 1e3 for (v, c), t in got.items()},
+        "compiled/eager": {v: statistics.median(r) for v, r in ratios.items()},
+        "compiled/eager rounds": ratios,
     }
 
 
@@ -204,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-models", default="cpu512", help="model shapes for batched throughput ('' to skip)")
     p.add_argument("--batch-rounds", type=int, default=5, help="rounds of batched throughput")
+    p.add_argument("--compiled-models", default="cpu512", help="model shapes for compiled / eager ('' to skip)")
+    p.add_argument("--compiled-rounds", type=int, default=5, help="rounds of compiled / eager")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batch_models = [m.strip() for m in args.batch_models.split(",") if m.strip()]
-    unknown = [m for m in models + batch_models if m not in harness.MODELS]
+    compiled_models = [m.strip() for m in args.compiled_models.split(",") if m.strip()]
+    unknown = [m for m in models + batch_models + compiled_models if m not in harness.MODELS]
     if unknown:
         p.error(f"unknown model {unknown[0]!r}; choose from {', '.join(harness.MODELS)}")
 
@@ -219,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {m: measure_model(m, args) for m in models}
     tiny_steps = results["tiny"]["step_s"] if "tiny" in results else measure_model("tiny", args)["step_s"]
     dispatch = measure_dispatch(args, tiny_steps)
-    batches = {m: measure_batches(m, args) for m in batch_models} if not args.compile and args.cache == "dynamic" else {}
+    batches = {m: measure_batches(m, args) for m in batch_models}
+    compiled = {m: measure_compiled(m, args) for m in compiled_models}
     load_after = os.getloadavg()
 
     print(
@@ -258,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         for size, ratio in b["over_batch_1"].items():
             print(f"  {f'batch {size} / batch 1':<24}{ratio:8.2f}x  tokens/s")
+    for m, c in compiled.items():
+        print(
+            f"\n[{m} compiled static path] per-token ms (median): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in c["per_token_ms"].items())
+        )
+        for variant, ratio in c["compiled/eager"].items():
+            rounds = c["compiled/eager rounds"][variant]
+            q1, _, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else (ratio, ratio, ratio)
+            print(f"  {f'{variant} compiled/eager':<32}{ratio:8.3f}   (rounds' IQR {q1:.3f}–{q3:.3f})")
     if args.json:
         doc = {
             "environment": env,
@@ -267,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "models": {m: {k: v for k, v in r.items() if k != "step_s"} for m, r in results.items()},
             "dispatch": dispatch,
             "batches": batches,
+            "compiled": compiled,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -19,7 +19,7 @@ from reempathy.backbones.base import Turn
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
 from reempathy.decoding.directives import Switch
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.errors import ConfigError, NotAvailableError
+from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
 from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
@@ -359,9 +359,10 @@ def test_a_third_party_strategy_decodes_batched_unchanged(tiny, fresh_discovery)
 # --- what the batched loop refuses ------------------------------------------------------------------
 
 
-def test_a_static_cache_is_refused_with_a_clear_error(tiny):
-    with pytest.raises(NotAvailableError, match='decode.cache = "dynamic"'):
-        decode_batch(tiny, [], LoopOptions(cache="static"), 2)
+def test_compile_without_a_static_cache_is_refused_with_a_clear_error(tiny):
+    # A static cache (and compile on it) is the static path's: tests/test_static_path.py, test_compiled_decode.py.
+    with pytest.raises(ConfigError, match='needs decode.cache = "static"'):
+        decode_batch(tiny, [], LoopOptions(compile=True), 2)
 
 
 @pytest.mark.parametrize("size", [0, -1, 1.5, True])

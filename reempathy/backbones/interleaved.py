@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, StreamPolicy, Turn, VocabLayout
+from reempathy.backbones.quantize import Quantize, quantize_weights
 from reempathy.errors import CheckpointError, ConfigError, InputError
 
 NAME = "hf-interleaved"
@@ -76,6 +77,9 @@ class InterleavedOptions(BaseModel):
         "sdpa", description="the model's attention; attention-reweight swaps in its SDPA-with-bias while it runs"
     )
     max_context: int | None = Field(None, ge=2, description="default: the config's max_position_embeddings")
+    quantize: Quantize = Field(
+        "none", description="weight-only quantization through torchao (extra 'quant'): int8 (CPU, CUDA), int4 (CUDA, bfloat16)"
+    )
     sampling: dict[str, float] = Field(
         default_factory=dict, description="sampling defaults of this model (temperature, top_p, top_k, repetition_penalty)"
     )
@@ -344,6 +348,7 @@ class InterleavedBackbone:
         tokenizer = self.load_tokenizer()
         model = self.load_model()
         self.add_delimiters(tokenizer, model)
+        quantize_weights(model, self.options.quantize)
         layout = self.vocab_layout(tokenizer, model)
         max_context = self.options.max_context or int(getattr(model.config, "max_position_embeddings", 0) or 0)
         if max_context < 2:

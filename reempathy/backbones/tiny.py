@@ -18,6 +18,7 @@ from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, VocabLayout
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
 from reempathy.devices import DeviceName, resolve_device
+from reempathy.backbones.quantize import Quantize, quantize_weights
 from reempathy.errors import CheckpointError
 from reempathy.options import STRICT, Seed
 from reempathy.paths import check_name, describe_kind, resolved_kind
@@ -83,6 +84,9 @@ class TinyOptions(BaseModel):
     device: DeviceName = "cpu"
     path: str | None = Field(
         None, min_length=1, description="load a saved tiny model (save_pretrained directory) instead of building one"
+    )
+    quantize: Quantize = Field(
+        "none", description="weight-only quantization through torchao (extra 'quant'): int8 (CPU, CUDA), int4 (CUDA)"
     )
 
     @model_validator(mode="after")
@@ -189,6 +193,7 @@ def load_tiny(options: TinyOptions) -> Backbone:
         vocab_size = (len(tok) + 7) // 8 * 8
         model = build_model(options, vocab_size).to(dtype)
     model.to(device).eval()
+    quantize_weights(model, options.quantize)
     layout = layout_from_tokenizer(tok, int(model.config.vocab_size))
     prompt = Glm4VoicePrompt(lambda text: tok.encode(text, add_special_tokens=False), layout, GLM4_VOICE_STREAM)
     return Backbone(
@@ -199,7 +204,7 @@ def load_tiny(options: TinyOptions) -> Backbone:
         stream=GLM4_VOICE_STREAM,
         max_context=int(model.config.max_position_embeddings),
         prompt_builder=prompt,
-        info={"seed": options.seed, "path": options.path},
+        info={"seed": options.seed, "path": options.path, "quantize": options.quantize},
     )
 
 

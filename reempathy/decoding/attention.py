@@ -25,11 +25,19 @@ each row its plan and its column offset (:meth:`BiasController.set_rows`: the ro
 and the bias of row ``r`` lands at ``offset_r + position``. The cache keeps every position;
 sliding windows are not supported.
 
-Where the bias lives: one buffer per *layer group* (layers that read equal entries in every row
-share one), ``[rows, 1 or H, 1, capacity]``, written in place when a row's plan changes (only that
-row), read by the attention function as a view. A later static-cache/CUDA-graph path reserves the
-buffers at their final size (:meth:`BiasController.reserve`) and reads the same tensors on every
-replay.
+Where the bias lives, in one of two layouts:
+
+* **Grouped** (the eager path, the default): one buffer per *layer group* (layers that read equal
+  entries in every row share one), ``[rows, 1 or H, 1, capacity]``, written in place when a row's
+  plan changes (only that row), read by the attention function as a view. Which layers read
+  which group changes with the plan, which costs nothing eagerly.
+* **Fixed** (:meth:`BiasController.fix`, the static-cache/compiled path of
+  :mod:`reempathy.decoding.static`): one preallocated tensor ``[layers, rows, H, 1, columns]``
+  whose slot ``[layer]`` every decoder layer reads on every call, planned or not (a layer without
+  a plan reads zeros). A plan change rewrites the changed row's slots in place, at once; nothing
+  the attention function reads in Python (which layers are planned, groups, shapes) changes at a
+  phase change, so a compiled graph never recompiles there and a CUDA graph replays reading the
+  same tensor. Per head always, so that a plan that starts selecting heads changes no shape.
 """
 
 from __future__ import annotations
@@ -101,6 +109,20 @@ def normalise_plan(plan: AttentionPlan | None) -> dict[int, tuple[KeyBias, ...]]
     return active
 
 
+def _fill_row(row: torch.Tensor, entries: tuple[KeyBias, ...] | None, offset: int) -> None:
+    """Add ``entries`` to one row's bias ``[1 or H, 1, capacity]`` (zeroed by the caller), shifted by ``offset``."""
+    capacity = row.shape[-1]
+    for kb in entries or ():
+        start, end = max(offset + int(kb.start), 0), min(offset + int(kb.end), capacity)
+        if end <= start:
+            continue
+        if kb.heads is None:
+            row[..., start:end] += kb.bias
+        else:
+            for head in kb.heads:  # one by one, so a repeated head adds its bias twice, as written
+                row[head, :, start:end] += kb.bias
+
+
 class _BiasGroup:
     """The bias rows of a set of layers that read the same bias for every batch row.
 
@@ -154,20 +176,10 @@ class _BiasGroup:
         buf = self.buffer
         if buf is None or not self.dirty:
             return
-        capacity = buf.shape[-1]
         for r in self.dirty:
             row = buf[r]
             row.zero_()
-            offset = self.offsets[r]
-            for kb in self.entries[r] or ():
-                start, end = max(offset + int(kb.start), 0), min(offset + int(kb.end), capacity)
-                if end <= start:
-                    continue
-                if kb.heads is None:
-                    row[..., start:end] += kb.bias
-                else:
-                    for head in kb.heads:  # one by one, so a repeated head adds its bias twice, as written
-                        row[head, :, start:end] += kb.bias
+            _fill_row(row, self.entries[r], self.offsets[r])
         self.dirty.clear()
 
     def columns(self, num_heads: int, kv_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -208,9 +220,11 @@ class BiasController:
     :class:`_BiasGroup` buffer (the built-in reweighting puts all its layers in one group). A plan
     change updates only the changed row of each group's buffer, in place; groups (and their
     buffers) are kept in a pool keyed by their layers, so a plan that touches the same layers again
-    finds the same tensor. A static-cache/CUDA-graph path calls :meth:`reserve` once to allocate
-    every buffer at its final size and :meth:`flush` before replaying a graph, which then reads
-    the same tensors throughout.
+    finds the same tensor. :meth:`reserve` allocates every group buffer at its final size up front.
+
+    The static-cache/compiled path binds one fixed tensor instead (:meth:`fix`): every layer reads
+    its own slot of it on every call, and plan changes are written into it at once, so what a
+    compiled graph reads never changes in Python, only in the tensor's contents.
     """
 
     def __init__(self) -> None:
@@ -222,6 +236,8 @@ class BiasController:
         self._active: dict[int, _BiasGroup] = {}
         self._pool: dict[tuple[frozenset[int], bool], _BiasGroup] = {}
         self._reserved: tuple[int, int, int, torch.dtype, torch.device] | None = None
+        # The fixed layout: [layers, rows, H, 1, columns], read by every layer (None: grouped layout).
+        self._fixed: torch.Tensor | None = None
         self._paused = False
         # Single-entry cache of the last combined mask, so the layers of one group reuse one mask
         # within a forward pass. Identity-checked on the group and the attention mask object.
@@ -242,13 +258,63 @@ class BiasController:
         self._plans = [dict(plan or {}) for plan in plans]
         self._rows = [normalise_plan(plan) for plan in plans]
         self._offsets = [int(o) for o in offsets]
-        self._regroup()
+        if self._fixed is not None:
+            self._write_fixed(range(self._fixed.shape[1]))
+        else:
+            self._regroup()
 
     def set_row_plan(self, row: int, plan: AttentionPlan | None) -> None:
         """Replace one row's plan (its offset is kept); only that row of each buffer is rewritten."""
         self._plans[row] = dict(plan or {})
         self._rows[row] = normalise_plan(plan)
-        self._regroup()
+        if self._fixed is not None:
+            self._write_fixed((row,))
+        else:
+            self._regroup()
+
+    # --- the fixed layout (static shapes, compiled graphs) -------------------------------------
+
+    def fix(self, buffer: torch.Tensor) -> None:
+        """Read the bias from ``buffer`` (``[layers, rows, heads, 1, columns]``) from now on: layer ``i`` reads ``buffer[i]``.
+
+        The buffer is the caller's (preallocated once per static shape and reused); the current
+        plans are written into it now, and every later plan change at once, in place. A batch
+        forwarded must have exactly ``rows`` rows over exactly ``columns`` keys (a static cache).
+        """
+        if buffer.dim() != 5 or buffer.shape[3] != 1:
+            raise ValueError(f"a fixed bias buffer is [layers, rows, heads, 1, columns], got {tuple(buffer.shape)}")
+        self._fixed = buffer
+        self._groups, self._active = {}, {}
+        self.clear_cache()
+        self._write_fixed(range(buffer.shape[1]))
+
+    @property
+    def fixed(self) -> torch.Tensor | None:
+        """The fixed bias tensor every layer reads, or None in the grouped layout."""
+        return self._fixed
+
+    def _write_fixed(self, rows: Any) -> None:
+        """Rewrite ``rows`` of the fixed tensor from their plans: zero every layer's slot, then add the entries."""
+        fixed = self._fixed
+        assert fixed is not None
+        layers = fixed.shape[0]
+        for r in rows:
+            fixed[:, r].zero_()
+            if r >= len(self._rows):
+                continue
+            # Layers with equal entries are written once, then copied: a plan usually repeats one
+            # entry over many layers (the built-in reweighting: the middle half of the model).
+            by_entry: dict[tuple[KeyBias, ...], list[int]] = {}
+            for layer, entry in self._rows[r].items():
+                if 0 <= layer < layers:
+                    by_entry.setdefault(entry, []).append(layer)
+            for entry, members in by_entry.items():
+                first = fixed[members[0], r]
+                _fill_row(first, entry, self._offsets[r])
+                if len(members) > 1:
+                    index = torch.tensor(members[1:], device=fixed.device)
+                    source = first.unsqueeze(0).expand(len(members) - 1, *first.shape).clone()
+                    fixed[:, r].index_copy_(0, index, source)
 
     @property
     def plan(self) -> AttentionPlan:
@@ -272,7 +338,7 @@ class BiasController:
         self.flush()
 
     def flush(self) -> None:
-        """Write every pending row change into the buffers now (a forward pass would do it on first read)."""
+        """Write every pending row change into the buffers now (a forward pass would do it on first read; the fixed layout is always written)."""
         for group in set(self._groups.values()):
             if group.buffer is not None:
                 group.flush()
@@ -417,6 +483,10 @@ def _reempathy_sdpa_forward(
 ):
     sdpa_attention_forward = _sdpa_forward
     controller = module.__dict__.get(_CONTROLLER_ATTR)
+    if controller is not None and controller._fixed is not None and not controller._paused:
+        return _fixed_bias_attention(
+            controller._fixed, module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
     group = None if controller is None else controller._active.get(getattr(module, "layer_idx", None))
     if group is None:
         return sdpa_attention_forward(
@@ -460,6 +530,38 @@ def _reempathy_sdpa_forward(
     # With a mask present, sdpa_attention_forward never uses `is_causal`, and it repeats/packs
     # key-value heads for GQA exactly as for plain "sdpa".
     return sdpa_attention_forward(
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def _fixed_bias_attention(
+    fixed: torch.Tensor,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    **kwargs,
+):
+    """The fixed layout: this layer's slot of the fixed tensor joins the mask, planned or not (zeros then).
+
+    Traced into a compiled graph as it stands: it reads only tensors (the slot is a view of the
+    same tensor on every call) and shapes that a static cache keeps.
+    """
+    bias = fixed[module.layer_idx]
+    if bias.shape[0] != query.shape[0] or bias.shape[-1] != key.shape[2]:
+        raise RuntimeError(
+            f"the fixed attention bias is for {bias.shape[0]} rows x {bias.shape[-1]} keys, the call has "
+            f"{query.shape[0]} rows x {key.shape[2]} keys: the fixed layout needs the static cache it was made for"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = _combined_mask((), attention_mask, bool(causal), query, key, bias.to(query.dtype))
+    if query.shape[2] == 1 and not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS):
+        return _one_query_attention(query, key, value, mask, dropout, scaling)
+    return _sdpa_forward(  # type: ignore[misc]
         module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
 

@@ -37,10 +37,12 @@ to the biased implementation only while the loop runs (never across a ``yield``)
 row (``PluginFailure``, ``DecodeError``, ``InputError`` naming the record) ends the whole call;
 results yielded before it stand.
 
-Not supported here yet (``NotAvailableError``): ``cache = "static"`` and ``compile`` (issue 15),
-and caches with sliding-window or linear-attention layers. Backbones whose decode positions are
-not the row's token count (M-RoPE with rope deltas) need their positions supplied; this loop
-passes the token count.
+With ``cache = "static"`` (and ``compile``) the same rows run in fixed shapes on a static cache
+through compiled step graphs: :mod:`reempathy.decoding.static_batch` (how refilled rows enter a
+static cache is decided there). Not supported (``NotAvailableError``): caches with
+sliding-window or linear-attention layers. Backbones whose decode positions are not the row's
+token count (M-RoPE with rope deltas) need their positions supplied; this loop passes the token
+count.
 """
 
 from __future__ import annotations
@@ -97,11 +99,14 @@ def decode_batch(
     options = options or LoopOptions()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
-    if options.cache != "dynamic" or options.compile:
-        raise NotAvailableError(
-            'batched decoding runs on a dynamic cache, eagerly; decode.cache = "static" and decode.compile '
-            'are not available for batches yet: set decode.cache = "dynamic" and decode.compile = false'
+    if options.compile and options.cache != "static":
+        raise ConfigError(
+            'decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)'
         )
+    if options.cache == "static":
+        from reempathy.decoding.static_batch import _StaticBatchLoop
+
+        return _StaticBatchLoop(backbone, options, batch_size).run(iter(requests))
     return _BatchLoop(backbone, options, batch_size).run(iter(requests))
 
 
@@ -173,6 +178,10 @@ class _BatchLoop:
         if new or len(kept) != len(self.rows):
             self._recompose(kept, new)
 
+    def context_limit(self, prompt_ids: list[int]) -> int | None:
+        """The most positions a row may hold (None: the backbone's context)."""
+        return None
+
     def _prefill(self, request: RowRequest, stack: contextlib.ExitStack) -> tuple[Row, DynamicCache]:
         """Start a row and prefill it on its own; it is ready to sample."""
         options = dataclasses.replace(self.options, seed=request.seed)
@@ -183,6 +192,7 @@ class _BatchLoop:
             request.processors,
             options,
             key=request.key,
+            context_limit=self.context_limit(request.prompt_ids),
             prefill_inputs=request.prefill_inputs,
         )
         if row.wants_plan and self.controller is None:

@@ -3,7 +3,9 @@
 What happens to a sampled token (hooks, directive, forced tokens, phases, plans) is one row's
 logic in :mod:`reempathy.decoding.row`, which the batched loop (:mod:`reempathy.decoding.batch`)
 runs too; this loop decides only what goes through the model: the prefill, then after each step
-every pending token (the sampled one and any forced with it) in one forward call.
+every pending token (the sampled one and any forced with it) in one forward call — on the static
+path (``cache = "static"``, :mod:`reempathy.decoding.static`) in calls of one or two tokens, the
+widths of its step graphs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.result import DecodeResult, build_result
@@ -25,11 +27,13 @@ from reempathy.decoding.row import Row, choose, session_plugin_manager
 class LoopOptions:
     """Settings of the loop itself (the strategy and processors carry their own).
 
-    ``cache="static"`` preallocates a transformers ``StaticCache`` of prompt + 2 × budget positions
-    (forced tokens need room too), the shape ``torch.compile`` and CUDA graphs want. ``compile``
-    runs the decode steps (not the prefill) through the model's compiled call; it needs the static
-    cache and is skipped while an attention plan is active, whose per-phase Python state would
-    make the graph recompile.
+    ``cache="static"`` decodes on a preallocated transformers ``StaticCache`` of at least prompt +
+    2 × budget positions (forced tokens need room too), rounded up to a shape bucket and reused by
+    later answers of the same bucket (:mod:`reempathy.decoding.static`). ``compile`` runs the
+    decode steps (not the prefill) through ``torch.compile`` (CUDA graphs on a GPU); it needs the
+    static cache. Attention plans included: the bias is read from a preallocated tensor updated
+    in place, so a phase change never recompiles; forced tokens go through a second, two-token
+    graph. Each shape compiles on its first answer; later answers of that shape compile nothing.
     """
 
     max_new_tokens: int = 128
@@ -45,17 +49,6 @@ def _cache_keyword(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _compiled_call(model: Any) -> Any:
-    """The model's compiled ``__call__``, cached on the model by transformers (or by us where it has none)."""
-    getter = getattr(model, "get_compiled_call", None)
-    if getter is not None:
-        return getter(None)
-    compiled = model.__dict__.get("_reempathy_compiled_call")
-    if compiled is None:
-        compiled = model.__dict__["_reempathy_compiled_call"] = torch.compile(model.__call__)
-    return compiled
 
 
 def decode(
@@ -75,32 +68,21 @@ def decode(
     options = options or LoopOptions()
     model = backbone.model
     budget = min(options.max_new_tokens, backbone.max_context - len(prompt_ids))
-    if options.cache == "static":
+    static = options.cache == "static"
+    if static:
         context_limit = min(backbone.max_context, len(prompt_ids) + 2 * max(budget, 1))
     else:
         context_limit = backbone.max_context
     row = Row(
         backbone, prompt_ids, strategy, processors, options, context_limit=context_limit, prefill_inputs=prefill_inputs
     )
-    if options.cache == "static":
-        cache: Any = StaticCache(config=model.config, max_cache_len=context_limit)
-    else:
-        cache = DynamicCache(config=model.config)
-
-    if row.wants_plan:
-        from reempathy.decoding.attention import biased_attention
-
-        attention_ctx: Any = biased_attention(model)
-    else:
-        attention_ctx = contextlib.nullcontext(None)
-    compiled = options.compile and options.cache == "static" and not row.wants_plan
-    step_call = _compiled_call(model) if compiled else model
+    compiled = static and options.compile
     cache_kw = _cache_keyword(model)
     device = model.device
     greedy = options.greedy
     one = torch.empty(1, 1, dtype=torch.long, device=device)  # the usual step's input, refilled in place
 
-    def forward(ids: list[int], call: Any = model, extra: dict[str, Any] | None = None) -> torch.Tensor:
+    def forward(ids: list[int], call: Any, cache: Any, extra: dict[str, Any] | None = None) -> torch.Tensor:
         if len(ids) == 1:
             inputs = one.fill_(ids[0])
         else:
@@ -110,9 +92,26 @@ def decode(
         logits = out.logits[0, -1]
         return logits.clone() if compiled else logits
 
-    with torch.inference_mode(), attention_ctx as controller:
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        controller: Any = None
+        if static:
+            from reempathy.decoding import static as static_path
+
+            engine = static_path.engine(model)
+            columns = static_path.columns_for(context_limit, backbone.max_context)
+            slot = stack.enter_context(engine.lease(1, columns, row.wants_plan))
+            cache: Any = slot.cache
+            controller = slot.controller if row.wants_plan else None
+            step_call = engine.compiled() if compiled else model
+        else:
+            cache = DynamicCache(config=model.config)
+            step_call = model
+        if row.wants_plan:
+            from reempathy.decoding.attention import biased_attention
+
+            controller = stack.enter_context(biased_attention(model, controller))
         ids = row.begin()
-        logits = forward(ids, model, row.prefill_inputs)
+        logits = forward(ids, model, cache, row.prefill_inputs)
         row.prefilled(len(ids))
         if controller is not None:
             controller.set_plan(row.plan())
@@ -126,7 +125,14 @@ def decode(
                 break
             n = row.pending
             if n:  # nothing pending after a dropped token: sample again from these logits
-                logits = forward(row.pending_ids(), step_call)
+                pending = row.pending_ids()
+                if static:  # only the step graphs' widths: one token, or two (sampled + a delimiter)
+                    start = 0
+                    for width in static_path.split_widths(n):
+                        logits = forward(pending[start : start + width], step_call, cache)
+                        start += width
+                else:
+                    logits = forward(pending, step_call, cache)
                 row.forwarded(n)
     # Tokens appended after the last forward call: the answer ended, so nothing needs their keys.
     return row.finish()

@@ -25,6 +25,7 @@ from reempathy.backbones.glm4voice.layout import build_layout, plan_delimiters
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
 from reempathy.backbones.glm4voice.tokenizer import encode_plain, with_added_tokens, wrap
 from reempathy.backbones.glm4voice.weights import iter_native_shards, pad_rows
+from reempathy.backbones.quantize import Quantize, quantize_weights
 from reempathy.devices import DeviceName, resolve_device
 from reempathy.errors import CheckpointError
 from reempathy.options import STRICT, Text
@@ -54,6 +55,9 @@ class Glm4VoiceOptions(BaseModel):
     )
     tokenizer_path: str | None = Field(None, description="glm-4-voice-tokenizer directory: speech in (WAV → units)")
     decoder_path: str | None = Field(None, description="glm-4-voice-decoder directory: speech out (units → WAV)")
+    quantize: Quantize = Field(
+        "none", description="weight-only quantization through torchao (extra 'quant'): int8 (CPU, CUDA), int4 (CUDA, bfloat16)"
+    )
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -84,6 +88,7 @@ def load_glm4voice(options: Glm4VoiceOptions) -> Backbone:
             "or 'glm' (a directory written by `reempathy convert`)"
         )
 
+    quantize_weights(model, options.quantize)
     source = str(path / ("tokenizer.json" if converted else "tokenizer_config.json"))
     layout = build_layout(added, text_end, model.config.vocab_size, model.config.eos_token_id, source)
     _check_speech_units(speech_tokenizer, speech_decoder, layout.audio_count, options)
@@ -106,6 +111,7 @@ def load_glm4voice(options: Glm4VoiceOptions) -> Backbone:
             "converted": converted,
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
+            "quantize": options.quantize,
             "text_end": text_end,
             "audio_offset": layout.audio_offset,
             "audio_count": layout.audio_count,
