@@ -2,6 +2,8 @@
 
     bash bench/gpu.sh [--out DIR] [--budget-s 450]     # a CUDA machine: under 8 minutes
     bash bench/gpu.sh --smoke [--out DIR]             # a tiny shape on CPU: the same code path, about a minute
+    bash bench/gpu.sh --shape mid --dtype float32 --tokens 64 --skip batches,quantized-sft-compiled
+                                                      # compiled = eager in float32 on a small model, in seconds
 
 The model is transformers' ``GlmForCausalLM`` (GLM-4-Voice's architecture) built from a config
 with random weights directly on the device, in bfloat16: 40 layers, hidden 4096, 32 heads, 2 KV
@@ -67,6 +69,11 @@ SHAPES: dict[str, dict[str, int]] = {
     "glm-4-voice-9b": {
         "hidden_size": 4096, "num_layers": 40, "num_heads": 32, "num_kv_heads": 2, "head_dim": 128,
         "intermediate_size": 13696, "vocab_size": 168960,
+    },
+    # A small model of the same family for quick checks (compiles in seconds): --shape mid.
+    "mid": {
+        "hidden_size": 2048, "num_layers": 8, "num_heads": 16, "num_kv_heads": 2, "head_dim": 128,
+        "intermediate_size": 6848, "vocab_size": 168960,
     },
     "smoke": {
         "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
@@ -543,7 +550,7 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
 
     def agreement() -> dict[str, Any]:
         pairs = {}
-        for variant in ("sft", "reempathy+reweight"):
+        for variant in ("generate", "sft", "reempathy+reweight"):  # generate(): how far bf16 alone moves greedy tokens
             a, b = tokens.get(f"{variant}-eager"), tokens.get(f"{variant}-compiled")
             if a is None or b is None:
                 continue
@@ -759,6 +766,8 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, Path]:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting sections after this (default 450)")
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; smoke: eager)")
     p.add_argument("--quantize", default=None, help="comma-separated kinds for the quantized rows (default int8,int4)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default glm-4-voice-9b; smoke: smoke)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="weights' dtype (default bfloat16; smoke: float32)")
     p.add_argument("--skip", default="", help="comma-separated section names not to run (e.g. generate-eager,batches)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -776,6 +785,8 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, Path]:
             quantize=tuple((args.quantize or "int8,int4").split(",")), smoke=False,
         )  # fmt: skip
         out = Path(args.out or ROOT / "bench/out/gpu")
+    plan.shape = args.shape or plan.shape
+    plan.dtype = args.dtype or plan.dtype
     plan.quantize = tuple(k for k in plan.quantize if k and k != "none")
     plan.skip = tuple(k.strip() for k in args.skip.split(",") if k.strip())
     return plan, out

@@ -47,7 +47,8 @@ def test_the_smoke_run_writes_every_section_with_no_graph_compiled_after_warm_up
         assert s["ms_per_token"] > 0 and s["graphs_after_warmup"] == 0, side
         assert side in table
     assert doc["sections"]["reempathy+reweight-compiled"]["hidden_segments"] >= 1
-    assert all(p["equal"] for p in doc["sections"]["compiled-equals-eager"]["compiled_vs_eager"].values())
+    pairs = doc["sections"]["compiled-equals-eager"]["compiled_vs_eager"]
+    assert set(pairs) == {"generate", "sft", "reempathy+reweight"} and all(p["equal"] for p in pairs.values())
     batches = doc["sections"]["batches"]["reempathy+reweight"]
     assert set(batches) == {"1", "4"} and all(b["graphs_after_warmup"] == 0 for b in batches.values())
     int8 = doc["sections"]["quantized-sft-compiled"]["int8"]
@@ -55,3 +56,18 @@ def test_the_smoke_run_writes_every_section_with_no_graph_compiled_after_warm_up
     assert "CUDA only" in doc["skipped"]["quantize-int4"]
     assert doc["environment"]["date_utc"] in table and "bandwidth limit" in table
     assert "reempathy+reweight/sft (compiled, per step; target <= 1.05)" in doc["ratios"]
+
+
+def test_shape_and_dtype_can_be_chosen_for_a_quick_equality_check():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    plan, _ = gpu.parse(["--shape", "mid", "--dtype", "float32", "--skip", "batches"])
+    assert (plan.shape, plan.dtype, plan.device, plan.skip) == ("mid", "float32", "cuda", ("batches",))
+    assert gpu.SHAPES["mid"]["vocab_size"] == gpu.SHAPES["glm-4-voice-9b"]["vocab_size"]
+    plan, _ = gpu.parse(["--smoke"])
+    assert (plan.shape, plan.dtype) == ("smoke", "float32")
+    with pytest.raises(SystemExit):
+        gpu.parse(["--shape", "70b"])
