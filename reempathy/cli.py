@@ -10,7 +10,7 @@ import warnings
 from typing import Any, Sequence
 
 from reempathy.bench import add_bench_parser
-from reempathy.errors import InputError, ReempathyError
+from reempathy.errors import InputError, ReempathyError, one_line_warnings
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 
@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="transformers")
+            warnings.showwarning = one_line_warnings(warnings.showwarning)
             return int(args.func(args) or 0)
     except ReempathyError as exc:
         print(f"reempathy: error: {exc}", file=sys.stderr)

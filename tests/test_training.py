@@ -87,8 +87,12 @@ def test_manifest_records_strategy_layout_delimiters_and_steps(reempathy_checkpo
     manifest = read_manifest(reempathy_checkpoint.output_dir)
     data = json.loads((reempathy_checkpoint.output_dir / MANIFEST).read_text())
     assert data["schema"] == "reempathy.checkpoint/1"
-    assert data["strategy"] == {"name": "reempathy", "options": {"text_tokens": 5, "audio_tokens": 10, "reflect": True}}
+    assert data["strategy"] == {
+        "name": "reempathy",
+        "options": {"text_tokens": 5, "audio_tokens": 10, "reflect": True, "reflection_tokens": None},
+    }
     assert data["chunk_layout"] == {"text_tokens": 5, "audio_tokens": 10}
+    assert data["reflection"] == {"mode": "free", "tokens": None}
     assert data["backbone"]["name"] == "tiny"
     assert manifest.steps == 4
     tiny = load_tiny(TinyOptions())
@@ -151,7 +155,8 @@ def test_decode_only_options_are_laid_over_the_manifests(reempathy_checkpoint):
     manifest = read_manifest(reempathy_checkpoint.output_dir)
     name, options = checkpoint_config_overrides(manifest, "reempathy", {"max_reflection_tokens": 8, "text_tokens": 5})
     assert name == "reempathy"
-    assert options == {"text_tokens": 5, "audio_tokens": 10, "reflect": True, "max_reflection_tokens": 8}
+    assert options == {"text_tokens": 5, "audio_tokens": 10, "reflect": True, "reflection_tokens": None,
+                       "max_reflection_tokens": 8}
 
 
 def test_checkpoint_with_other_delimiter_ids_is_refused(reempathy_checkpoint, tmp_path):

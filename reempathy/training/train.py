@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.registry import Registry
-from reempathy.training.builders import BuilderSpec, PreferencePair, TrainingSequence, build_all
+from reempathy.checkpoints import HiddenLengths, ReflectionRecord
+from reempathy.training.builders import REFLECTION, THOUGHT, BuilderSpec, PreferencePair, TrainingSequence, build_all
 from reempathy.training.checkpoint import (
     ChunkLayoutRecord,
     Component,
@@ -173,7 +174,40 @@ def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, opt
     )
 
 
-def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone, backbone_options: BaseModel, steps: int, records: int) -> Manifest:
+def longest_hidden(items: Sequence[TrainingSequence | PreferencePair]) -> HiddenLengths:
+    """The longest thought and reflection (content tokens, delimiters excluded) of the built sequences."""
+    longest: dict[str, int] = {}
+    for item in items:
+        spans = item.spans if isinstance(item, TrainingSequence) else item.chosen_spans + ["control"] + item.rejected_spans
+        run, label = 0, None
+        for span in [*spans, None]:
+            if span == label:
+                run += 1
+                continue
+            if label in (THOUGHT, REFLECTION):
+                longest[label] = max(longest.get(label, 0), run)
+            run, label = 1, span
+    return HiddenLengths(thought=longest.get(THOUGHT), reflection=longest.get(REFLECTION))
+
+
+def reflection_record(options: BaseModel) -> ReflectionRecord | None:
+    """Free or fixed-length reflections, for a strategy that writes them."""
+    if not getattr(options, "reflect", False):
+        return None
+    tokens = getattr(options, "reflection_tokens", None)
+    return ReflectionRecord(mode="fixed", tokens=tokens) if tokens is not None else ReflectionRecord(mode="free")
+
+
+def build_manifest(
+    cfg: TrainConfig,
+    spec: BuilderSpec,
+    options: BaseModel,
+    backbone: Backbone,
+    backbone_options: BaseModel,
+    steps: int,
+    records: int,
+    longest: HiddenLengths | None = None,
+) -> Manifest:
     """The manifest that tells the decoder what this checkpoint was trained for."""
     layout = spec.chunk_layout(options)
     strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
@@ -181,6 +215,8 @@ def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, back
         backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
         strategy=Component(name=spec.decode_strategy, options=strategy_options),
         chunk_layout=ChunkLayoutRecord(text_tokens=layout.text_tokens, audio_tokens=layout.audio_tokens) if layout else None,
+        reflection=reflection_record(options),
+        longest=longest,
         delimiters=delimiter_ids(backbone),
         steps=steps,
         created=now_iso(),
@@ -227,7 +263,9 @@ def train(
         resume_from = get_last_checkpoint(cfg.train.output_dir)
     trainer.train(resume_from_checkpoint=resume_from)
     steps = int(trainer.state.global_step)
-    manifest = build_manifest(cfg, spec, options, backbone, backbone_options, steps, len(built.items))
+    manifest = build_manifest(
+        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items)
+    )
     if trainer.is_world_process_zero():
         write_checkpoint(trainer.model, cfg.train.output_dir, manifest)
     trainer.accelerator.wait_for_everyone()
@@ -245,4 +283,13 @@ def train(
     )
 
 
-__all__ = ["train", "TrainResult", "lora_config", "trainable_token_targets", "load_training_backbone", "build_manifest"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "lora_config",
+    "trainable_token_targets",
+    "load_training_backbone",
+    "build_manifest",
+    "longest_hidden",
+    "reflection_record",
+]
