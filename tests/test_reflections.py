@@ -4,6 +4,7 @@ fixed-length reflections as decoding writes them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from reempathy.training.data import RecordSet, SourcedRecord, load_records
 from reempathy.training.reflections import fit_to_length, space_token, split_at_boundaries
 from reempathy.training.schema import Record
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "empathy_dialogues.jsonl"
 ASSESSMENT = "The user feels ashamed. The reply names the hurt and gently challenges the word stupid."
 SCORES = {"need_support": 4, "wording_appropriateness": 4, "emotion_understanding": 4, "emotional_support": 4}
 
@@ -26,7 +28,7 @@ def full_chunks(tiny, k, text="sorry"):
     return 15 * k - len(tiny.tokenizer.encode(text, add_special_tokens=False))
 
 
-def record(text="sorry", n_units=43, assessment=ASSESSMENT, reflections=None, where="mem.jsonl:1"):
+def record(text="sorry", n_units=43, assessment=ASSESSMENT, reflections=None, where="mem.jsonl:1", layout=None):
     data = {
         "messages": [
             {"role": "user", "text": "My dog is sick.", "units": [1, 2, 3]},
@@ -36,6 +38,8 @@ def record(text="sorry", n_units=43, assessment=ASSESSMENT, reflections=None, wh
     }
     if reflections is not None:
         data["reflections"] = reflections
+    if layout is not None:
+        data["reflections_layout"] = layout
     return SourcedRecord(where, Record.model_validate(data))
 
 
@@ -97,6 +101,32 @@ def test_lenient_builds_skip_mismatched_reflections_and_count_them(tiny):
         build_all(records, tiny, spec, ReempathyBuild())
     built = build_all(records, tiny, spec, ReempathyBuild(), skip_bad=True)
     assert len(built.items) == 1 and [b.where for b in built.skipped] == ["d.jsonl:2", "d.jsonl:3"]
+
+
+def test_reflections_for_another_layout_give_way_to_the_split_assessment(tiny):
+    """Records keep their 5+10 reflections and still train other chunk sizes (the paper's sweep)."""
+    sr = record(n_units=full_chunks(tiny, 3), reflections=["One.", "Two.", "Three."], layout="5+10")
+    assert [tiny.tokenizer.decode(ids) for ids, _, _ in reflections_of(tiny, build_reempathy(sr, tiny, ReempathyBuild()))] == [
+        "One.", "Two.", "Three."]
+    other = build_reempathy(sr, tiny, ReempathyBuild(text_tokens=3, audio_tokens=6))
+    texts = [tiny.tokenizer.decode(ids) for ids, _, _ in reflections_of(tiny, other)]
+    assert " ".join(texts).split() == ASSESSMENT.split()
+
+
+def test_reflections_for_another_layout_without_an_assessment_name_the_line(tiny):
+    sr = record(n_units=full_chunks(tiny, 3), reflections=["One.", "Two.", "Three."], layout="5+10", assessment=None,
+                where="d.jsonl:2")
+    with pytest.raises(InputError, match=r"^d\.jsonl:2: the reflections were written for 5\+10 chunks, training uses 3\+6"):
+        build_reempathy(sr, tiny, ReempathyBuild(text_tokens=3, audio_tokens=6))
+
+
+def test_every_example_record_with_reflections_has_one_per_full_chunk_of_its_layout(tiny):
+    records = [r for r in load_records(EXAMPLES, tiny.layout.audio_count).records if r.record.reflections]
+    assert len(records) >= 10
+    for sr in records:
+        text, audio = sr.record.reflections_layout.split("+")
+        seq = build_reempathy(sr, tiny, ReempathyBuild(text_tokens=int(text), audio_tokens=int(audio)))
+        assert [tiny.tokenizer.decode(ids) for ids, _, _ in reflections_of(tiny, seq)] == sr.record.reflections
 
 
 def test_an_empty_reflection_is_a_bad_record_naming_its_line(tmp_path, tiny):

@@ -191,16 +191,18 @@ def stream_layout(backbone: Backbone) -> ChunkLayout:
 def reflection_ids(sr: SourcedRecord, backbone: Backbone, options: ReempathyBuild, full_chunks: int) -> list[list[int]]:
     """The token ids of the ``full_chunks`` reflections of a record (rules in :mod:`reempathy.training.reflections`)."""
     record = sr.record
-    layout = options.chunk_layout()
+    layout = f"{options.text_tokens}+{options.audio_tokens}"
     texts = reflection_texts(
         record.reflections,
+        record.reflections_layout,
         record.assessment.text if record.assessment else None,
         full_chunks,
         lambda word: len(backbone.tokenizer.encode(word, add_special_tokens=False)),
         sr.where,
-        f"{layout.text_tokens}+{layout.audio_tokens}",
+        layout,
     )
-    what = "reflection" if record.reflections is not None else "assessment text"
+    own = record.reflections is not None and record.reflections_layout in (None, layout)
+    what = "reflection" if own else "assessment text"
     encode = lambda text: encode_text(backbone, text, sr.where, what)  # noqa: E731
     if options.reflection_tokens is None:
         return [encode(text) for text in texts]

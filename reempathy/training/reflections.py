@@ -2,9 +2,10 @@
 
 Where it decides:
 
-- :func:`reflection_texts` takes the record's per-chunk ``reflections`` when it has them (their
-  number must equal the answer's full chunks, else the record is bad) and otherwise cuts the
-  record's global assessment into that many pieces with :func:`split_at_boundaries`.
+- :func:`reflection_texts` takes the record's per-chunk ``reflections`` when it has them for the
+  training layout (their number must equal the answer's full chunks, else the record is bad)
+  and otherwise — no reflections, or reflections marked for another ``reflections_layout`` —
+  cuts the record's global assessment into that many pieces with :func:`split_at_boundaries`.
 - :func:`split_at_boundaries` cuts at sentence ends first; only when there are fewer sentences
   than pieces does it cut inside sentences, and then only between words (never inside a word).
   Pieces are balanced by token count. When the assessment has fewer words than pieces, the last
@@ -136,12 +137,29 @@ def fit_to_length(text: str, length: int, encode: Callable[[str], list[int]], fi
     return ids + [filler] * (length - len(ids))
 
 
-def reflection_texts(reflections: Sequence[str] | None, assessment: str | None, full_chunks: int, count: Callable[[str], int], where: str, layout: str) -> list[str]:
+def reflection_texts(
+    reflections: Sequence[str] | None,
+    reflections_layout: str | None,
+    assessment: str | None,
+    full_chunks: int,
+    count: Callable[[str], int],
+    where: str,
+    layout: str,
+) -> list[str]:
     """The text of each reflection, one per full chunk: the record's own ``reflections``, else the assessment split.
 
-    Raises InputError (``where`` = FILE:LINE) when the record's reflections are not one per full chunk,
-    or when it has neither reflections nor an assessment.
+    ``layout`` is the training chunk layout as ``"TEXT+AUDIO"``. Reflections written for another
+    layout (``reflections_layout``) are set aside and the assessment is split instead. Raises
+    InputError (``where`` = FILE:LINE) when the record's reflections are not one per full chunk,
+    or when there is nothing to make reflections of.
     """
+    if reflections is not None and reflections_layout not in (None, layout):
+        if assessment is None and full_chunks:
+            raise InputError(
+                f"{where}: the reflections were written for {reflections_layout} chunks, training uses {layout} "
+                "and the record has no assessment to split instead; add one, or train with the reflections' layout"
+            )
+        reflections = None
     if reflections is not None:
         if len(reflections) != full_chunks:
             raise InputError(

@@ -7,12 +7,13 @@ One JSON object per line::
      "assessment": {"text": "...", "scores": {"need_support": 4, "wording_appropriateness": 3,
                                               "emotion_understanding": 4, "emotional_support": 3}},
      "rejected": {"role": "assistant", "text": "...", "units": [...], "assessment": {...}},
-     "reflections": ["...", "..."]}
+     "reflections": ["...", "..."], "reflections_layout": "5+10"}
 
 ``reflections`` (optional) are per-chunk reflections for ``reempathy``: the k-th follows the k-th
 full spoken chunk of the answer in the training layout (so a record carries them for one
-layout and one tokenizer); without them the assessment is split into reflections
-(:mod:`reempathy.training.reflections`).
+layout and one tokenizer). ``reflections_layout`` (optional, e.g. ``"5+10"``) names that layout:
+training with another one then splits the assessment instead. Without reflections the
+assessment is split into reflections (:mod:`reempathy.training.reflections`).
 
 Keys this schema does not name are ignored, so records carrying more fields (audio paths, ids)
 load as they are. Audio units are checked against the backbone's range when the caller passes
@@ -122,6 +123,12 @@ class Record(BaseModel):
     rejected: Answer | None = None
     reflections: list[str] | None = Field(
         None, description="per-chunk reflections: the k-th follows the k-th full spoken chunk of the answer"
+    )
+    reflections_layout: str | None = Field(
+        None,
+        pattern=r"^\d+\+\d+$",
+        description='the chunk layout the reflections were written for, "TEXT+AUDIO" (e.g. "5+10"); training with '
+        "another layout splits the assessment instead",
     )
 
     @field_validator("reflections")
