@@ -8,29 +8,43 @@ processor that bans them). Both pay one small logits processor per step.
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.backbones.tiny import TinyOptions, load_tiny
+from reempathy.decoding.batch import RowRequest, decode_batch
 from reempathy.decoding.loop import LoopOptions, decode, session_plugin_manager
 from reempathy.decoding.registry import default_discovery
 from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.session import DecodeSession
 from reempathy.hooks import hookimpl
 
-# The CPU shapes the suite measures: the tests' tiny model, and one large enough that the model
-# (not Python) dominates a step.
+# The CPU shapes the suite measures: the tests' tiny model, one large enough that the model
+# (not Python) dominates a step, and the tests' tiny Qwen2.5-Omni checkpoint (its thinker: our
+# decode against the thinker's own generate()).
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "cpu512": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2, "intermediate_size": 1024},
+    "qwen-tiny": {},
 }
+QWEN_MODELS = ("qwen-tiny",)
 # The strategies measured; "+reweight" adds attention-reweight (α 1.15, default layers: the middle half).
 VARIANTS = ("sft", "cotbs", "reempathy", "reempathy+reweight")
 PROMPT = "I failed my driving test today and I feel stupid."
+# Batched runs: rows whose prompts differ in length (PROMPT plus 0–12 words of this), so that a
+# batch pads as a real test set does.
+FILLER = "and my instructor said I was close but I do not believe it at all now".split()
+BATCH_SIZES = (1, 4, 16)
+BATCH_VARIANT = "reempathy+reweight"
 
 
 class BanStops:
@@ -59,7 +73,24 @@ class NoOp:
 @lru_cache(maxsize=4)
 def backbone(name: str, device: str = "cpu") -> Backbone:
     """The named model shape (built once per process)."""
+    if name in QWEN_MODELS:
+        return qwen_backbone(device)
     return load_tiny(TinyOptions(**MODELS[name], device=device))
+
+
+def qwen_backbone(device: str) -> Backbone:
+    """The tests' tiny Qwen2.5-Omni checkpoint, written to a temporary directory, loaded as a user's download is (thinker only)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from qwen25omni_fixture import make_tiny_qwen25omni_dir
+
+    from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
+
+    root = Path(tempfile.mkdtemp(prefix="reempathy-bench-qwen-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    directory = make_tiny_qwen25omni_dir(root / "ckpt")
+    return load_qwen25omni(Qwen25OmniOptions(path=str(directory), talker=False, device=device, dtype="float32"))
 
 
 def prompt_ids(bb: Backbone) -> list[int]:
@@ -152,3 +183,29 @@ def dispatch_once(pm: Any, session: DecodeSession, logits: torch.Tensor) -> None
     hook = pm.hook
     hook.reempathy_logits(session=session, logits=logits)
     hook.reempathy_token(session=session, token_id=0)
+
+
+def row_prompt(bb: Backbone, row: int) -> list[int]:
+    """Row ``row``'s prompt: ``PROMPT`` plus ``3 * (row % 5)`` filler words."""
+    words = FILLER[: 3 * (row % 5)]
+    return bb.build_prompt([Turn("user", text=" ".join([PROMPT, *words]))])
+
+
+def batch_requests(bb: Backbone, variant: str, rows: int) -> list[RowRequest]:
+    """``rows`` requests with fresh plugins each (strategy, processors of ``variant``, stop tokens banned)."""
+    requests = []
+    for row in range(rows):
+        strategy, processors = make_plugins(bb, variant)
+        requests.append(RowRequest(row, row_prompt(bb, row), strategy, [*processors, BanStops(bb)], seed=row))
+    return requests
+
+
+def run_batch(bb: Backbone, requests: list[RowRequest], n: int, batch_size: int, variant: str) -> int:
+    """Decode ``requests`` through the batched loop, exactly ``n`` tokens each; the tokens generated."""
+    options = LoopOptions(max_new_tokens=n, greedy=True, strategy_name=variant)
+    total = 0
+    for key, result in decode_batch(bb, requests, options, batch_size):
+        if result.counts.generated != n:
+            raise RuntimeError(f"row {key} stopped after {result.counts.generated} tokens ({result.stop_reason})")
+        total += n
+    return total

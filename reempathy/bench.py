@@ -12,7 +12,8 @@ strategy (medians over the runs unless said otherwise):
 * ``hidden_per_spoken``: hidden content tokens (reflections, thoughts) per spoken token
   (text + audio);
 * ``realtime_margin``: audio units produced per second of decoding ÷ the backbone's audio rate
-  (12.5 Hz for GLM-4-Voice): above 1 the answer is produced faster than it plays.
+  (12.5 Hz for GLM-4-Voice): above 1 the answer is produced faster than it plays. None for a
+  text-only spoken stream (Qwen2.5-Omni): its speech is the talker's, which this does not run.
 
 "Seconds of decoding" are the loop's own ``timings.total_s`` (prefill plus every step). Each
 step ends when the sampled token reaches the host, which synchronises a GPU, so per-token
@@ -141,8 +142,10 @@ class RunStats:
     def tokens_per_s(self) -> float | None:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else None
 
-    def realtime_margin(self, audio_rate_hz: float) -> float | None:
-        return self.audio_units / self.decode_s / audio_rate_hz if self.decode_s > 0 else None
+    def realtime_margin(self, audio_rate_hz: float | None) -> float | None:
+        if audio_rate_hz is None or self.decode_s <= 0:
+            return None
+        return self.audio_units / self.decode_s / audio_rate_hz
 
     @property
     def hidden_per_spoken(self) -> float | None:
@@ -203,7 +206,7 @@ class StrategyBench:
 
     strategy: str
     processors: list[str]
-    audio_rate_hz: float
+    audio_rate_hz: float | None  # None: a text-only spoken stream has no audio units to time
     runs: list[RunStats] = field(default_factory=list)
     hidden_steps: list[dict[str, Any]] = field(default_factory=list)
     trace_matches: bool = True
@@ -352,7 +355,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     configs = {name: load_config(args.config, overrides, name, base) for name in names}
     backbone = load_backbone(first, base)
     clock = Clock(backbone.model.device)
-    rate = float(backbone.stream.audio_rate_hz)
+    rate = None if backbone.stream.text_only else float(backbone.stream.audio_rate_hz)
 
     benches: list[StrategyBench] = []
     for name, cfg in configs.items():
@@ -394,40 +397,62 @@ def _component(data: dict[str, Any]) -> Any:
     return ComponentConfig.model_validate(data)
 
 
-def _ms(value: float | None, width: int = 8) -> str:
-    return f"{value * 1e3:{width}.2f}" if value is not None else f"{'-':>{width}}"
+def _ms(value: float | None) -> str:
+    return f"{value * 1e3:.2f}" if value is not None else "-"
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return f"{value:{fmt}}{suffix}" if value is not None else "-"
+
+
+def align(rows: list[list[str]], left: int = 1, gap: int = 2) -> list[str]:
+    """Lay out ``rows`` (the first is the header) in columns as wide as their widest cell.
+
+    The first ``left`` columns are left-aligned (names), the rest right-aligned (numbers), so a
+    long strategy name or a large figure widens its column instead of pushing the others.
+    """
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        (" " * gap).join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
 
 
 def format_table(doc: dict[str, Any]) -> str:
     """The human table printed on stdout."""
     env = doc["environment"]
     where = env["gpu"] or env["cpu"] or "?"
+    rows = [["strategy", "TTFT", "TTFA", "ITL p50", "p90", "p99", "tok/s", "hidden/spoken", "RT margin", "tokens"]]
+    for s in doc["strategies"].values():
+        itl = s["inter_token_latency_s"]
+        rows.append(
+            [
+                s["strategy"],
+                _ms(s["time_to_first_token_s"]),
+                _ms(s["time_to_first_audio_s"]),
+                _ms(itl["p50"]),
+                _ms(itl["p90"]),
+                _ms(itl["p99"]),
+                _num(s["tokens_per_s"], ".1f"),
+                _num(s["hidden_per_spoken"], ".2f"),
+                _num(s["realtime_margin"], ".2f", "x"),
+                f"{s['generated_tokens']:.0f}",
+            ]
+        )
     lines = [
         f"backbone {doc['backbone']} on {doc['device']} ({where}), cache {doc['cache']}"
         f"{', compiled' if doc['compile'] else ''}, timer {doc['timer']}",
         f"{doc['runs']} timed run(s) per strategy after a warm-up, max_new_tokens {doc['max_new_tokens']}"
         f"{', stop tokens banned' if doc['ignore_stop'] else ''}; times in ms",
         "",
-        f"{'strategy':<12}{'TTFT':>8}{'TTFA':>8}{'ITL p50':>9}{'p90':>8}{'p99':>8}{'tok/s':>9}"
-        f"{'hidden/spoken':>15}{'RT margin':>11}{'tokens':>8}",
+        *align(rows),
+        "",
+        (
+            "RT margin: - (a text-only spoken stream: its speech is made by the talker, not timed here)"
+            if doc["audio_rate_hz"] is None
+            else f"RT margin: audio units per second of decoding / {doc['audio_rate_hz']:g} Hz (above 1: faster than playback)"
+        ),
     ]
-    for s in doc["strategies"].values():
-        itl = s["inter_token_latency_s"]
-        hps = s["hidden_per_spoken"]
-        rtm = s["realtime_margin"]
-        tps = s["tokens_per_s"]
-        lines.append(
-            f"{s['strategy']:<12}{_ms(s['time_to_first_token_s'])}{_ms(s['time_to_first_audio_s'])}"
-            f"{_ms(itl['p50'], 9)}{_ms(itl['p90'])}{_ms(itl['p99'])}"
-            f"{(f'{tps:9.1f}' if tps is not None else f'{chr(45):>9}')}"
-            f"{(f'{hps:15.2f}' if hps is not None else f'{chr(45):>15}')}"
-            f"{(f'{rtm:10.2f}x' if rtm is not None else f'{chr(45):>11}')}"
-            f"{s['generated_tokens']:>8.0f}"
-        )
-    lines.append("")
-    lines.append(
-        f"RT margin: audio units per second of decoding / {doc['audio_rate_hz']:g} Hz (above 1: faster than playback)"
-    )
     return "\n".join(lines)
 
 

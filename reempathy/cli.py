@@ -11,6 +11,9 @@ from typing import Any, Sequence
 
 from reempathy.bench import add_bench_parser
 from reempathy.errors import InputError, ReempathyError, one_line_warnings
+from reempathy.evaluation.commands import add_eval_parser
+from reempathy.experiments.cli import add_experiment_parsers
+from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 
@@ -86,28 +89,6 @@ def format_result(result: Any) -> str:
     return "\n".join(lines)
 
 
-def cmd_plugins(args: argparse.Namespace) -> int:
-    disc = _discovery()
-    if args.json:
-        rows = [
-            {"name": p.name, "source": p.source, "version": p.version, "hooks": p.hooks,
-             "provides": p.provides, "error": p.error}
-            for p in disc.plugins
-        ]
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    for p in disc.plugins:
-        print(f"{p.name}  [{p.source}]  version {p.version or '?'}")
-        if p.error:
-            print(f"    error: {p.error}")
-        if p.provides:
-            print(f"    provides: {', '.join(p.provides)}")
-        if p.hooks:
-            print(f"    hooks: {', '.join(p.hooks)}")
-    return 0
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from reempathy.backbones.glm4voice import convert_glm4voice
 
@@ -125,18 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt")
     src.add_argument("--units", help="file of speech unit ids")
-    src.add_argument("--audio", help="WAV file of the user's spoken turn (the backbone needs tokenizer_path)")
-    p.add_argument("--out", help="write the spoken answer to this WAV (needs --audio and the backbone's decoder_path)")
+    src.add_argument("--audio", help="WAV file of the user's spoken turn (glm-4-voice needs tokenizer_path)")
+    p.add_argument("--out", help="write the spoken answer to this WAV (needs --audio, and a speech decoder or talker)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--max-new-tokens", type=int, help="token budget of the answer")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
     p.add_argument("--checkpoint", help="a directory written by `reempathy train` (its strategy is used unless told otherwise)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (docs/result-schema.md)")
     p.set_defaults(func=cmd_decode)
-
-    p = sub.add_parser("plugins", help="list plugins, their hooks, versions and sources")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("convert", help="convert a published checkpoint to transformers' native format")
     p.add_argument("format", choices=["glm-4-voice"], help="the source checkpoint's format")
@@ -149,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_speech_parser(sub)
     add_bench_parser(sub)
+    add_experiment_parsers(sub)
+    add_eval_parser(sub)
+    add_plugins_parser(sub)
+    add_plugins_dir_option(parser, sub)  # last: it adds --plugins-dir to every command
     return parser
 
 

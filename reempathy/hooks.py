@@ -3,5 +3,6 @@
 import pluggy
 
 hookimpl = pluggy.HookimplMarker("reempathy")
+"""Marks a hook implementation: ``@hookimpl``, or ``@hookimpl(tryfirst=True)``, ``@hookimpl(wrapper=True)`` (pluggy's options)."""
 
 __all__ = ["hookimpl"]

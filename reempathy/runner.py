@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from reempathy.backbones.base import Backbone, Turn
+from reempathy.backbones.base import Backbone, PromptInputs, Turn
 from reempathy.config import DecodeConfig
+from reempathy.decoding.failures import remember_name
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
@@ -19,8 +20,7 @@ _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
 def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     """Build the configured backbone through its registered factory."""
-    options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    backbone = registry.get("backbone", cfg.backbone.name).factory(options)
+    backbone = registry.create("backbone", cfg.backbone.name, cfg.backbone.options)
     if cfg.decode.checkpoint:
         from reempathy.checkpoints import apply_checkpoint
 
@@ -30,15 +30,14 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
 
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
     """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
-    s_opts = registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
-    strategy = registry.get("strategy", cfg.strategy.name).factory(s_opts, backbone)
+    # The registered names are remembered so that a run hook's failure names the component.
+    strategy = registry.create("strategy", cfg.strategy.name, cfg.strategy.options, backbone)
+    remember_name(strategy, cfg.strategy.name)
     processors = []
-    for proc in cfg.processors:
-        p_opts = registry.validate("processor", proc.name, proc.options)
-        processors.append(registry.get("processor", proc.name).factory(p_opts, backbone))
-    for name, options in sampling_chain(cfg, backbone):
-        p_opts = registry.validate("processor", name, options)
-        processors.append(registry.get("processor", name).factory(p_opts, backbone))
+    for name, options in [(p.name, p.options) for p in cfg.processors] + sampling_chain(cfg, backbone):
+        processor = registry.create("processor", name, options, backbone)
+        remember_name(processor, name)
+        processors.append(processor)
     return strategy, processors
 
 
@@ -92,13 +91,27 @@ def read_units(path: str | Path) -> list[int]:
     return units
 
 
-def build_prompt_ids(
-    backbone: Backbone, prompt: str | None = None, units: list[int] | None = None, system_prompt: str | None = None
-) -> list[int]:
-    """Token ids of a one-turn prompt from text or speech units."""
-    if units is None and (prompt is None or not prompt.strip()):
+def build_prompt_inputs(
+    backbone: Backbone,
+    prompt: str | None = None,
+    units: list[int] | None = None,
+    system_prompt: str | None = None,
+    audio: str | None = None,
+) -> PromptInputs:
+    """The model inputs of a one-turn prompt from text, speech units or a WAV file (``audio``)."""
+    if units is None and audio is None and (prompt is None or not prompt.strip()):
         raise InputError("the prompt is empty; give --prompt TEXT or --units FILE")
+    if audio is not None and not backbone.reads_audio:
+        raise ConfigError(
+            f"backbone {backbone.name!r} does not read WAV files in its prompt; turn the audio into units "
+            "with its speech tokenizer first"
+        )
     if units is not None:
+        if backbone.layout.audio_count == 0:
+            raise InputError(
+                f"backbone {backbone.name!r} has no audio-unit tokens, so speech units cannot be its prompt; "
+                "give --prompt TEXT or --audio IN.wav"
+            )
         bad = [u for u in units if not 0 <= u < backbone.layout.audio_count]
         if bad:
             raise InputError(
@@ -108,8 +121,16 @@ def build_prompt_ids(
     turns = []
     if system_prompt:
         turns.append(Turn("system", text=system_prompt))
-    turns.append(Turn("user", text=prompt if units is None else None, units=units))
-    return backbone.build_prompt(turns)
+    heard = units is not None or audio is not None
+    turns.append(Turn("user", text=None if heard else prompt, units=units, audio=audio))
+    return backbone.build_prompt_inputs(turns)
+
+
+def build_prompt_ids(
+    backbone: Backbone, prompt: str | None = None, units: list[int] | None = None, system_prompt: str | None = None
+) -> list[int]:
+    """Token ids of a one-turn prompt from text or speech units."""
+    return build_prompt_inputs(backbone, prompt, units, system_prompt).ids
 
 
 def run_decode(
@@ -120,26 +141,36 @@ def run_decode(
     backbone: Backbone | None = None,
     units: list[int] | None = None,
     observers: Sequence[object] = (),
+    audio: str | None = None,
 ) -> DecodeResult:
-    """Decode one answer as ``cfg`` says; ``prompt``/``units_file``/``units`` override ``[decode]``.
+    """Decode one answer as ``cfg`` says; ``prompt``/``units_file``/``units``/``audio`` override ``[decode]``.
 
     ``observers`` are plugin objects added after the configured processors (read-only hooks, e.g. streaming).
+    ``audio`` is a WAV file for a backbone that reads audio in its prompt (``Backbone.reads_audio``).
     """
     if prompt is not None and units_file is not None:
         raise ConfigError("give either --prompt or --units, not both")
     if units is not None and (prompt is not None or units_file is not None):
         raise ConfigError("give speech units or a prompt/units file, not both")
-    if cfg.decode.compile and cfg.decode.cache != "static":
-        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
+    if audio is not None and (prompt is not None or units_file is not None or units is not None):
+        raise ConfigError("give an audio file or a prompt/units, not both")
+    options = loop_options(cfg)
     backbone = backbone or load_backbone(cfg, registry)
     strategy, processors = build_plugins(cfg, backbone, registry)
     processors = [*processors, *observers]
-    if units is None:
+    if units is None and audio is None:
         prompt = prompt if prompt is not None else (None if units_file else cfg.decode.prompt)
         units_file = units_file if units_file is not None else (None if prompt is not None else cfg.decode.units)
         units = read_units(units_file) if units_file else None
-    ids = build_prompt_ids(backbone, prompt, units, cfg.decode.system_prompt)
-    options = LoopOptions(
+    inputs = build_prompt_inputs(backbone, prompt, units, cfg.decode.system_prompt, audio=audio)
+    return decode(backbone, inputs.ids, strategy, processors, options, prefill_inputs=inputs.prefill_inputs)
+
+
+def loop_options(cfg: DecodeConfig) -> LoopOptions:
+    """The loop's settings from ``[decode]`` and ``[sampling]`` (shared by ``decode`` and ``run``)."""
+    if cfg.decode.compile and cfg.decode.cache != "static":
+        raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
+    return LoopOptions(
         max_new_tokens=cfg.decode.max_new_tokens,
         greedy=cfg.sampling.greedy,
         seed=cfg.sampling.seed,
@@ -147,4 +178,3 @@ def run_decode(
         cache=cfg.decode.cache,
         compile=cfg.decode.compile,
     )
-    return decode(backbone, ids, strategy, processors, options)

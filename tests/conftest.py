@@ -1,17 +1,25 @@
-"""Shared fixtures: a tiny backbone built once per test session, and a fresh plugin discovery."""
+"""Shared fixtures: a tiny backbone built once per test session, and a fresh plugin discovery.
+
+The shipped pytest plugin ``reempathy.testing`` (entry point ``pytest11``) provides
+``reempathy_tiny`` and the plugin-author fixtures; ``tiny`` is the same backbone.
+"""
 
 from __future__ import annotations
+
+from importlib.metadata import entry_points
 
 import pytest
 
 from reempathy.backbones.base import Turn
-from reempathy.backbones.tiny import TinyOptions, load_tiny
+
+if not any(ep.value == "reempathy.testing" for ep in entry_points(group="pytest11")):
+    pytest_plugins = ["reempathy.testing"]  # an install from before the entry point existed
 
 
 @pytest.fixture(scope="session")
-def tiny():
+def tiny(reempathy_tiny):
     """The default tiny backbone (seed 0). Tests must not modify its weights."""
-    return load_tiny(TinyOptions())
+    return reempathy_tiny
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +35,26 @@ def fresh_discovery(monkeypatch):
     default_discovery.cache_clear()
     yield
     default_discovery.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A tiny Qwen2.5-Omni checkpoint in the published on-disk format (tests/qwen25omni_fixture.py)."""
+    from qwen25omni_fixture import make_tiny_qwen25omni_dir
+
+    return make_tiny_qwen25omni_dir(tmp_path_factory.mktemp("qwen25omni") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    """The ``qwen2.5-omni`` backbone on the tiny checkpoint, talker on (greedy, short). Tests must not modify it."""
+    from qwen25omni_fixture import QWEN_TEST_OPTIONS
+
+    from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
+
+    return load_qwen25omni(Qwen25OmniOptions(path=str(qwen_dir), **QWEN_TEST_OPTIONS))
+
+
+@pytest.fixture(scope="session")
+def qwen_prompt(qwen):
+    return qwen.build_prompt([Turn("user", text="I hear you. That sounds really hard.")])

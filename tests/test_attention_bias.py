@@ -338,3 +338,90 @@ def test_register_attention_is_idempotent():
     register_attention()
     assert ATTENTION_NAME in AttentionInterface()
     assert ATTENTION_NAME in AttentionMaskInterface()
+
+
+# --- 7. per-row plans in one batch (the batched loop) -------------------------------------------
+
+
+def _row_alone(model, ids, plan):
+    with biased_attention(model) as controller:
+        controller.set_plan(plan)
+        return run(model, ids).logits
+
+
+def test_each_row_of_a_padded_batch_gets_its_own_plan_shifted_by_its_padding():
+    model = make_glm()
+    lengths = (9, 6, 11)
+    rows = [token_ids(n, seed=10 + i) for i, n in enumerate(lengths)]
+    plans = [
+        {1: [KeyBias(2, 5, math.log(1.5))]},
+        None,  # this row has no bias at all
+        {1: [KeyBias(0, 4, math.log(1.8), heads=(0, 3))], 2: [KeyBias(6, 9, math.log(0.6))]},
+    ]
+    width = max(lengths)
+    pads = [width - n for n in lengths]
+    batch = torch.cat([torch.cat([torch.zeros(1, p, dtype=torch.long), r], dim=1) for p, r in zip(pads, rows)])
+    mask = (torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]).long()
+    positions = (torch.arange(width)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)
+    with biased_attention(model) as controller:
+        controller.set_rows(plans, pads)
+        batched = run(model, batch, attention_mask=mask, position_ids=positions).logits
+        assert controller.groups[1].columns(4, width, torch.float32, torch.device("cpu")).shape == (3, 4, 1, width)
+        assert controller.groups[2].columns(4, width, torch.float32, torch.device("cpu")).shape == (3, 1, 1, width)
+    for row, pad, plan in zip(range(3), pads, plans):
+        alone = _row_alone(model, rows[row], plan)
+        torch.testing.assert_close(batched[row, pad:], alone[0], atol=1e-5, rtol=0)
+    # and the plans mattered: row 0 without its bias differs
+    assert not torch.allclose(_row_alone(model, rows[0], None), batched[0:1, pads[0]:], atol=1e-3)
+
+
+def test_a_row_plan_change_rewrites_that_row_in_place_and_leaves_the_others():
+    controller_plans = [{1: [KeyBias(0, 3, 0.5)], 2: [KeyBias(0, 3, 0.5)]}, {1: [KeyBias(2, 6, 0.5)], 2: [KeyBias(2, 6, 0.5)]}]
+    from reempathy.decoding.attention import BiasController
+
+    controller = BiasController()
+    controller.set_rows(controller_plans, [0, 2])
+    group = controller.groups[1]
+    assert controller.groups[2] is group  # layers with equal entries share one buffer
+    before = group.columns(4, 12, torch.float32, torch.device("cpu")).clone()
+    pointer = group.buffer.data_ptr()
+    controller.set_row_plan(1, {1: [KeyBias(5, 7, 0.25)], 2: [KeyBias(5, 7, 0.25)]})
+    after = controller.groups[1].columns(4, 12, torch.float32, torch.device("cpu"))
+    assert controller.groups[1] is group and group.buffer.data_ptr() == pointer
+    assert torch.equal(after[0], before[0])
+    expected = torch.zeros(12)
+    expected[7:9] = 0.25  # positions 5..6 of a row padded by 2
+    assert torch.equal(after[1, 0, 0], expected)
+
+
+def test_reserved_buffers_are_never_reallocated_by_plans_or_forwards():
+    from reempathy.decoding.attention import BiasController
+
+    model = make_glm()
+    ids = token_ids(10)
+    controller = BiasController()
+    controller.reserve(rows=1, num_heads=4, columns=64, dtype=torch.float32, device=torch.device("cpu"))
+    with biased_attention(model, controller):
+        controller.set_plan({1: [KeyBias(0, 4, 0.4)], 3: [KeyBias(0, 4, 0.4)]})
+        pointer = controller.groups[1].buffer.data_ptr()
+        cache = new_cache(model)
+        run(model, ids[:, :6], cache=cache)
+        controller.set_plan({1: [KeyBias(2, 8, 0.3)], 3: [KeyBias(2, 8, 0.3)]})
+        for step in range(6, 10):
+            run(model, ids[:, step : step + 1], cache=cache)
+        assert controller.groups[1].buffer.data_ptr() == pointer
+        assert controller.groups[1].buffer.shape == (1, 1, 1, 64)
+
+
+def test_paused_controller_is_plain_sdpa():
+    model = make_glm()
+    ids = token_ids(9)
+    plain = run(model, ids).logits
+    with biased_attention(model) as controller:
+        controller.set_rows([{1: [KeyBias(0, 5, 0.7)]}, None], [0, 0])
+        with controller.paused():
+            paused = run(model, ids).logits
+        biased = run(model, ids.repeat(2, 1)).logits
+    assert torch.equal(paused, plain)
+    assert not torch.allclose(biased[0], plain[0], atol=1e-3)
+    torch.testing.assert_close(biased[1], plain[0], atol=1e-5, rtol=0)  # the row without a plan

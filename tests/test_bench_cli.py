@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,28 @@ def test_unwritable_output_path_exits_2_with_a_one_line_error(tmp_path):
     code, _, stderr = run("bench", "--config", CONFIG, "--json", str(target))
     assert code == 2
     assert stderr.count("\n") == 1 and "--json" in stderr and "does not exist" in stderr
+
+
+def test_table_columns_stay_aligned_with_long_strategy_names_and_large_figures():
+    from reempathy.bench import format_table
+
+    def summary(name, ms):
+        return {
+            "strategy": name, "time_to_first_token_s": ms / 1e3, "time_to_first_audio_s": None,
+            "inter_token_latency_s": {"p50": ms / 1e3, "p90": ms / 1e3, "p99": ms / 1e3},
+            "tokens_per_s": 12.5, "hidden_per_spoken": None, "realtime_margin": 1.5, "generated_tokens": 24,
+        }
+
+    doc = {
+        "environment": {"gpu": None, "cpu": "cpu"}, "backbone": "tiny", "device": "cpu", "cache": "dynamic",
+        "compile": False, "timer": "perf_counter", "runs": 1, "max_new_tokens": 24, "ignore_stop": False,
+        "audio_rate_hz": 12.5,
+        "strategies": {"sft": summary("sft", 1.0), "x": summary("reempathy-with-a-very-long-name", 123456.78)},
+    }
+    lines = format_table(doc).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("strategy"))
+    table = lines[header : header + 3]
+    assert len({len(line) for line in table}) == 1  # every right-aligned column ends at the same place
+    ends = [[m.end() for m in re.finditer(r"\S+", line)] for line in table]
+    assert ends[1][1:] == ends[2][1:]  # numbers line up under each other (header words may contain spaces)
+    assert "123456.78" in table[2] and table[2].startswith("reempathy-with-a-very-long-name  ")

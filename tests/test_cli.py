@@ -52,8 +52,8 @@ def test_units_file_is_accepted_as_the_prompt(capsys, tmp_path):
 def test_plugins_lists_builtins_with_hooks_and_versions(capsys):
     code, out, _ = run(capsys, "plugins")
     assert code == 0
-    assert "reempathy.plugins.strategies  [built-in]  version" in out
-    assert "strategy:sft" in out and "hooks: reempathy_register_strategies" in out
+    assert "reempathy.plugins.strategies  [built-in]  reempathy " in out
+    assert "strategy sft" in out and "hooks: reempathy_register_strategies" in out
 
 
 def _one_line_error(code, err, *needles):

@@ -185,3 +185,17 @@ def test_timings_have_one_latency_per_sampled_token(tiny, tiny_prompt):
     assert len(t.token_latencies_s) == result.counts.generated
     assert t.time_to_first_token_s is not None and t.time_to_first_token_s >= t.prefill_s
     assert all(x >= 0 for x in t.token_latencies_s)
+
+
+def test_result_carries_the_prompt_ids_so_an_answer_can_be_replayed(tiny, tiny_prompt):
+    result = decode(tiny, tiny_prompt, _sft(tiny), [NoStop(tiny)], LoopOptions(max_new_tokens=6, greedy=True))
+    data = result.to_json()
+    assert data["prompt_ids"] == result.prompt_ids == list(tiny_prompt)
+    with torch.inference_mode():
+        logits = tiny.model(torch.tensor([data["prompt_ids"] + data["ids"]])).logits[0]
+    # every answer token is the argmax after its prefix (NoStop only bans tokens greedy never picked here)
+    prompt_len = len(data["prompt_ids"])
+    for i, token in enumerate(data["ids"]):
+        scores = logits[prompt_len + i - 1].clone()
+        scores[list(tiny.layout.stop_ids)] = float("-inf")
+        assert int(scores.argmax()) == token

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from reempathy.decoding import hookspecs
@@ -246,3 +247,101 @@ def test_every_hookspec_is_listed_and_exercised_by_a_test():
     for name in declared:
         exercised = re.search(rf"def test_{name}\w*\(", own) or f"def {name}(" in tests
         assert exercised, f"no test exercises {name}"
+
+
+# --- ordering, firstresult, wrappers, observers --------------------------------------------------
+
+BUILTIN_STRATEGY_CASES = {
+    "sft": {},
+    "cotbs": {"max_thought_tokens": 4},
+    "reempathy": {"text_tokens": 2, "audio_tokens": 3, "max_reflection_tokens": 3},
+    "reempathy-no-reflection": {"text_tokens": 2, "audio_tokens": 3, "reflect": False},
+    "reempathy-fixed": {"text_tokens": 2, "audio_tokens": 3, "reflection_tokens": 2},
+}
+
+
+def test_the_observer_cases_cover_every_builtin_strategy():
+    from reempathy.testing import isolated_discovery
+
+    registry = isolated_discovery().registry
+    assert {case.split("-")[0] for case in BUILTIN_STRATEGY_CASES} == set(registry.names("strategy"))
+
+
+@pytest.mark.parametrize("case", sorted(BUILTIN_STRATEGY_CASES))
+def test_reempathy_token_appended_sees_every_token_with_every_builtin_strategy(tiny, case):
+    from reempathy.testing import decode_with, isolated_discovery
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def reempathy_token_appended(self, session, token_id, kind):
+            seen.append((kind, token_id))
+
+    registry = isolated_discovery().registry
+    run = decode_with(
+        registry, tiny, case.split("-")[0], BUILTIN_STRATEGY_CASES[case], plugins=[Observer()], max_new_tokens=20, ban_stop=True
+    )
+    appended = [t for kind, t in seen if kind in ("sampled", "forced")]
+    counts = run.result.counts
+    assert len(appended) == counts.generated + counts.forced
+    assert appended == run.result.ids
+    assert sum(kind == "forced" for kind, _ in seen) == counts.forced
+
+
+def test_reempathy_token_is_answered_by_the_strategy_before_any_processor(tiny, tiny_prompt):
+    from reempathy.decoding.directives import Stop
+
+    class StopAt2:
+        @hookimpl
+        def reempathy_token(self, session, token_id):
+            return Stop("strategy", keep_token=True) if session.generated == 1 else None
+
+    class StopAt1:
+        @hookimpl
+        def reempathy_token(self, session, token_id):
+            return Stop("processor", keep_token=True)
+
+    r = decode(tiny, tiny_prompt, StopAt2(), [NoStop(tiny), StopAt1()], LoopOptions(max_new_tokens=9, greedy=True))
+    # firstresult: the processor's answer counts only where the strategy answered None
+    assert r.stop_reason == "processor" and r.counts.generated == 1
+    r = decode(tiny, tiny_prompt, StopAt2(), [NoStop(tiny)], LoopOptions(max_new_tokens=9, greedy=True))
+    assert r.stop_reason == "strategy" and r.counts.generated == 2
+
+
+def test_reempathy_token_wrapper_sees_and_may_replace_the_strategy_answer(tiny, tiny_prompt):
+    from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
+
+    answers = []
+
+    class NoReflections:
+        """A wrapper processor: sees the strategy's directive and turns every Switch into None."""
+
+        @hookimpl(wrapper=True)
+        def reempathy_token(self, session, token_id):
+            answer = yield
+            answers.append(answer)
+            return None if isinstance(answer, Switch) and answer.hidden else answer
+
+    strategy = ReEmpathyStrategy(ReEmpathyOptions(text_tokens=2, audio_tokens=3), tiny)
+    r = decode(tiny, tiny_prompt, strategy, [NoStop(tiny), NoReflections()], LoopOptions(max_new_tokens=12, greedy=True))
+    assert any(isinstance(a, Switch) and a.hidden for a in answers)
+    assert r.hidden == [] and r.counts.forced == 0
+
+
+def test_reempathy_logits_hookimpl_tryfirst_in_a_processor_runs_before_the_strategy(tiny, tiny_prompt):
+    log = []
+
+    class Strat:
+        @hookimpl
+        def reempathy_logits(self, session, logits):
+            log.append("strategy")
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def reempathy_logits(self, session, logits):
+            log.append("early")
+
+    decode(tiny, tiny_prompt, Strat(), [Recorder("p", log), Early()], LoopOptions(max_new_tokens=1, greedy=True))
+    calls = [e if isinstance(e, str) else e[1] for e in log if isinstance(e, str) or e[0] == "logits"]
+    assert calls == ["early", "strategy", "p"]

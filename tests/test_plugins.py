@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -155,15 +156,18 @@ def test_third_party_strategy_is_selected_by_name_from_a_toml_config(plugin_site
 def test_broken_plugin_is_listed_as_broken_and_the_rest_keeps_working(plugin_site, tmp_path):
     proc = _cli(plugin_site, "plugins")
     assert proc.returncode == 0, proc.stderr
-    assert "reempathy_broken  [broken]" in proc.stdout
-    assert "this plugin is broken on purpose" in proc.stdout
-    assert "reempathy_short  [entry point]  version 1.2.3" in proc.stdout
+    assert "reempathy_broken  [entry point]  reempathy-broken 1.2.3  BROKEN" in proc.stdout
+    assert "error: ImportError: this plugin is broken on purpose" in proc.stdout
+    assert "reempathy_short  [entry point]  reempathy-short 1.2.3" in proc.stdout
     cfg = tmp_path / "sft.toml"
     cfg.write_text(CONFIG.format(backbone="tiny", strategy="sft", strategy_options=""))
     decode = _cli(plugin_site, "decode", "--config", str(cfg))
     assert decode.returncode == 0, decode.stderr
     assert "spoken text" in decode.stdout
-    assert "failed to load" in decode.stderr  # a warning, not a failure
+    # a warning, not a failure: one clean line, no warnings-module noise
+    about = [line for line in decode.stderr.splitlines() if "reempathy_broken" in line]
+    assert len(about) == 1 and about[0].startswith("reempathy: warning: plugin 'reempathy_broken' failed to load")
+    assert "UserWarning" not in decode.stderr and "Traceback" not in decode.stderr
 
 
 def test_strict_plugins_turns_a_broken_plugin_into_a_clear_error(plugin_site, tmp_path):
@@ -217,7 +221,282 @@ def test_plugin_whose_registration_raises_is_broken_not_fatal(monkeypatch, fresh
         raise RuntimeError("boom")
 
     bad.reempathy_register_strategies = reempathy_register_strategies
-    with pytest.warns(UserWarning, match="boom"):
-        disc = discover(extra_plugins=[("bad", bad)])
-    assert {p.name: p.source for p in disc.plugins}["bad"] == "broken"
+    disc = discover(extra_plugins=[("bad", bad)])
+    assert disc.plugin("bad").broken and "RuntimeError: boom" in disc.plugin("bad").error
     assert "sft" in disc.registry.names("strategy")
+
+
+# --- discovery rules ---------------------------------------------------------------------------
+
+SINGLE_FILE = """
+from pydantic import BaseModel, ConfigDict
+from reempathy.api import Stop, hookimpl
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limit: int = 3
+
+
+class Shorty:
+    def __init__(self, options, backbone):
+        self.limit = options.limit
+
+    @hookimpl
+    def reempathy_token(self, session, token_id):
+        if session.generated + 1 >= self.limit:
+            return Stop("shorty", keep_token=True)
+
+
+@hookimpl
+def reempathy_register_strategies(register):
+    register("shorty", Shorty, Options, "stops after a few tokens")
+"""
+
+CLASHING = """
+from pydantic import BaseModel
+from reempathy.api import hookimpl
+
+
+class Options(BaseModel):
+    pass
+
+
+@hookimpl
+def reempathy_register_strategies(register):
+    register("sft", lambda options, backbone: None, Options, "an impostor")
+    register("mine", lambda options, backbone: None, Options, "kept")
+"""
+
+MODULE_RUN_HOOK = """
+from reempathy.api import hookimpl
+
+SEEN = []
+
+
+@hookimpl
+def reempathy_token_appended(session, token_id, kind):
+    SEEN.append(token_id)
+"""
+
+
+def _plugins_dir(tmp_path, **files):
+    d = tmp_path / "plugins"
+    d.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (d / f"{name}.py").write_text(text)
+    return d
+
+
+def test_plugins_dir_loads_single_file_plugins_through_the_cli(tmp_path):
+    d = _plugins_dir(tmp_path, shorty=SINGLE_FILE)
+    proc = _cli(tmp_path, "decode", "--plugins-dir", str(d), "--strategy", "shorty", "--prompt", "hi", "--greedy", "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    result = json.loads(proc.stdout)
+    assert result["strategy"] == "shorty" and result["stop_reason"] == "shorty" and result["counts"]["generated"] == 3
+
+
+def test_plugins_dir_environment_variable_loads_single_file_plugins(tmp_path, monkeypatch):
+    from reempathy.decoding.registry import discover
+
+    monkeypatch.setenv("REEMPATHY_PLUGINS_DIR", str(_plugins_dir(tmp_path, shorty=SINGLE_FILE)))
+    disc = discover()
+    row = disc.plugin("shorty")
+    assert row.source == "plugins dir" and row.location.endswith("shorty.py")
+    assert disc.registry.get("strategy", "shorty").description == "stops after a few tokens"
+
+
+def test_plugin_calling_sys_exit_at_import_is_broken_not_fatal(tmp_path):
+    from reempathy.decoding.registry import discover
+
+    disc = discover(plugins_dirs=[_plugins_dir(tmp_path, exiter="import sys\nsys.exit(3)\n")])
+    assert disc.plugin("exiter").error == "SystemExit(3) at import"
+    assert "sft" in disc.registry.names("strategy")
+
+
+def test_registration_that_lost_a_clash_is_listed_as_lost_not_provided(tmp_path):
+    from reempathy.decoding.registry import discover
+
+    disc = discover(plugins_dirs=[_plugins_dir(tmp_path, clashing=CLASHING)])
+    row = disc.plugin("clashing")
+    assert row.provides == ["strategy:mine"]
+    assert row.lost == ["strategy:sft (kept from 'reempathy.plugins.strategies')"]
+    assert disc.registry.get("strategy", "sft").plugin == "reempathy.plugins.strategies"
+
+
+def test_strict_mode_makes_a_clash_an_error(tmp_path, monkeypatch):
+    from reempathy.decoding.registry import discover
+    from reempathy.errors import PluginError
+
+    monkeypatch.setenv("REEMPATHY_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="plugin 'clashing' registers strategy 'sft'"):
+        discover(plugins_dirs=[_plugins_dir(tmp_path, clashing=CLASHING)])
+
+
+def test_hook_with_a_wrong_argument_name_is_one_line_in_strict_mode(tmp_path, monkeypatch):
+    from reempathy.decoding.registry import discover
+    from reempathy.errors import PluginError
+
+    bad = "from reempathy.api import hookimpl\n@hookimpl\ndef reempathy_register_strategies(reg):\n    pass\n"
+    monkeypatch.setenv("REEMPATHY_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError) as err:
+        discover(plugins_dirs=[_plugins_dir(tmp_path, badsig=bad)])
+    message = str(err.value)
+    assert "\n" not in message
+    assert "argument 'reg' is not in the hookspec reempathy_register_strategies(register)" in message
+
+
+def test_module_level_run_hook_is_refused_and_not_listed_as_a_hook(tmp_path):
+    from reempathy.decoding.registry import discover
+
+    row = discover(plugins_dirs=[_plugins_dir(tmp_path, watcher=MODULE_RUN_HOOK)]).plugin("watcher")
+    assert not row.broken
+    assert row.hooks == []
+    assert row.refused == ["reempathy_token_appended (a module-level run hook is never called)"]
+
+
+def test_hook_defined_without_hookimpl_makes_the_plugin_broken(tmp_path):
+    from reempathy.decoding.registry import discover
+
+    text = "def reempathy_register_strategies(register):\n    pass\n"
+    row = discover(plugins_dirs=[_plugins_dir(tmp_path, unmarked=text)]).plugin("unmarked")
+    assert row.broken and "defined without @hookimpl" in row.error
+
+
+def test_problems_warn_once_per_plugin_per_process_on_one_clean_line(tmp_path):
+    d = _plugins_dir(tmp_path, clashing=CLASHING, watcher=MODULE_RUN_HOOK, exiter="raise SystemExit('bye')\n")
+    code = f"from reempathy.decoding.registry import discover\nfor _ in range(3): discover(plugins_dirs=[{str(d)!r}])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert all(line.startswith("reempathy: warning: plugin '") for line in lines)
+    assert {line.split("'")[1] for line in lines} == {"clashing", "watcher", "exiter"}
+
+
+def test_extra_plugin_that_is_also_installed_replaces_it_instead_of_failing(plugin_site, monkeypatch):
+    import importlib
+
+    from reempathy.decoding.registry import discover
+
+    monkeypatch.syspath_prepend(str(plugin_site))
+    monkeypatch.setenv("REEMPATHY_PLUGINS", "reempathy_short")
+    module = importlib.import_module("reempathy_short")
+    disc = discover(extra_plugins=[("mine", module)])
+    names = [p.name for p in disc.plugins]
+    assert "mine" in names and "reempathy_short" not in names
+    assert disc.registry.get("strategy", "short").plugin == "mine"
+
+
+def test_plugins_listing_shows_distribution_descriptions_options_and_lost_clashes(plugin_site, tmp_path):
+    d = _plugins_dir(tmp_path, clashing=CLASHING)
+    proc = _cli(plugin_site, "plugins", "--options", "--plugins-dir", str(d), env={"REEMPATHY_PLUGINS": "reempathy_short,clashing"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "reempathy_short  [entry point]  reempathy-short 1.2.3" in out
+    assert re.search(r"^    strategy short +stop after a few tokens$", out, re.M)
+    assert "limit: int = 4" in out
+    assert "reempathy: warning" not in out
+    assert "lost clash: strategy:sft (kept from 'reempathy.plugins.strategies')" in out
+    proc = _cli(plugin_site, "plugins", "--json", env={"REEMPATHY_PLUGINS": "reempathy_short"})
+    import json
+
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    short = rows["reempathy_short"]
+    assert short["distribution"] == "reempathy-short" and short["version"] == "1.2.3"
+    (component,) = [c for c in short["components"] if c["name"] == "short"]
+    assert component["options"] == [
+        {"name": "limit", "type": "int", "required": False, "default": 4, "constraints": [], "description": ""}
+    ]
+
+
+def test_a_factory_that_raises_is_a_plugin_failure_naming_plugin_and_factory(fresh_discovery):
+    import types
+
+    from pydantic import BaseModel
+
+    from reempathy.decoding.registry import discover
+    from reempathy.errors import PluginFailure
+    from reempathy.hooks import hookimpl
+
+    class Options(BaseModel):
+        pass
+
+    def factory(options):
+        raise ValueError("cannot open the model")
+
+    mod = types.ModuleType("flaky")
+
+    @hookimpl
+    def reempathy_register_backbones(register):
+        register("flaky", factory, Options)
+
+    mod.reempathy_register_backbones = reempathy_register_backbones
+    registry = discover([("flaky", mod)], installed=False).registry
+    with pytest.raises(PluginFailure) as err:
+        registry.create("backbone", "flaky", {})
+    assert err.value.exit_code == 1
+    assert str(err.value) == "plugin 'flaky' failed in the backbone factory of 'flaky': ValueError: cannot open the model"
+
+
+def test_a_session_object_with_a_misnamed_hook_argument_is_refused_before_decoding(tiny):
+    import types
+
+    from pydantic import BaseModel
+
+    from reempathy.decoding.registry import discover
+    from reempathy.errors import PluginError
+    from reempathy.hooks import hookimpl
+
+    class Options(BaseModel):
+        pass
+
+    class Typo:
+        def __init__(self, options, backbone):
+            pass
+
+        @hookimpl
+        def reempathy_token(self, session, token):
+            return None
+
+    mod = types.ModuleType("typo")
+
+    @hookimpl
+    def reempathy_register_strategies(register):
+        register("typo", Typo, Options)
+
+    mod.reempathy_register_strategies = reempathy_register_strategies
+    registry = discover([("typo", mod)], installed=False).registry
+    with pytest.raises(PluginError, match=r"strategy 'typo' of plugin 'typo': hook reempathy_token\(session, token\): "
+                       r"argument 'token' is not in the hookspec reempathy_token\(session, token_id\)"):
+        registry.create("strategy", "typo", {}, tiny)
+
+
+def test_a_backbone_that_breaks_the_contract_is_refused_with_one_line(tiny):
+    import dataclasses
+    import types
+
+    from pydantic import BaseModel
+
+    from reempathy.decoding.registry import discover
+    from reempathy.errors import PluginError
+    from reempathy.hooks import hookimpl
+
+    class Options(BaseModel):
+        pass
+
+    def factory(options):
+        return dataclasses.replace(tiny, layout=dataclasses.replace(tiny.layout, vocab_size=tiny.layout.vocab_size - 8))
+
+    mod = types.ModuleType("wrong")
+
+    @hookimpl
+    def reempathy_register_backbones(register):
+        register("wrong", factory, Options)
+
+    mod.reempathy_register_backbones = reempathy_register_backbones
+    registry = discover([("wrong", mod)], installed=False).registry
+    with pytest.raises(PluginError, match="backbone 'wrong' of plugin 'wrong' breaks the backbone contract: .*logits have"):
+        registry.create("backbone", "wrong", {})

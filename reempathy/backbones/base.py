@@ -1,4 +1,10 @@
-"""The one interface the decoder core sees of a speech language model."""
+"""The one interface the decoder core sees of a speech language model.
+
+A backbone declares its spoken stream (:class:`StreamPolicy`): text and audio tokens interleaved
+(GLM-4-Voice), or text only (``audio_tokens = 0``) with speech made afterwards from the decoder's
+own states at the spoken positions by a :class:`Talker` (Qwen2.5-Omni). Strategies, the chunk
+layout and the training builders read that declaration; none of them branches on a backbone name.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,15 @@ from reempathy.errors import InputError
 # Delimiter token names shared by strategies, backbones and the training builders, so that
 # what is trained is what is decoded.
 REFLECTION_OPEN = "<|begin_of_reflection|>"
+"""Opens a hidden reflection (``reempathy``)."""
 REFLECTION_CLOSE = "<|end_of_reflection|>"
+"""Closes a reflection."""
 THOUGHT_OPEN = "<|begin_of_thought|>"
+"""Opens a hidden chain of thought (``cotbs``)."""
 THOUGHT_CLOSE = "<|end_of_thought|>"
+"""Closes a thought."""
 DELIMITER_TOKENS = (REFLECTION_OPEN, REFLECTION_CLOSE, THOUGHT_OPEN, THOUGHT_CLOSE)
+"""Every delimiter a backbone should hold in ``layout.special`` (strategies look them up by these names)."""
 
 
 @dataclass(frozen=True)
@@ -35,12 +46,15 @@ class VocabLayout:
     stop_ids: tuple[int, ...]
 
     def is_text(self, token_id: int) -> bool:
+        """True for a text token id."""
         return 0 <= token_id < self.text_end
 
     def is_audio(self, token_id: int) -> bool:
+        """True for an audio-unit token id."""
         return self.audio_offset <= token_id < self.audio_offset + self.audio_count
 
     def unit_to_token(self, unit: int) -> int:
+        """Token id of audio unit ``unit``; an :class:`InputError` outside ``0..audio_count-1``."""
         if not 0 <= unit < self.audio_count:
             raise InputError(
                 f"audio unit {unit} is outside this backbone's range 0..{self.audio_count - 1}; "
@@ -49,9 +63,11 @@ class VocabLayout:
         return self.audio_offset + unit
 
     def token_to_unit(self, token_id: int) -> int:
+        """Audio unit of an audio-unit token id."""
         return token_id - self.audio_offset
 
     def token_id(self, name: str) -> int:
+        """Id of the special token ``name``; an :class:`InputError` naming the known ones if absent."""
         try:
             return self.special[name]
         except KeyError:
@@ -71,29 +87,84 @@ class VocabLayout:
         m[self.audio_offset : self.audio_offset + self.audio_count] = True
         return m
 
+    def allowed_mask(
+        self,
+        *,
+        text: bool = False,
+        audio: bool = False,
+        stop: bool = False,
+        extra_ids: Sequence[int] = (),
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Boolean mask over the vocabulary, True for the kinds of token allowed (and ``extra_ids``).
+
+        Strategies build their "banned" masks as ``~allowed_mask(...)`` once, so that each step is
+        one ``masked_fill``. A backbone without audio tokens gives no audio ids for ``audio=True``.
+        """
+        m = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
+        if text:
+            m[: self.text_end] = True
+        if audio:
+            m[self.audio_offset : self.audio_offset + self.audio_count] = True
+        if stop:
+            m[list(self.stop_ids)] = True
+        if extra_ids:
+            m[list(extra_ids)] = True
+        return m
+
 
 @dataclass(frozen=True)
 class StreamPolicy:
-    """How the backbone interleaves its spoken stream: ``text_tokens`` text, then ``audio_tokens`` audio, repeating."""
+    """How the backbone interleaves its spoken stream: ``text_tokens`` text, then ``audio_tokens`` audio, repeating.
+
+    ``audio_tokens = 0`` declares a text-only spoken stream: the model writes only text, and its
+    speech is made afterwards from the spoken positions (``Backbone.talker``). ``text_tokens``
+    then only groups the answer's text, which does not change its tokens.
+    """
 
     text_tokens: int
     audio_tokens: int
     audio_rate_hz: float = 12.5
 
+    @property
+    def text_only(self) -> bool:
+        """True when the spoken stream holds no audio tokens."""
+        return self.audio_tokens == 0
+
 
 @dataclass
 class Turn:
-    """One turn of a dialogue: ``role`` is system, user or assistant; content is text or audio units."""
+    """One turn of a dialogue: ``role`` is system, user or assistant; content is text, audio units or audio.
+
+    ``audio`` is the path of a WAV file, for backbones that read the waveform themselves
+    (``Backbone.reads_audio``); ``units`` are speech-tokenizer units, for backbones with audio tokens.
+    """
 
     role: str
     text: str | None = None
     units: Sequence[int] | None = None
+    audio: str | None = None
+
+
+@dataclass
+class PromptInputs:
+    """A prompt as the model reads it: token ids, plus model inputs for the first forward call only.
+
+    ``prefill_inputs`` are keyword arguments the decode loop passes to the model's first (prefill)
+    call together with the ids — e.g. audio features for audio placeholders in the ids. They
+    must not depend on tokens appended after the prompt. Empty for most backbones.
+    """
+
+    ids: list[int]
+    prefill_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 class SpeechTokenizer(Protocol):
     """Waveform → audio units."""
 
-    def tokenize(self, path: str) -> list[int]: ...
+    def tokenize(self, path: str) -> list[int]:
+        """Audio units of the WAV file at ``path``."""
+        ...
 
 
 class SpeechDecoder(Protocol):
@@ -101,14 +172,49 @@ class SpeechDecoder(Protocol):
 
     sample_rate: int
 
-    def synthesize(self, units: Sequence[int]) -> torch.Tensor: ...
+    def synthesize(self, units: Sequence[int]) -> torch.Tensor:
+        """Waveform (at ``sample_rate``) of ``units``."""
+        ...
+
+
+class TalkerTurn(Protocol):
+    """The speech of one answer of a text-only stream.
+
+    Enter it around the decode and add it to the decode's observers: it records the decoder's
+    states at the spoken positions and releases them to the talker as spoken chunks complete.
+    ``advance`` runs the talker over what has been released (call it from one thread, the
+    decode may run in another); ``finish`` (after the decode) ends the talker's input and
+    returns the waveform, ``(samples,)`` float32 at the talker's ``sample_rate``.
+    """
+
+    def __enter__(self) -> "TalkerTurn": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def advance(self) -> None: ...
+
+    def finish(self) -> torch.Tensor: ...
+
+
+class Talker(Protocol):
+    """Speech out of a text-only spoken stream, made from the decoder's states at spoken positions."""
+
+    sample_rate: int
+
+    def turn(self, seed: int) -> TalkerTurn:
+        """A fresh :class:`TalkerTurn`; ``seed`` drives the talker's sampling and the waveform's noise."""
+        ...
 
 
 @dataclass
 class Backbone:
     """A loaded speech LM: model, tokenizer, vocabulary layout, prompt format and stream policy.
 
-    Adapters build one of these; the decoder core uses nothing else of the model.
+    Adapters build one of these; the decoder core uses nothing else of the model. A backbone
+    factory returns one; the registry checks it against the backbone contract
+    (:mod:`reempathy.backbones.contract`, docs/backbones.md) before any decode. For a
+    transformers causal LM with interleaved text and audio-unit tokens, subclass
+    :class:`reempathy.backbones.interleaved.InterleavedBackbone` instead of building it by hand.
     """
 
     name: str
@@ -117,23 +223,55 @@ class Backbone:
     layout: VocabLayout
     stream: StreamPolicy
     max_context: int
-    prompt_builder: Any  # callable(list[Turn]) -> list[int]
+    prompt_builder: Any  # callable(list[Turn]) -> list[int], or -> PromptInputs when it needs prefill inputs
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     speech_tokenizer: SpeechTokenizer | None = None
     speech_decoder: SpeechDecoder | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # Speech for a text-only stream (``stream.audio_tokens == 0``): see :class:`Talker`.
+    talker: Talker | None = None
+    # True when the prompt builder reads WAV files itself (``Turn.audio``) instead of taking units.
+    reads_audio: bool = False
+
+    @property
+    def _text_config(self) -> Any:
+        # Composite models (Qwen2.5-Omni's thinker) keep the decoder's shape in a text sub-config.
+        config = self.model.config
+        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        """Decoder layers of the model (``num_hidden_layers`` of its text config)."""
+        return int(self._text_config.num_hidden_layers)
 
     @property
     def num_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
+        """Attention heads per layer (``num_attention_heads`` of its text config)."""
+        return int(self._text_config.num_attention_heads)
+
+    def build_prompt_inputs(self, turns: Sequence[Turn]) -> PromptInputs:
+        """The prompt that asks the model for the next assistant turn: ids and any prefill inputs.
+
+        ``prompt_builder`` may return a list of ids or a :class:`PromptInputs`.
+        """
+        built = self.prompt_builder(list(turns))
+        if isinstance(built, PromptInputs):
+            return built
+        return PromptInputs(list(built))
 
     def build_prompt(self, turns: Sequence[Turn]) -> list[int]:
-        """Token ids of the prompt that asks the model for the next assistant turn."""
-        return list(self.prompt_builder(list(turns)))
+        """Token ids of the prompt that asks the model for the next assistant turn.
+
+        Refuses a prompt that needs prefill inputs (audio read as features): its ids alone would
+        decode without the audio. Use :meth:`build_prompt_inputs` for those.
+        """
+        built = self.build_prompt_inputs(turns)
+        if built.prefill_inputs:
+            raise InputError(
+                f"backbone {self.name!r} reads this prompt's audio as model inputs beside the ids; "
+                "build it with build_prompt_inputs and pass prefill_inputs to the decoder"
+            )
+        return built.ids
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text of text-token ids (non-text ids are dropped)."""

@@ -19,8 +19,17 @@ How it plugs into transformers (5.x):
   results. For a planned layer it builds one float mask (causal/padding part plus the bias
   columns) and hands it to the same ``sdpa_attention_forward``, which deals with GQA.
 
-Key positions in :class:`KeyBias` are absolute indices into the key tensor, i.e. positions in the
-KV cache (which keeps every position; sliding windows are not supported).
+Key positions in :class:`KeyBias` are positions of the row's own sequence. With one plan for
+every row (:meth:`BiasController.set_plan`) they are KV-cache columns as they are; a batch gives
+each row its plan and its column offset (:meth:`BiasController.set_rows`: the row's left padding),
+and the bias of row ``r`` lands at ``offset_r + position``. The cache keeps every position;
+sliding windows are not supported.
+
+Where the bias lives: one buffer per *layer group* (layers that read equal entries in every row
+share one), ``[rows, 1 or H, 1, capacity]``, written in place when a row's plan changes (only that
+row), read by the attention function as a view. A later static-cache/CUDA-graph path reserves the
+buffers at their final size (:meth:`BiasController.reserve`) and reads the same tensors on every
+replay.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ __all__ = [
     "BiasController",
     "KeyBias",
     "biased_attention",
+    "normalise_plan",
     "register_attention",
 ]
 
@@ -65,121 +75,260 @@ class KeyBias:
 AttentionPlan = dict[int, list[KeyBias]]  # layer index -> biases
 
 
-class BiasController:
-    """The plan the attention function reads for one model.
+def normalise_plan(plan: AttentionPlan | None) -> dict[int, tuple[KeyBias, ...]]:
+    """Drop entries that cannot change anything; ``heads`` as int tuples; equal per-layer tuples shared.
 
-    ``set_plan`` normalises the plan once (drops entries that cannot change anything, turns
-    ``heads`` into tuples, shares equal per-layer lists) so that the per-layer read during a
-    forward pass is a single dict lookup.
+    An entry with no heads, an empty or negative span, or a zero bias is dropped; a layer left
+    with no entry is dropped, so an empty result means "plain SDPA everywhere".
+    """
+    active: dict[int, tuple[KeyBias, ...]] = {}
+    interned: dict[tuple[KeyBias, ...], tuple[KeyBias, ...]] = {}
+    for layer, biases in (plan or {}).items():
+        kept = []
+        for kb in biases or ():
+            if kb.heads is not None:
+                heads = tuple(int(h) for h in kb.heads)
+                if not heads:
+                    continue
+                if heads != kb.heads:
+                    kb = dataclasses.replace(kb, heads=heads)
+            if kb.end <= kb.start or kb.end <= 0 or float(kb.bias) == 0.0:
+                continue
+            kept.append(kb)
+        if kept:
+            entry = tuple(kept)
+            active[int(layer)] = interned.setdefault(entry, entry)
+    return active
+
+
+class _BiasGroup:
+    """The bias rows of a set of layers that read the same bias for every batch row.
+
+    ``buffer`` is ``[rows, 1 or H, 1, capacity]``: row ``r`` holds its entries shifted by its
+    column offset (where its position 0 sits in the KV cache). It is allocated once and written
+    in place: a row whose entries or offset change is marked dirty and rewritten (only that row)
+    before the next forward reads the buffer. It grows (doubling) only when the keys outgrow it,
+    unless :meth:`BiasController.reserve` allocated it for the longest cache up front.
+    """
+
+    __slots__ = (
+        "per_head", "entries", "offsets", "dirty", "buffer", "_heads", "_dtype", "_device", "_view", "_view_key",
+    )
+
+    def __init__(self, per_head: bool) -> None:
+        self.per_head = per_head
+        self.entries: list[tuple[KeyBias, ...] | None] = []
+        self.offsets: list[int] = []
+        self.dirty: set[int] = set()
+        self.buffer: torch.Tensor | None = None
+        self._heads = 0
+        self._dtype: torch.dtype | None = None
+        self._device: torch.device | None = None
+        # The last view handed out: every layer of the group in one forward pass asks for the same one.
+        self._view: torch.Tensor | None = None
+        self._view_key: tuple | None = None
+
+    def assign(self, entries: list[tuple[KeyBias, ...] | None], offsets: list[int]) -> None:
+        """Set every row's entries and offset; rows that differ from before become dirty."""
+        if len(entries) != len(self.entries):
+            self.dirty = set(range(len(entries)))
+        else:
+            for r, (entry, offset) in enumerate(zip(entries, offsets)):
+                if entry is not self.entries[r] or offset != self.offsets[r]:
+                    self.dirty.add(r)
+        self.entries = list(entries)
+        self.offsets = list(offsets)
+        if self.dirty:
+            self._view_key = None
+
+    def allocate(self, rows: int, num_heads: int, columns: int, dtype: torch.dtype, device: torch.device) -> None:
+        """A fresh zero buffer of at least ``rows`` x ``columns``; every row is rewritten from its entries."""
+        heads = num_heads if self.per_head else 1
+        self.buffer = torch.zeros(rows, heads, 1, columns, dtype=dtype, device=device)
+        self._heads, self._dtype, self._device = num_heads, dtype, device
+        self.dirty = set(range(len(self.entries)))
+        self._view_key = None
+
+    def flush(self) -> None:
+        """Write the dirty rows into the buffer, in place."""
+        buf = self.buffer
+        if buf is None or not self.dirty:
+            return
+        capacity = buf.shape[-1]
+        for r in self.dirty:
+            row = buf[r]
+            row.zero_()
+            offset = self.offsets[r]
+            for kb in self.entries[r] or ():
+                start, end = max(offset + int(kb.start), 0), min(offset + int(kb.end), capacity)
+                if end <= start:
+                    continue
+                if kb.heads is None:
+                    row[..., start:end] += kb.bias
+                else:
+                    for head in kb.heads:  # one by one, so a repeated head adds its bias twice, as written
+                        row[head, :, start:end] += kb.bias
+        self.dirty.clear()
+
+    def columns(self, num_heads: int, kv_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[rows, 1 or H, 1, kv_length]`` for the current rows: a contiguous view (or copy) of the buffer."""
+        key = (kv_length, dtype, device, num_heads)
+        if key == self._view_key:
+            return self._view  # type: ignore[return-value]
+        rows = len(self.entries)
+        buf = self.buffer
+        if (
+            buf is None
+            or buf.shape[0] < rows
+            or buf.shape[-1] < kv_length
+            or dtype is not self._dtype
+            or device != self._device
+            or (self.per_head and num_heads != self._heads)
+        ):
+            capacity = max(256, 2 * kv_length, 0 if buf is None else buf.shape[-1])
+            self.allocate(max(rows, 0 if buf is None else buf.shape[0]), num_heads, capacity, dtype, device)
+        self.flush()
+        view = self.buffer[:rows, ..., :kv_length]  # type: ignore[index]
+        # One row of one head is contiguous as it is; other views are copied once per key length.
+        self._view = view if rows == 1 and not self.per_head else view.contiguous()
+        self._view_key = key
+        return self._view
+
+
+class BiasController:
+    """The attention bias one model reads: per batch row a plan, per layer group one bias buffer.
+
+    Two ways to set it. :meth:`set_plan` gives one plan for every row of whatever batch is
+    forwarded (the single-row loop, and a plain ``model(...)`` call); :meth:`set_rows` and
+    :meth:`set_row_plan` give each row of a batch its own plan and its column offset (its left
+    padding), producing a bias of shape ``[B, 1, 1, K]`` (``[B, H, 1, K]`` where heads are
+    selected).
+
+    Layers are grouped by what they read: layers whose entries are equal for every row share one
+    :class:`_BiasGroup` buffer (the built-in reweighting puts all its layers in one group). A plan
+    change updates only the changed row of each group's buffer, in place; groups (and their
+    buffers) are kept in a pool keyed by their layers, so a plan that touches the same layers again
+    finds the same tensor. A static-cache/CUDA-graph path calls :meth:`reserve` once to allocate
+    every buffer at its final size and :meth:`flush` before replaying a graph, which then reads
+    the same tensors throughout.
     """
 
     def __init__(self) -> None:
-        self._plan: AttentionPlan = {}
-        # layer index -> normalised, non-empty tuple of biases
-        self._active: dict[int, tuple[KeyBias, ...]] = {}
-        # layer index -> the bias row of its biases (layers with equal biases share one row)
-        self._rows: dict[int, _BiasRow] = {}
-        # Single-entry cache of the last combined mask, so layers sharing the same biases reuse
-        # one mask within a forward pass. Identity-checked on the mask and bias objects.
+        self._plans: list[AttentionPlan] = []  # as given, per row
+        self._rows: list[dict[int, tuple[KeyBias, ...]]] = []  # normalised, per row
+        self._offsets: list[int] = []
+        # layer index -> its group; empty while paused or when no row has a bias
+        self._groups: dict[int, _BiasGroup] = {}
+        self._active: dict[int, _BiasGroup] = {}
+        self._pool: dict[tuple[frozenset[int], bool], _BiasGroup] = {}
+        self._reserved: tuple[int, int, int, torch.dtype, torch.device] | None = None
+        self._paused = False
+        # Single-entry cache of the last combined mask, so the layers of one group reuse one mask
+        # within a forward pass. Identity-checked on the group and the attention mask object.
         self._cache_key: tuple | None = None
         self._cache_mask_ref: torch.Tensor | None = None
         self._cache_value: torch.Tensor | None = None
 
+    # --- setting plans --------------------------------------------------------------------
+
     def set_plan(self, plan: AttentionPlan | None) -> None:
-        """Replace the active plan (None/{} = no bias anywhere)."""
-        plan = dict(plan or {})
-        active: dict[int, tuple[KeyBias, ...]] = {}
-        interned: dict[tuple[KeyBias, ...], tuple[KeyBias, ...]] = {}
-        for layer, biases in plan.items():
-            kept = []
-            for kb in biases or ():
-                if kb.heads is not None:
-                    heads = tuple(int(h) for h in kb.heads)
-                    if not heads:
-                        continue
-                    if heads != kb.heads:
-                        kb = dataclasses.replace(kb, heads=heads)
-                if kb.end <= kb.start or kb.end <= 0 or float(kb.bias) == 0.0:
-                    continue
-                kept.append(kb)
-            if kept:
-                entry = tuple(kept)
-                active[int(layer)] = interned.setdefault(entry, entry)
-        rows: dict[int, _BiasRow] = {}
-        shared: dict[int, _BiasRow] = {}
-        for layer, entry in active.items():
-            rows[layer] = shared.get(id(entry)) or shared.setdefault(id(entry), _BiasRow(entry))
-        self._plan = {layer: list(biases or ()) for layer, biases in plan.items()}
-        self._active = active
-        self._rows = rows
-        self.clear_cache()
+        """One plan for every row (None/{} = no bias anywhere); key positions are cache columns."""
+        self.set_rows([plan], [0])
+
+    def set_rows(self, plans: list[AttentionPlan | None], offsets: list[int]) -> None:
+        """Each batch row's plan and the cache column of its position 0 (its left padding)."""
+        if len(plans) != len(offsets):
+            raise ValueError(f"{len(plans)} plans for {len(offsets)} offsets")
+        self._plans = [dict(plan or {}) for plan in plans]
+        self._rows = [normalise_plan(plan) for plan in plans]
+        self._offsets = [int(o) for o in offsets]
+        self._regroup()
+
+    def set_row_plan(self, row: int, plan: AttentionPlan | None) -> None:
+        """Replace one row's plan (its offset is kept); only that row of each buffer is rewritten."""
+        self._plans[row] = dict(plan or {})
+        self._rows[row] = normalise_plan(plan)
+        self._regroup()
 
     @property
     def plan(self) -> AttentionPlan:
-        """The plan last given to ``set_plan`` (a copy)."""
-        return {layer: list(biases) for layer, biases in self._plan.items()}
+        """The plan of the first row (the one given to ``set_plan``), a copy."""
+        return self.row_plan(0) if self._plans else {}
+
+    def row_plan(self, row: int) -> AttentionPlan:
+        """Row ``row``'s plan as given, a copy."""
+        return {layer: list(biases or ()) for layer, biases in self._plans[row].items()}
+
+    @property
+    def groups(self) -> dict[int, _BiasGroup]:
+        """Layer index -> the group whose buffer that layer reads (layers without bias are absent)."""
+        return dict(self._groups)
+
+    def reserve(self, rows: int, num_heads: int, columns: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate every group's buffer (now and later) for ``rows`` rows and ``columns`` keys, so none grows."""
+        self._reserved = (rows, num_heads, columns, dtype, device)
+        for group in self._pool.values():
+            group.allocate(rows, num_heads, columns, dtype, device)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every pending row change into the buffers now (a forward pass would do it on first read)."""
+        for group in set(self._groups.values()):
+            if group.buffer is not None:
+                group.flush()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No bias anywhere inside (a new row's own prefill while the batch's plans are set)."""
+        self._paused, self._active = True, {}
+        self.clear_cache()
+        try:
+            yield
+        finally:
+            self._paused, self._active = False, self._groups
+            self.clear_cache()
 
     def clear_cache(self) -> None:
         self._cache_key = None
         self._cache_mask_ref = None
         self._cache_value = None
 
-    def _biases_for(self, layer_idx: int | None) -> tuple[KeyBias, ...] | None:
-        return self._active.get(layer_idx)
+    def _regroup(self) -> None:
+        """Group layers by the tuple of their per-row entries; reuse pooled groups; mark changed rows."""
+        rows, offsets = self._rows, self._offsets
+        layers: set[int] = set()
+        for entries in rows:
+            layers.update(entries)
+        by_signature: dict[tuple, list[int]] = {}
+        for layer in sorted(layers):
+            by_signature.setdefault(tuple(entries.get(layer) for entries in rows), []).append(layer)
+        groups: dict[int, _BiasGroup] = {}
+        for signature, members in by_signature.items():
+            per_head = any(kb.heads is not None for entry in signature if entry for kb in entry)
+            key = (frozenset(members), per_head)
+            group = self._pool.get(key)
+            if group is None:
+                group = self._pool[key] = _BiasGroup(per_head)
+                if self._reserved is not None:
+                    r_rows, heads, columns, dtype, device = self._reserved
+                    group.allocate(max(r_rows, len(rows)), heads, columns, dtype, device)
+            group.assign(list(signature), offsets)
+            for layer in members:
+                groups[layer] = group
+        self._groups = groups
+        self._active = {} if self._paused else groups
+        self.clear_cache()
 
 
 def _bias_columns(
     biases: tuple[KeyBias, ...], num_heads: int, kv_length: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Bias over key columns: ``[1, 1, 1, K]``, or ``[1, H, 1, K]`` when some bias selects heads."""
-    per_head = any(kb.heads is not None for kb in biases)
-    bias = torch.zeros(1, num_heads if per_head else 1, 1, kv_length, dtype=dtype, device=device)
-    for kb in biases:
-        start, end = max(int(kb.start), 0), min(int(kb.end), kv_length)
-        if end <= start:
-            continue
-        if kb.heads is None:
-            bias[..., start:end] += kb.bias
-        else:
-            for head in kb.heads:
-                bias[:, head, :, start:end] += kb.bias
-    return bias
-
-
-class _BiasRow:
-    """The bias columns of one tuple of biases, built once per plan and sliced to the current key length.
-
-    Decoding adds a key every step; rebuilding the columns for every step and layer was most of
-    what reweighting cost per token. The buffer grows (doubling) only when the keys outgrow it.
-    """
-
-    __slots__ = ("biases", "per_head", "_buffer", "_dtype", "_device", "_view", "_view_len")
-
-    def __init__(self, biases: tuple[KeyBias, ...]) -> None:
-        self.biases = biases
-        self.per_head = any(kb.heads is not None for kb in biases)
-        self._buffer: torch.Tensor | None = None
-        self._dtype: torch.dtype | None = None
-        self._device: torch.device | None = None
-        # The last slice handed out: every planned layer of one forward pass asks for the same one.
-        self._view: torch.Tensor | None = None
-        self._view_len = -1
-
-    def columns(self, num_heads: int, kv_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``[1, 1, 1, kv_length]`` (or ``[1, H, 1, kv_length]``): a slice of the buffer, contiguous."""
-        heads_ok = not self.per_head or self._view is None or self._view.shape[1] == num_heads
-        if kv_length == self._view_len and dtype is self._dtype and device == self._device and heads_ok:
-            return self._view  # type: ignore[return-value]
-        buf = self._buffer
-        if buf is None or buf.shape[-1] < kv_length or dtype is not self._dtype or device != self._device or not heads_ok:
-            capacity = max(256, 2 * kv_length)
-            buf = self._buffer = _bias_columns(self.biases, num_heads, capacity, dtype, device)
-            self._dtype, self._device = dtype, device
-        # A [1, 1, 1, K] slice is contiguous as it is; a per-head one is copied once per length.
-        view = buf[..., :kv_length]
-        self._view = view.contiguous() if self.per_head else view
-        self._view_len = kv_length
-        return self._view
+    """Bias over key columns of one row: ``[1, 1, 1, K]``, or ``[1, H, 1, K]`` when some bias selects heads."""
+    group = _BiasGroup(any(kb.heads is not None for kb in biases))
+    group.assign([biases], [0])
+    group.allocate(1, num_heads, kv_length, dtype, device)
+    group.flush()
+    return group.buffer  # type: ignore[return-value]
 
 
 def _combined_mask(
@@ -192,7 +341,8 @@ def _combined_mask(
 ) -> torch.Tensor:
     """Float additive mask = causal/padding part (0 or dtype min) + bias at the target key columns.
 
-    ``bias`` is the precomputed bias columns (from a :class:`_BiasRow`); built here when None.
+    ``bias`` is the precomputed bias columns (``[1 or B, 1 or H, 1, K]``, from a
+    :class:`_BiasGroup`); built from ``biases`` here when None.
     """
     num_heads, q_length = query.shape[1], query.shape[2]
     kv_length = key.shape[2]
@@ -267,22 +417,24 @@ def _reempathy_sdpa_forward(
 ):
     sdpa_attention_forward = _sdpa_forward
     controller = module.__dict__.get(_CONTROLLER_ATTR)
-    row = None if controller is None else controller._rows.get(getattr(module, "layer_idx", None))
-    if row is None:
+    group = None if controller is None else controller._active.get(getattr(module, "layer_idx", None))
+    if group is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    if attention_mask is None and query.shape[2] == 1 and not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS):
-        # One new token over a dynamic cache: it sees every key, so the bias columns are the whole mask.
-        mask = row.columns(query.shape[1], key.shape[2], query.dtype, query.device)
+    one_query = query.shape[2] == 1 and not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS)
+    if attention_mask is None and one_query:
+        # One new token per row over a cache with no padding: it sees every key, so the bias
+        # columns are the whole mask.
+        mask = group.columns(query.shape[1], key.shape[2], query.dtype, query.device)
         return _one_query_attention(query, key, value, mask, dropout, scaling)
-    biases = row.biases
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cache_key = (
-        biases,
+        group,
         attention_mask is None,
         bool(causal),
+        query.shape[0],
         query.shape[1],
         query.shape[2],
         key.shape[2],
@@ -292,18 +444,19 @@ def _reempathy_sdpa_forward(
     cached = controller._cache_key
     if (
         cached is not None
-        and cached[0] is biases
+        and cached[0] is group
         and controller._cache_mask_ref is attention_mask
         and cached[1:] == cache_key[1:]
     ):
         mask = controller._cache_value
     else:
-        bias = row.columns(query.shape[1], key.shape[2], query.dtype, query.device)
-        mask = _combined_mask(biases, attention_mask, bool(causal), query, key, bias)
+        bias = group.columns(query.shape[1], key.shape[2], query.dtype, query.device)
+        mask = _combined_mask((), attention_mask, bool(causal), query, key, bias)
         controller._cache_key = cache_key
         controller._cache_mask_ref = attention_mask
         controller._cache_value = mask
-
+    if one_query:
+        return _one_query_attention(query, key, value, mask, dropout, scaling)
     # With a mask present, sdpa_attention_forward never uses `is_causal`, and it repeats/packs
     # key-value heads for GQA exactly as for plain "sdpa".
     return sdpa_attention_forward(
@@ -384,10 +537,14 @@ def _targets(model: torch.nn.Module) -> _Targets:
 
 
 @contextlib.contextmanager
-def biased_attention(model) -> Iterator[BiasController]:
-    """Switch `model` to ATTENTION_NAME for the duration (and restore its previous attn implementation after, even on error); yield a controller whose plan the attention function reads."""
+def biased_attention(model, controller: BiasController | None = None) -> Iterator[BiasController]:
+    """Switch `model` to ATTENTION_NAME for the duration (and restore its previous attn implementation after, even on error); yield a controller whose plan the attention function reads.
+
+    Pass ``controller`` to attach an existing one again (its plans and buffers kept), e.g. when a
+    generator leaves the context around each ``yield``.
+    """
     register_attention()
-    controller = BiasController()
+    controller = controller if controller is not None else BiasController()
     targets = _targets(model)
     before = tuple(config._attn_implementation_internal for config in targets.configs)
     snapshot = list(zip(targets.configs, before))

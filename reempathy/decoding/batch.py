@@ -1,35 +1,81 @@
-"""Many answers at once: the interface the experiment runner decodes a test set through.
+"""Many answers at once: the batched loop the experiment runner decodes a test set through.
 
-Each row is one record's answer with its own strategy and processor objects (built per row
-from the same factories, since a strategy keeps per-answer state) and its own sampling seed,
-derived from the run seed and the record id by :func:`row_seed`, so that a record's answer
-does not depend on its neighbours or on the batch size.
+Each row is one record's answer with its own strategy and processor objects (built per row from
+the same factories, since a strategy keeps per-answer state), its own session and per-session
+plugin manager, its own phase, forced tokens, attention plan, stop, and its own sampling
+generator seeded from the run seed and the record id (:func:`row_seed`), so that a record's
+answer depends neither on its neighbours nor on the batch size. What happens to a row's sampled
+token is the single-row loop's own code (:class:`reempathy.decoding.row.Row`); this module only
+decides what goes through the model when.
 
-:func:`decode_batch` yields ``(key, result)`` as rows finish, not necessarily in the order the
-requests came in.
+Where it decides:
+
+* **Rows in and out** (:meth:`_BatchLoop._refill`): a finished row's slot is *refilled* with the
+  next request at once, and dropped only when the requests run out. Refilling keeps the batch
+  full for a test set of thousands (dropping alone would leave the last, longest answers of each
+  batch running nearly alone); answers of different lengths then cost no idle rows. Each new row
+  is prefilled on its own (a batch-of-one forward, exactly the single-row prefill, with the row's
+  ``prefill_inputs`` if any) and its KV cache is merged into the batch's.
+* **Layout of the batch cache** (:meth:`_BatchLoop._recompose`): rows are right-aligned (left
+  padding) in one ``DynamicCache``; the cache is rebuilt only when rows come or go, and trimmed
+  then so that the longest row has no padding. Row ``r``'s position ``p`` sits in cache column
+  ``pad_r + p``; the attention mask hides each row's padding and the position ids are each row's
+  own token count. With no padding (one row, or rows of one length) neither is passed, so a batch
+  of one makes exactly the single-row loop's calls.
+* **What each row feeds** (:meth:`_BatchLoop._step`): every step forwards ``q`` tokens of every
+  row, ``q`` the smallest number of pending tokens over the rows — 1 whenever some row has only
+  its sampled token pending. A row's forced tokens are simply its next inputs, so the batch stays
+  rectangular and nothing is re-encoded; a row samples only from the logits of its last pending
+  token, and its ``forwarded`` counter grows by exactly what it fed.
+* **Attention plans**: each row's plan goes to its rows of one bias tensor per layer group
+  (:class:`reempathy.decoding.attention.BiasController`, ``set_rows`` / ``set_row_plan``), shifted by
+  the row's padding.
+
+:func:`decode_batch` yields ``(key, result)`` as rows finish, not in the order the requests came
+in; it reads ``requests`` lazily (at most ``batch_size`` ahead). The model's attention is switched
+to the biased implementation only while the loop runs (never across a ``yield``). An error of one
+row (``PluginFailure``, ``DecodeError``, ``InputError`` naming the record) ends the whole call;
+results yielded before it stand.
+
+Not supported here yet (``NotAvailableError``): ``cache = "static"`` and ``compile`` (issue 15),
+and caches with sliding-window or linear-attention layers. Backbones whose decode positions are
+not the row's token count (M-RoPE with rope deltas) need their positions supplied; this loop
+passes the token count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
 from reempathy.backbones.base import Backbone
-from reempathy.decoding.loop import LoopOptions, decode
+from reempathy.decoding.loop import LoopOptions, _cache_keyword
 from reempathy.decoding.result import DecodeResult
+from reempathy.decoding.row import Row, choose
+from reempathy.errors import ConfigError, NotAvailableError
 
 
 @dataclass
 class RowRequest:
-    """One answer to decode: the caller's ``key`` (returned with the result), the prompt, this row's plugins and seed."""
+    """One answer to decode: the caller's ``key`` (returned with the result), the prompt, this row's plugins and seed.
+
+    ``prefill_inputs`` are extra keyword arguments of this row's prefill call (e.g. audio features).
+    """
 
     key: Any
     prompt_ids: list[int]
     strategy: object
     processors: Sequence[object] = field(default_factory=tuple)
     seed: int = 0
+    prefill_inputs: dict[str, Any] | None = None
 
 
 def row_seed(run_seed: int, record_id: str) -> int:
@@ -44,15 +90,243 @@ def decode_batch(
     options: LoopOptions | None = None,
     batch_size: int = 8,
 ) -> Iterator[tuple[Any, DecodeResult]]:
-    """Decode every request; yield ``(key, result)`` as each row finishes.
+    """Decode every request, ``batch_size`` rows per forward call; yield ``(key, result)`` as each row finishes.
 
-    ``options.seed`` is ignored: each row samples with its own ``RowRequest.seed``. (This first
-    version decodes one row at a time; the batched loop replaces it behind the same interface.)
+    ``options.seed`` is ignored: each row samples with its own ``RowRequest.seed``.
     """
     options = options or LoopOptions()
-    for request in requests:
-        row_options = dataclasses.replace(options, seed=request.seed)
-        yield request.key, decode(backbone, request.prompt_ids, request.strategy, request.processors, row_options)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
+    if options.cache != "dynamic" or options.compile:
+        raise NotAvailableError(
+            'batched decoding runs on a dynamic cache, eagerly; decode.cache = "static" and decode.compile '
+            'are not available for batches yet: set decode.cache = "dynamic" and decode.compile = false'
+        )
+    return _BatchLoop(backbone, options, batch_size).run(iter(requests))
+
+
+class _BatchLoop:
+    """The state of one :func:`decode_batch` call: the rows, their shared cache, their plans."""
+
+    def __init__(self, backbone: Backbone, options: LoopOptions, batch_size: int) -> None:
+        self.backbone = backbone
+        self.model = backbone.model
+        self.device = self.model.device
+        self.options = options
+        self.batch_size = batch_size
+        self.cache_kw = _cache_keyword(self.model)
+        self.rows: list[Row] = []  # in cache row order; a finished row stays until the next refill
+        self.ready: dict[Row, torch.Tensor] = {}  # rows whose next act is a sample, with their scores
+        self.plans: dict[Row, Any] = {}  # each planning row's current attention plan
+        self.cache: DynamicCache | None = None
+        self.length = 0  # columns of the batch cache
+        self.pads: torch.Tensor | None = None  # [B, 1] left padding per row; None when there is none
+        self.positions: torch.Tensor | None = None  # [B, 1] next position per row (with pads only)
+        self.controller: Any = None
+        self.exhausted = False
+        self._columns = torch.arange(0, device=self.device)
+        self._last: tuple[torch.Tensor, list[Row]] | None = None  # the last step's logits and rows
+
+    # --- the generator ----------------------------------------------------------------------------
+
+    def run(self, requests: Iterator[RowRequest]) -> Iterator[tuple[Any, DecodeResult]]:
+        while True:
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
+                if self.controller is not None:
+                    self._attach(stack)
+                finished = self._advance(requests, stack)
+            for row, result in finished:
+                yield row.key, result
+            if not finished:
+                return
+
+    def _attach(self, stack: contextlib.ExitStack) -> None:
+        from reempathy.decoding.attention import BiasController, biased_attention
+
+        if self.controller is None:
+            self.controller = BiasController()
+        stack.enter_context(biased_attention(self.model, self.controller))
+
+    def _advance(self, requests: Iterator[RowRequest], stack: contextlib.ExitStack) -> list[tuple[Row, DecodeResult]]:
+        """Refill, sample and step until some row finishes; its results (none once everything is done)."""
+        finished: list[tuple[Row, DecodeResult]] = []
+        while not finished:
+            self._refill(requests, stack)
+            if not self.rows:
+                break
+            self._sample(finished)
+            if not finished:
+                self._step()
+        return finished
+
+    # --- rows in and out -------------------------------------------------------------------------
+
+    def _refill(self, requests: Iterator[RowRequest], stack: contextlib.ExitStack) -> None:
+        kept = [i for i, row in enumerate(self.rows) if not row.done]
+        new: list[tuple[Row, DynamicCache]] = []
+        while len(kept) + len(new) < self.batch_size and not self.exhausted:
+            request = next(requests, None)
+            if request is None:
+                self.exhausted = True
+                break
+            new.append(self._prefill(request, stack))
+        if new or len(kept) != len(self.rows):
+            self._recompose(kept, new)
+
+    def _prefill(self, request: RowRequest, stack: contextlib.ExitStack) -> tuple[Row, DynamicCache]:
+        """Start a row and prefill it on its own; it is ready to sample."""
+        options = dataclasses.replace(self.options, seed=request.seed)
+        row = Row(
+            self.backbone,
+            request.prompt_ids,
+            request.strategy,
+            request.processors,
+            options,
+            key=request.key,
+            prefill_inputs=request.prefill_inputs,
+        )
+        if row.wants_plan and self.controller is None:
+            self._attach(stack)
+        ids = row.begin()
+        cache = DynamicCache(config=self.model.config)
+        paused = self.controller.paused() if self.controller is not None else contextlib.nullcontext()
+        with paused:
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_kw: cache},
+                **row.prefill_inputs,
+            )
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise NotAvailableError(
+                    f"batched decoding needs full-attention KV cache layers; backbone {self.backbone.name!r} "
+                    f"has {type(layer).__name__} layers (sliding window or linear attention): decode its "
+                    "prompts one at a time with the single-row loop (`reempathy decode`)"
+                )
+        row.prefilled(len(ids))
+        logits = out.logits[0, -1]
+        self.ready[row] = logits.float() if logits.dtype != torch.float32 else logits
+        if row.wants_plan:
+            self.plans[row] = row.plan()
+        return row, cache
+
+    def _recompose(self, kept: list[int], new: list[tuple[Row, DynamicCache]]) -> None:
+        """Rebuild the batch cache from the kept rows and the new rows' caches, right-aligned and trimmed."""
+        rows = [self.rows[i] for i in kept] + [row for row, _ in new]
+        for row in self.rows:
+            if row.done:
+                self.ready.pop(row, None)
+                self.plans.pop(row, None)
+        self.rows = rows
+        self._last = None
+        if not rows:
+            self.cache, self.length, self.pads, self.positions = None, 0, None, None
+            return
+        lengths = [row.session.forwarded for row in rows]
+        length = max(lengths)
+        container = self.cache if self.cache is not None else new[0][1]
+        old = self.length
+        for n, layer in enumerate(container.layers):
+            parts_k: list[torch.Tensor] = []
+            parts_v: list[torch.Tensor] = []
+            if kept and self.cache is not None:
+                keys, values = self.cache.layers[n].keys, self.cache.layers[n].values
+                if len(kept) != keys.shape[0]:
+                    index = torch.tensor(kept, device=self.device)
+                    keys, values = keys.index_select(0, index), values.index_select(0, index)
+                keep = min(old, length)
+                parts_k.append(_left_pad(keys[:, :, old - keep :], length))
+                parts_v.append(_left_pad(values[:, :, old - keep :], length))
+            for _, cache in new:
+                parts_k.append(_left_pad(cache.layers[n].keys, length))
+                parts_v.append(_left_pad(cache.layers[n].values, length))
+            layer.keys = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=0)
+            layer.values = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=0)
+        self.cache = container
+        self.length = length
+        pads = [length - n for n in lengths]
+        if any(pads):
+            self.pads = torch.tensor(pads, device=self.device).unsqueeze(1)
+            self.positions = torch.tensor(lengths, device=self.device).unsqueeze(1)
+        else:
+            self.pads = self.positions = None
+        if self.controller is not None:
+            self.controller.set_rows([self.plans.get(row) for row in rows], pads)
+
+    # --- sampling and stepping ---------------------------------------------------------------------
+
+    def _sample(self, finished: list[tuple[Row, DecodeResult]]) -> None:
+        """Every ready row samples (again, while a dropped token leaves it nothing to forward)."""
+        greedy = self.options.greedy
+        controller = self.controller
+        while self.ready:
+            rows = [row for row in self.rows if row in self.ready]
+            last = self._last
+            if last is not None and last[1] == rows:
+                scores = last[0]  # every row sampled from the last step: its logits as they are
+            elif len(rows) == 1:
+                scores = self.ready[rows[0]].unsqueeze(0)
+            else:
+                scores = torch.stack([self.ready[row] for row in rows])
+            self._last = None
+            for i, row in enumerate(rows):
+                row.logits(scores[i])
+            tokens = choose(rows, scores, greedy)
+            for i, (row, token) in enumerate(zip(rows, tokens)):
+                if row.accept(token) and row.wants_plan:
+                    plan = self.plans[row] = row.plan()
+                    if not row.done and controller is not None:
+                        controller.set_row_plan(self.rows.index(row), plan)
+                if row.done:
+                    del self.ready[row]
+                    finished.append((row, row.finish()))
+                elif row.pending:
+                    del self.ready[row]
+                else:
+                    self.ready[row] = scores[i]
+
+    def _step(self) -> None:
+        """One forward call: ``q`` pending tokens of every row; rows left with nothing pending become ready."""
+        rows = self.rows
+        q = min(row.pending for row in rows)
+        if q == 1:
+            ids = [[row.session.ids[row.session.forwarded]] for row in rows]
+        else:
+            ids = [row.session.ids[row.session.forwarded : row.session.forwarded + q] for row in rows]
+        kwargs: dict[str, Any] = {self.cache_kw: self.cache}
+        if self.pads is not None:
+            width = self.length + q
+            if self._columns.shape[0] < width:
+                self._columns = torch.arange(max(2 * width, 256), device=self.device)
+            kwargs["attention_mask"] = self._columns[:width].unsqueeze(0) >= self.pads
+            positions = self.positions
+            if q > 1:
+                positions = positions + torch.arange(q, device=self.device)  # type: ignore[operator]
+            kwargs["position_ids"] = positions
+        out = self.model(
+            input_ids=torch.tensor(ids, device=self.device), use_cache=True, logits_to_keep=1, **kwargs
+        )
+        self.length += q
+        if self.positions is not None:
+            self.positions += q
+        logits = out.logits[:, -1]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        ready = []
+        for i, row in enumerate(rows):
+            row.forwarded(q)
+            if not row.pending:
+                self.ready[row] = logits[i]
+                ready.append(row)
+        self._last = (logits, ready) if len(ready) == len(rows) else None
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (``[rows, heads, n, dim]``) with zero columns on the left up to ``length``."""
+    missing = length - t.shape[-2]
+    return F.pad(t, (0, 0, missing, 0)) if missing > 0 else t
 
 
 __all__ = ["RowRequest", "row_seed", "decode_batch"]

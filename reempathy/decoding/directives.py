@@ -16,7 +16,8 @@ class Switch:
 
     ``hidden`` marks a phase whose tokens are never spoken (reflection, thought). Entering a
     phase, even the same one again, starts a new segment. ``forced`` go through the model in the
-    same forward call as the sampled token; they are labelled ``control``.
+    same forward call as the sampled token (in a batch: as that row's next inputs);
+    they are labelled ``control``.
     """
 
     phase: str
@@ -34,4 +35,6 @@ class Stop:
 
 
 Directive = Continue | Switch | Stop
+"""What ``reempathy_token`` may answer (``None`` means :data:`CONTINUE`)."""
 CONTINUE = Continue()
+"""The shared :class:`Continue` instance."""

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("reempathy")
 
-#: ``register(name, factory, config_model, description="")``
 Register = Callable[..., None]
+"""The callback a discovery hook receives: ``register(name, factory, config_model, description="")``."""
 
 
 # --- discovery hooks (called once) -------------------------------------------------------
@@ -41,6 +41,11 @@ def reempathy_register_processors(register: Register) -> None:
 @hookspec
 def reempathy_register_backbones(register: Register) -> None:
     """Register backbones: ``register(name, factory, config_model)``; ``factory(options)`` returns a loaded ``Backbone``."""
+
+
+@hookspec
+def reempathy_register_evaluators(register: Register) -> None:
+    """Register evaluators: ``register(name, factory, config_model)``; ``factory(options)`` returns an ``Evaluator`` (``reempathy.evaluation.base``)."""
 
 
 # --- run hooks (called by the loop, per session) ------------------------------------------
@@ -100,6 +105,7 @@ DISCOVERY_HOOKS = (
     "reempathy_register_strategies",
     "reempathy_register_processors",
     "reempathy_register_backbones",
+    "reempathy_register_evaluators",
 )
 
 __all__ = ["hookspec", "Register", "RUN_HOOKS", "DISCOVERY_HOOKS", "Any"]

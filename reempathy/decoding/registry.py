@@ -1,29 +1,62 @@
-"""Plugin discovery: the global plugin manager, entry points, and the registry of what plugins provide."""
+"""Plugin discovery: the global plugin manager, where plugins come from, and the registry of what they provide.
+
+Where it decides:
+
+* :func:`discover` loads plugins in a fixed order (built-ins, installed entry points, single
+  files from plugins directories, then ``extra_plugins``), each on its own: anything a plugin
+  raises while loading or registering (``SystemExit`` included, ``KeyboardInterrupt`` excepted)
+  marks that plugin broken and leaves the rest working.
+* :func:`check_hooks` decides what a plugin's hook implementations may be: argument names
+  from the hookspec, known hook names, ``@hookimpl`` present. Module-level *run* hooks are
+  refused (never registered as hooks): run hooks are called on a per-session plugin manager
+  that holds only the objects a session's factories returned (see docs/plugins.md).
+* :meth:`Registry.add` keeps the first registration of a name; a later one loses the clash,
+  is recorded and listed as lost.
+* Every problem is one warning line per plugin per process (``logging``, logger
+  ``reempathy.plugins``), or, with ``REEMPATHY_STRICT_PLUGINS=1``, a :class:`PluginError`.
+
+The kinds of things plugins register live in :data:`KIND_HOOKS` (kind → discovery hook); a new
+kind is one entry there and one hookspec.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import inspect
+import logging
 import os
-import warnings
+import sys
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from pathlib import Path
+from types import FunctionType, ModuleType
+from typing import Any, Callable, Iterable, Sequence
 
 import pluggy
 from pydantic import BaseModel, ValidationError
 
 from reempathy.decoding import hookspecs
-from reempathy.errors import ConfigError, PluginError
+from reempathy.errors import ConfigError, PluginError, PluginFailure, ReempathyError
 
 ENTRY_POINT_GROUP = "reempathy"
 STRICT_ENV = "REEMPATHY_STRICT_PLUGINS"
 ONLY_ENV = "REEMPATHY_PLUGINS"
-KINDS = ("strategy", "processor", "backbone")
-_HOOK_OF_KIND = {
+PLUGINS_DIR_ENV = "REEMPATHY_PLUGINS_DIR"
+
+#: kind → the discovery hook whose ``register`` callback fills it (one entry per kind).
+KIND_HOOKS: dict[str, str] = {
     "strategy": "reempathy_register_strategies",
     "processor": "reempathy_register_processors",
     "backbone": "reempathy_register_backbones",
+    "evaluator": "reempathy_register_evaluators",
 }
+KINDS = tuple(KIND_HOOKS)
+#: kinds whose factories return session plugin objects (their run hooks are checked).
+SESSION_KINDS = frozenset({"strategy", "processor"})
+
+log = logging.getLogger("reempathy.plugins")
 
 
 @dataclass
@@ -40,37 +73,70 @@ class Registration:
 
 @dataclass
 class PluginInfo:
-    """A row of ``reempathy plugins``."""
+    """A row of ``reempathy plugins``: where a plugin came from and what it provides.
+
+    ``source`` is ``built-in``, ``entry point``, ``plugins dir`` or ``registered`` (passed to
+    :func:`discover` in code). ``provides`` lists ``kind:name`` of every registration it won,
+    ``lost`` those another plugin had registered first, ``refused`` hook implementations that
+    are never called (with the reason), ``error`` why a broken plugin was skipped.
+    """
 
     name: str
-    source: str  # built-in | entry point | broken
+    source: str
     version: str | None
     hooks: list[str] = field(default_factory=list)
     provides: list[str] = field(default_factory=list)
     error: str | None = None
+    distribution: str | None = None
+    location: str | None = None
+    lost: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def broken(self) -> bool:
+        """True when the plugin failed to load or register and was skipped."""
+        return self.error is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as JSON (``reempathy plugins --json``)."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "status": "broken" if self.broken else "ok",
+            "distribution": self.distribution,
+            "version": self.version,
+            "location": self.location,
+            "hooks": self.hooks,
+            "provides": self.provides,
+            "lost": self.lost,
+            "refused": self.refused,
+            "error": self.error,
+        }
 
 
 class Registry:
-    """Strategies, processors and backbones by name, filled by the discovery hooks."""
+    """Strategies, processors and backbones (and any kind in :data:`KIND_HOOKS`) by name."""
 
     def __init__(self) -> None:
-        self.items: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
+        self.items: dict[str, dict[str, Registration]] = {k: {} for k in KIND_HOOKS}
+        #: ``(lost, kept)`` for every registration that lost a name clash
+        self.lost: list[tuple[Registration, Registration]] = []
 
-    def add(self, reg: Registration) -> None:
-        table = self.items[reg.kind]
+    def add(self, reg: Registration) -> bool:
+        """Add ``reg``; False (and recorded in :attr:`lost`) when its name is already taken."""
+        table = self.items.setdefault(reg.kind, {})
         if reg.name in table:
-            warnings.warn(
-                f"plugin {reg.plugin!r} registers {reg.kind} {reg.name!r}, already registered by "
-                f"{table[reg.name].plugin!r}; keeping the first",
-                stacklevel=2,
-            )
-            return
+            self.lost.append((reg, table[reg.name]))
+            return False
         table[reg.name] = reg
+        return True
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self.items[kind])
+        """Registered names of ``kind``, sorted."""
+        return sorted(self.items.get(kind, {}))
 
     def get(self, kind: str, name: str) -> Registration:
+        """The registration of ``kind`` ``name``; a :class:`ConfigError` listing what exists otherwise."""
         try:
             return self.items[kind][name]
         except KeyError:
@@ -86,6 +152,34 @@ class Registry:
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc, f"{kind} {name!r}", reg.config_model)) from None
 
+    def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel, *args: Any) -> Any:
+        """Validate ``options`` and call the factory: ``factory(options, *args)``.
+
+        A factory raising one of our errors (a :class:`ConfigError` for an option that does not
+        fit the backbone, say) passes through; anything else it raises is the plugin's fault
+        and becomes :class:`PluginFailure` naming the plugin and the factory. The returned
+        session object's hook implementations are checked (:func:`check_hooks`), a backbone
+        against the backbone contract (:func:`reempathy.backbones.contract.check_backbone`).
+        """
+        reg = self.get(kind, name)
+        opts = options if isinstance(options, reg.config_model) else self.validate(kind, name, options)  # type: ignore[arg-type]
+        try:
+            obj = reg.factory(opts, *args)
+        except (ReempathyError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise PluginFailure(reg.plugin, f"the {kind} factory of {name!r}", exc) from exc
+        where = f"{kind} {name!r} of plugin {reg.plugin!r}"
+        if kind in SESSION_KINDS:
+            problems = _object_problems(obj)
+            if problems:
+                raise PluginError(f"{where}: {'; '.join(problems)}")
+        elif kind == "backbone":
+            from reempathy.backbones.contract import check_backbone
+
+            check_backbone(obj, where)
+        return obj
+
 
 def describe_validation_error(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
     """One line from a pydantic error: the option, what is wrong, and the valid options when unknown."""
@@ -100,17 +194,145 @@ def describe_validation_error(exc: ValidationError, where: str, model: type[Base
     return f"{where}: option {loc!r}: {err['msg']} (got {err.get('input')!r}){more}"
 
 
+@dataclass
 class DiscoveryResult:
-    """The global plugin manager, the registry it filled, and every plugin's row for the listing."""
+    """What :func:`discover` found: the global plugin manager, the registry it filled, one row per plugin."""
 
-    def __init__(self, pm: pluggy.PluginManager, registry: Registry, plugins: list[PluginInfo]) -> None:
-        self.pm = pm
-        self.registry = registry
-        self.plugins = plugins
+    pm: pluggy.PluginManager
+    registry: Registry
+    plugins: list[PluginInfo]
+
+    def plugin(self, name: str) -> PluginInfo:
+        """The row of plugin ``name``."""
+        for row in self.plugins:
+            if row.name == name:
+                return row
+        raise PluginError(f"no plugin named {name!r}; known: {', '.join(p.name for p in self.plugins)}")
+
+
+# --- hook checks --------------------------------------------------------------------------------
+
+_SPEC_ARGS: dict[str, tuple[str, ...]] = {
+    name: tuple(inspect.signature(getattr(hookspecs, name)).parameters)
+    for name in hookspecs.RUN_HOOKS + hookspecs.DISCOVERY_HOOKS
+}
+_IMPL_MARKER = pluggy.HookimplMarker("reempathy")
+_HOOK_PREFIX = "reempathy_"
+
+
+def _known_hooks() -> dict[str, tuple[str, ...]]:
+    # Read at call time: a hookspec added later (another kind) is known without an edit here.
+    names = [n for n in vars(hookspecs) if n.startswith(_HOOK_PREFIX) and callable(getattr(hookspecs, n))]
+    for n in names:
+        if n not in _SPEC_ARGS:
+            _SPEC_ARGS[n] = tuple(inspect.signature(getattr(hookspecs, n)).parameters)
+    return {n: _SPEC_ARGS[n] for n in names}
+
+
+def _signature(name: str, args: Sequence[str]) -> str:
+    return f"{name}({', '.join(args)})"
+
+
+def check_hooks(plugin: object) -> tuple[list[str], list[str]]:
+    """``(errors, run_hooks)`` of a plugin's hook implementations (a module, class or object).
+
+    Errors: an argument that is not in the hookspec, an unknown ``reempathy_*`` hook marked
+    ``@hookimpl``, and a ``reempathy_*`` hook name defined without ``@hookimpl`` (never called).
+    ``run_hooks`` are the names of run hooks implemented with ``@hookimpl``.
+    """
+    known = _known_hooks()
+    errors: list[str] = []
+    run: list[str] = []
+    for attr in sorted(dir(plugin)):
+        if not attr.startswith(_HOOK_PREFIX):
+            continue
+        try:
+            raw = inspect.getattr_static(plugin, attr)
+        except AttributeError:
+            continue
+        fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        # A function found on the class of an object is called bound: its first argument is the object.
+        bound = (
+            not isinstance(plugin, (ModuleType, type))
+            and isinstance(raw, (classmethod, FunctionType))
+            and attr not in getattr(plugin, "__dict__", {})
+        )
+        if not callable(fn):
+            continue
+        marked = getattr(fn, "reempathy_impl", None) is not None
+        if attr not in known:
+            if marked:
+                errors.append(f"@hookimpl {attr} is not a reempathy hook (known: {', '.join(sorted(known))})")
+            continue
+        if not marked:
+            errors.append(f"{attr} is defined without @hookimpl (from reempathy.api import hookimpl) and would never be called")
+            continue
+        params = list(inspect.signature(fn).parameters)
+        if bound:
+            params = params[1:]
+        extra = [p for p in params if p not in known[attr]]
+        if extra:
+            errors.append(
+                f"hook {_signature(attr, params)}: argument {extra[0]!r} is not in the hookspec "
+                f"{_signature(attr, known[attr])}"
+            )
+            continue
+        if attr in hookspecs.RUN_HOOKS:
+            run.append(attr)
+    return errors, run
+
+
+# Session objects are created for every decode; their class's hooks are checked once.
+_checked_classes: weakref.WeakKeyDictionary[type, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _object_problems(obj: object) -> list[str]:
+    if isinstance(obj, ModuleType):
+        return check_hooks(obj)[0]
+    cls = type(obj)
+    try:
+        known = _checked_classes.get(cls)
+    except TypeError:
+        known = None
+    if known is None:
+        known = check_hooks(obj)[0]
+        try:
+            _checked_classes[cls] = known
+        except TypeError:
+            pass
+    return known
+
+
+# --- discovery -----------------------------------------------------------------------------------
 
 
 def _strict() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_warned: set[str] = set()
+
+
+def _warn(key: str, message: str) -> None:
+    """One clean line per plugin and kind of problem per process (``reempathy: warning: …``)."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("reempathy: warning: %s", message)
+
+
+def _problem(key: str, what: str, consequence: str) -> None:
+    """A plugin problem: an error in strict mode, else one warning line saying what happens instead."""
+    if _strict():
+        raise PluginError(f"{what}; unset {STRICT_ENV} to go on without it")
+    _warn(key, f"{what}; {consequence}")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) at import"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _builtin_modules() -> list[Any]:
@@ -119,67 +341,189 @@ def _builtin_modules() -> list[Any]:
     return list(BUILTIN_PLUGINS)
 
 
-def discover(extra_plugins: list[tuple[str, object]] | None = None) -> DiscoveryResult:
-    """Build a fresh plugin manager: built-ins, then entry points one at a time, then ``extra_plugins``."""
-    pm = pluggy.PluginManager("reempathy")
-    pm.add_hookspecs(hookspecs)
-    rows: dict[str, PluginInfo] = {}
-    for module in _builtin_modules():
-        name = module.__name__
-        pm.register(module, name=name)
-        rows[name] = PluginInfo(name, "built-in", _own_version())
-    only = {s.strip() for s in os.environ.get(ONLY_ENV, "").split(",") if s.strip()}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if only and ep.name not in only:
-            continue
-        version = ep.dist.version if ep.dist is not None else None
+def plugins_dirs_from_env() -> list[Path]:
+    """Directories named by ``REEMPATHY_PLUGINS_DIR`` (``os.pathsep``-separated)."""
+    return [Path(p) for p in os.environ.get(PLUGINS_DIR_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def _dir_plugins(dirs: Iterable[Path]) -> list[tuple[str, Path]]:
+    found = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"plugins directory {str(d)!r} is not a directory; give a folder of *.py plugin files")
+        for path in sorted(d.glob("*.py")):
+            if not path.name.startswith(("_", ".")):
+                found.append((path.stem, path))
+    return found
+
+
+def _import_file(name: str, path: Path) -> ModuleType:
+    """Import a single-file plugin under a private module name (so it cannot shadow an installed module)."""
+    module_name = f"reempathy_plugins_dir.{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+class _Discovery:
+    """One run of :func:`discover` (kept small: each step is a method named for what it does)."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("reempathy")
+        self.pm.add_hookspecs(hookspecs)
+        self.rows: dict[str, PluginInfo] = {}
+        self.order: list[str] = []
+
+    def load(self, row: PluginInfo, loader: Callable[[], object]) -> None:
+        """Load and register one plugin; whatever it raises (but Ctrl-C) makes it broken, not fatal."""
+        name = row.name
+        if name in self.rows and not self.rows[name].broken and self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)  # a later source replaces an earlier one of the same name
+            self.order.remove(name)
+        self.rows[name] = row
         try:
-            obj = ep.load()
-            pm.register(obj, name=ep.name)
-        except Exception as exc:  # a third-party plugin may fail in any way
-            _broken(rows, ep.name, version, f"{type(exc).__name__}: {exc}")
-            continue
-        rows[ep.name] = PluginInfo(ep.name, "entry point", version)
-    for name, obj in extra_plugins or []:
-        pm.register(obj, name=name)
-        rows[name] = PluginInfo(name, "registered", None)
+            obj = loader()
+            errors, run = check_hooks(obj)
+            if errors:
+                raise PluginError("; ".join(errors))
+            if self.pm.is_registered(obj):
+                # The same object under another name (an installed plugin also passed in code).
+                old = self.pm.get_name(obj)
+                self.pm.unregister(obj)
+                if old in self.order:
+                    self.order.remove(old)
+                    self.rows.pop(old, None)
+            self.pm.register(obj, name=name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 — a third-party plugin may fail in any way, sys.exit() included
+            self.broken(row, exc.args[0] if isinstance(exc, PluginError) else _one_line(exc))
+            return
+        self.order.append(name)
+        if run:
+            row.refused = [f"{h} (a module-level run hook is never called)" for h in run]
+            _problem(
+                f"refused:{name}",
+                f"plugin {name!r} implements run hooks at module level ({', '.join(run)}), which are never called",
+                "move them to the object a strategy or processor factory returns (docs/plugins.md, run hooks)",
+            )
 
-    registry = Registry()
-    for kind, hook_name in _HOOK_OF_KIND.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            plugin_name = impl.plugin_name
+    def broken(self, row: PluginInfo, error: str) -> None:
+        row.error = error
+        row.provides = []
+        if self.pm.get_plugin(row.name) is not None:
+            self.pm.unregister(name=row.name)
+        if row.name in self.order:
+            self.order.remove(row.name)
+        _problem(f"broken:{row.name}", f"plugin {row.name!r} failed to load: {error}", "it is skipped")
 
-            def register(
-                name: str,
-                factory: Callable[..., Any],
-                config_model: type[BaseModel],
-                description: str = "",
-                _kind: str = kind,
-                _plugin: str = plugin_name,
-            ) -> None:
-                if not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
-                    raise PluginError(f"{_kind} {name!r}: config_model must be a pydantic model class")
-                registry.add(Registration(_kind, name, factory, config_model, description, _plugin))
-                rows[_plugin].provides.append(f"{_kind}:{name}")
-
+    def register_all(self, registry: Registry) -> None:
+        """Call each plugin's discovery hooks; a plugin whose hook raises contributes nothing."""
+        for name in list(self.order):
+            plugin = self.pm.get_plugin(name)
+            row = self.rows[name]
+            mine: list[Registration] = []
             try:
-                impl.function(register=register)
-            except Exception as exc:
-                row = rows.get(plugin_name)
-                _broken(rows, plugin_name, row.version if row else None, f"{type(exc).__name__}: {exc}")
-                pm.unregister(name=plugin_name)
-    for name, row in rows.items():
-        plugin = pm.get_plugin(name)
-        if plugin is not None:
-            row.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-    return DiscoveryResult(pm, registry, list(rows.values()))
+                for kind, hook_name in KIND_HOOKS.items():
+                    fn = getattr(plugin, hook_name, None)
+                    if fn is None or getattr(fn, "reempathy_impl", None) is None:
+                        continue
+                    fn(register=self._register_callback(kind, name, mine))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                self.broken(row, exc.args[0] if isinstance(exc, PluginError) else _one_line(exc))
+                continue
+            clashes = []
+            for reg in mine:
+                if registry.add(reg):
+                    row.provides.append(f"{reg.kind}:{reg.name}")
+                    continue
+                kept = registry.items[reg.kind][reg.name]
+                row.lost.append(f"{reg.kind}:{reg.name} (kept from {kept.plugin!r})")
+                clashes.append(f"{reg.kind} {reg.name!r} (already registered by {kept.plugin!r})")
+            if clashes:
+                _problem(
+                    f"clash:{name}",
+                    f"plugin {name!r} registers {', '.join(clashes)}",
+                    f"the earlier registration is kept (give {name!r}'s another name)",
+                )
+
+    @staticmethod
+    def _register_callback(kind: str, plugin: str, out: list[Registration]) -> Callable[..., None]:
+        def register(
+            name: str, factory: Callable[..., Any], config_model: type[BaseModel], description: str = ""
+        ) -> None:
+            if not isinstance(name, str) or not name.strip():
+                raise PluginError(f"register(): the {kind} name must be a non-empty string, got {name!r}")
+            if not callable(factory):
+                raise PluginError(f"register({name!r}): factory must be callable, got {factory!r}")
+            if not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
+                raise PluginError(f"register({name!r}): config_model must be a pydantic model class")
+            out.append(Registration(kind, name, factory, config_model, str(description or ""), plugin))
+
+        return register
+
+    def finish(self) -> list[PluginInfo]:
+        for name, row in self.rows.items():
+            plugin = self.pm.get_plugin(name)
+            if plugin is not None and not row.broken:
+                refused = {r.split(" ", 1)[0] for r in row.refused}
+                callers = self.pm.get_hookcallers(plugin) or []
+                row.hooks = sorted(h.name for h in callers if h.name not in refused)
+        return list(self.rows.values())
 
 
-def _broken(rows: dict[str, PluginInfo], name: str, version: str | None, error: str) -> None:
-    if _strict():
-        raise PluginError(f"plugin {name!r} failed to load ({error}); unset {STRICT_ENV} to skip it")
-    warnings.warn(f"reempathy: plugin {name!r} failed to load and is skipped: {error}", stacklevel=3)
-    rows[name] = PluginInfo(name, "broken", version, error=error)
+def discover(
+    extra_plugins: Sequence[tuple[str, object]] | None = None,
+    *,
+    installed: bool = True,
+    plugins_dirs: Sequence[str | Path] | None = None,
+) -> DiscoveryResult:
+    """Find every plugin and fill a fresh registry.
+
+    Order (the first registration of a name wins): built-ins; installed entry points of the
+    ``reempathy`` group (unless ``installed=False``); ``*.py`` files of ``plugins_dirs`` (by
+    default the directories in ``REEMPATHY_PLUGINS_DIR``, not read when ``installed=False``);
+    then ``extra_plugins`` — ``(name, module or object)`` pairs — which replace an installed
+    plugin of the same name or the same object. ``REEMPATHY_PLUGINS=a,b`` limits which
+    entry points and plugin files load.
+    """
+    d = _Discovery()
+    own = _own_version()
+    for module in _builtin_modules():
+        d.load(PluginInfo(module.__name__, "built-in", own, distribution="reempathy", location=module.__name__),
+               lambda m=module: m)
+    only = {s.strip() for s in os.environ.get(ONLY_ENV, "").split(",") if s.strip()}
+    if installed:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if only and ep.name not in only:
+                continue
+            dist = ep.dist
+            row = PluginInfo(
+                ep.name, "entry point", dist.version if dist is not None else None,
+                distribution=dist.metadata["Name"] if dist is not None else None, location=ep.value,
+            )
+            d.load(row, ep.load)
+    dirs = [Path(p) for p in plugins_dirs] if plugins_dirs is not None else (plugins_dirs_from_env() if installed else [])
+    for name, path in _dir_plugins(dirs):
+        if only and name not in only:
+            continue
+        d.load(PluginInfo(name, "plugins dir", None, location=str(path)), lambda n=name, p=path: _import_file(n, p))
+    for name, obj in extra_plugins or []:
+        d.load(PluginInfo(name, "registered", None, location=getattr(obj, "__name__", type(obj).__name__)),
+               lambda o=obj: o)
+    registry = Registry()
+    d.register_all(registry)
+    return DiscoveryResult(d.pm, registry, d.finish())
 
 
 @lru_cache(maxsize=1)
@@ -192,5 +536,18 @@ def _own_version() -> str:
 
 @lru_cache(maxsize=1)
 def default_discovery() -> DiscoveryResult:
-    """The process-wide discovery (cached; tests that install plugins call :func:`discover` themselves)."""
+    """The process-wide discovery (cached; ``default_discovery.cache_clear()`` forgets it)."""
     return discover()
+
+
+__all__ = [
+    "DiscoveryResult",
+    "KIND_HOOKS",
+    "PluginInfo",
+    "Registration",
+    "Registry",
+    "check_hooks",
+    "default_discovery",
+    "describe_validation_error",
+    "discover",
+]

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from reempathy.decoding.spans import SPOKEN_AUDIO, SPOKEN_TEXT
+
+if TYPE_CHECKING:
+    from reempathy.decoding.session import DecodeSession
 
 RESULT_SCHEMA = "reempathy.result/1"
 
@@ -65,7 +70,10 @@ class Counts:
 
 @dataclass
 class DecodeResult:
-    """Everything one decode produced, the spoken stream kept apart from the hidden trace."""
+    """Everything one decode produced, the spoken stream kept apart from the hidden trace.
+
+    ``prompt_ids`` are the prompt's token ids (so ``prompt_ids + ids`` replays the whole sequence).
+    """
 
     strategy: str
     backbone: str
@@ -80,6 +88,7 @@ class DecodeResult:
     counts: Counts
     timings: Timings
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict, documented in docs/result-schema.md."""
@@ -96,9 +105,58 @@ class DecodeResult:
             },
             "hidden": d["hidden"],
             "spans": d["spans"],
+            "prompt_ids": d["prompt_ids"],
             "ids": d["ids"],
             "stop_reason": d["stop_reason"],
             "counts": d["counts"],
             "timings": d["timings"],
             "extra": d["extra"],
         }
+
+
+def build_result(session: DecodeSession, strategy_name: str, stop_reason: str, timings: Timings) -> DecodeResult:
+    """Split the session's sequence into the spoken stream and the hidden trace."""
+    backbone = session.backbone
+    layout = session.layout
+    chunks: list[SpokenChunk] = []
+    hidden: list[HiddenSegment] = []
+    text_ids: list[int] = []
+    units: list[int] = []
+    for seg in session.segments:
+        if seg.hidden:
+            ids = session.segment_ids(seg)
+            hidden.append(
+                HiddenSegment(seg.phase, seg.index, backbone.decode_text(ids), ids, seg.start, seg.end)
+            )
+            continue
+        c_text = [session.ids[i] for i in range(seg.start, seg.end) if session.labels[i] == SPOKEN_TEXT]
+        c_units = [
+            layout.token_to_unit(session.ids[i])
+            for i in range(seg.start, seg.end)
+            if session.labels[i] == SPOKEN_AUDIO
+        ]
+        if not c_text and not c_units:
+            continue
+        chunks.append(SpokenChunk(seg.index, backbone.decode_text(c_text), c_text, c_units, seg.start, seg.end))
+        text_ids.extend(c_text)
+        units.extend(c_units)
+    spans = [
+        {"label": s.label, "start": s.start, "end": s.end, "segment": s.segment} for s in session.spans()
+    ]
+    counts = Counts(session.prompt_len, session.generated, session.forced, session.forwarded, session.unforwarded)
+    return DecodeResult(
+        strategy=strategy_name,
+        backbone=backbone.name,
+        spoken_text=backbone.decode_text(text_ids),
+        spoken_text_ids=text_ids,
+        audio_units=units,
+        chunks=chunks,
+        hidden=hidden,
+        spans=spans,
+        ids=session.ids[session.prompt_len :],
+        stop_reason=stop_reason,
+        counts=counts,
+        timings=timings,
+        extra=dict(session.extra),
+        prompt_ids=session.ids[: session.prompt_len],
+    )

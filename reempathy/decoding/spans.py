@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROMPT = "prompt"
+"""Label of the prompt's positions."""
 SPOKEN_TEXT = "spoken_text"
+"""Label of a text token of the spoken stream (heard)."""
 SPOKEN_AUDIO = "spoken_audio"
+"""Label of an audio-unit token of the spoken stream (heard)."""
 CONTROL = "control"
-SPEAK = "speak"  # the phase whose tokens are heard
+"""Label of forced tokens and of sampled tokens that are neither text nor audio (delimiters, specials)."""
+SPEAK = "speak"
+"""The phase whose tokens are heard; any other phase name (``reflection``, ``thought``) is a hidden phase's."""
 
 
 @dataclass(slots=True)

@@ -9,6 +9,15 @@
 Only ``DecodeResult.audio_units`` is synthesised: the units of the spoken chunks. Reflections and
 thoughts are never heard. Speech facts (seconds, synthesis time, time to first audio, real-time
 factor) go to ``result.extra["speech"]``.
+
+Backbones declare how speech goes in and out, and these functions follow the declaration:
+speech in as units from the backbone's speech tokenizer, or as the WAV itself for a backbone that
+reads audio in its prompt (``Backbone.reads_audio``); speech out from the units by the speech
+decoder, or — for a text-only spoken stream — by the backbone's talker (``Backbone.talker``),
+which is fed the decoder's states at the spoken positions only, chunk by chunk as the spoken
+chunks complete (:class:`reempathy.backbones.base.TalkerTurn`). A talker's waveform comes in one
+piece at the end: Qwen2.5-Omni's token2wav, as transformers has it, works on the whole code
+sequence.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from reempathy.decoding.spans import SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
 from reempathy.runner import load_backbone, run_decode
-from reempathy.speech.audio import check_writable, write_wav
+from reempathy.speech.audio import check_writable, read_wav, write_wav
 from reempathy.speech.decoder import DEFAULT_SEED
 from reempathy.speech.decoder.streaming import BLOCK_SIZES, StreamingSynthesizer
 
@@ -97,27 +106,52 @@ def run_spoken_turn(
     backbone: Backbone | None = None,
     seed: int = DEFAULT_SEED,
 ) -> DecodeResult:
-    """Tokenize ``audio_path``, decode an answer as ``cfg`` says, write its spoken audio to ``out_path``.
+    """Hear ``audio_path``, decode an answer as ``cfg`` says, write its spoken audio to ``out_path``.
 
-    Without ``out_path`` nothing is synthesised (and no speech decoder is needed).
+    Without ``out_path`` nothing is synthesised (and no speech decoder or talker is needed).
     """
-    backbone = backbone or load_backbone(cfg, registry)
-    tokenizer, decoder = speech_parts(backbone, need_decoder=out_path is not None)
+    if backbone is None:
+        read_wav(audio_path)  # a file that is not usable audio fails before the model is loaded
+        backbone = load_backbone(cfg, registry)
+    talker = backbone.talker if out_path is not None else None
+    if out_path is not None and talker is None and backbone.stream.text_only:
+        raise ConfigError(
+            f"backbone {backbone.name!r} speaks text only and has no talker loaded; "
+            "enable its talker (backbone option talker = true) to write speech"
+        )
+    hears_units = not backbone.reads_audio
+    tokenizer, decoder = speech_parts(
+        backbone, need_tokenizer=hears_units, need_decoder=out_path is not None and talker is None
+    )
     out = check_writable(out_path) if out_path is not None else None
     t0 = time.perf_counter()
-    units = tokenizer.tokenize(audio_path)
+    units = tokenizer.tokenize(audio_path) if hears_units else None
+    heard: dict[str, Any] = {"units": units} if hears_units else {"audio": audio_path}
     tokenize_s = time.perf_counter() - t0
-    result = run_decode(cfg, registry, units=units, backbone=backbone)
-    if out is None:
-        result.extra["speech"] = {"input": audio_path, "input_units": len(units), "tokenize_s": tokenize_s}
-        return result
-    t1 = time.perf_counter()
-    wave = decoder.synthesize(result.audio_units, seed=seed) if result.audio_units else torch.zeros(0)
-    synthesis_s = time.perf_counter() - t1
-    write_wav(out, wave, decoder.sample_rate)
+    input_units = len(units) if units is not None else None
+    if talker is not None:
+        turn = talker.turn(seed)
+        with turn:
+            result = run_decode(cfg, registry, backbone=backbone, observers=[turn], **heard)
+        t1 = time.perf_counter()
+        wave = turn.finish()
+        synthesis_s = time.perf_counter() - t1
+        rate = talker.sample_rate
+    else:
+        result = run_decode(cfg, registry, backbone=backbone, **heard)
+        if out is None:
+            result.extra["speech"] = {"input": audio_path, "input_units": input_units, "tokenize_s": tokenize_s}
+            return result
+        t1 = time.perf_counter()
+        wave = decoder.synthesize(result.audio_units, seed=seed) if result.audio_units else torch.zeros(0)
+        synthesis_s = time.perf_counter() - t1
+        rate = decoder.sample_rate
+    write_wav(out, wave, rate)
     result.extra["speech"] = _speech_facts(
-        audio_path, len(units), tokenize_s, synthesis_s, wave.shape[0], decoder.sample_rate, out, seed, result
+        audio_path, input_units, tokenize_s, synthesis_s, wave.shape[0], rate, out, seed, result
     )
+    if talker is not None:
+        result.extra["speech"]["codec_tokens"] = len(turn.codes)  # type: ignore[attr-defined]
     return result
 
 
@@ -139,7 +173,13 @@ def stream_spoken_turn(
     """
     if (audio_path is None) == (units is None):
         raise ConfigError("give either an audio file or prompt units to stream_spoken_turn")
-    backbone = backbone or load_backbone(cfg, registry)
+    if backbone is None:
+        if audio_path is not None:
+            read_wav(audio_path)  # a file that is not usable audio fails before the model is loaded
+        backbone = load_backbone(cfg, registry)
+    if backbone.talker is not None or backbone.stream.text_only:
+        yield from _stream_talker_turn(cfg, registry, backbone, audio_path, units, out_path, seed)
+        return
     tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
     out = check_writable(out_path) if out_path is not None else None
     synth = StreamingSynthesizer(decoder, seed=seed, block_sizes=block_sizes)
@@ -225,9 +265,107 @@ def stream_spoken_turn(
     yield DoneEvent(result)
 
 
+def _stream_talker_turn(
+    cfg: DecodeConfig,
+    registry: Registry,
+    backbone: Backbone,
+    audio_path: str | None,
+    units: Sequence[int] | None,
+    out_path: str | None,
+    seed: int,
+) -> Iterator[SpeechEvent]:
+    """``stream_spoken_turn`` for a text-only spoken stream: the talker advances as spoken chunks complete.
+
+    The decode runs in a worker thread with the talker turn observing it; here, between events,
+    the talker reads whatever spoken rows have been released. Text and reflections stream as
+    for any backbone; the waveform is one piece at the end (token2wav needs every code).
+    """
+    talker = backbone.talker
+    if talker is None:
+        raise ConfigError(
+            f"backbone {backbone.name!r} speaks text only and has no talker loaded; "
+            "enable its talker (backbone option talker = true) to stream speech"
+        )
+    if units is not None and not backbone.reads_audio:
+        heard: dict[str, Any] = {"units": list(units)}
+    elif units is not None:
+        raise ConfigError(f"backbone {backbone.name!r} hears audio, not units; give stream_spoken_turn an audio file")
+    elif backbone.reads_audio:
+        heard = {"audio": audio_path}
+    else:
+        tokenizer, _ = speech_parts(backbone, need_decoder=False)
+        heard = {"units": tokenizer.tokenize(audio_path)}
+    out = check_writable(out_path) if out_path is not None else None
+    turn = talker.turn(seed)
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    feed = _TokenFeed(events, cancel, backbone)
+    started = time.perf_counter()
+
+    def work() -> None:
+        try:
+            with turn:
+                result = run_decode(cfg, registry, backbone=backbone, observers=[feed, turn], **heard)
+            events.put(("done", result))
+        except _Cancelled:
+            events.put(("cancelled", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            events.put(("error", exc))
+
+    worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
+    worker.start()
+    synthesis_s = 0.0
+    text_ids: list[int] = []
+    shown = ""
+    segment = 0
+    try:
+        while True:
+            kind, payload = events.get()
+            t = time.perf_counter()
+            turn.advance()
+            synthesis_s += time.perf_counter() - t
+            if kind == "text":
+                token_id, segment = payload
+                text_ids.append(token_id)
+                text = backbone.decode_text(text_ids)
+                if len(text) > len(shown) and not text.endswith("\ufffd") and text.startswith(shown):
+                    yield TextEvent(text[len(shown) :], segment)
+                    shown = text
+            elif kind == "reflection":
+                yield ReflectionEvent(*payload)
+            elif kind == "error":
+                raise payload
+            elif kind == "done":
+                result = payload
+                break
+        if text_ids:
+            text = backbone.decode_text(text_ids)
+            if text.startswith(shown) and len(text) > len(shown):
+                yield TextEvent(text[len(shown) :], segment)
+        t = time.perf_counter()
+        wave = turn.finish()
+        synthesis_s += time.perf_counter() - t
+        first_audio = time.perf_counter() - started if wave.shape[0] else None
+        if wave.shape[0]:
+            yield AudioEvent(wave, talker.sample_rate, 0, len(turn.codes), first_audio)  # type: ignore[attr-defined]
+    finally:
+        cancel.set()
+        worker.join()
+    if out is not None:
+        write_wav(out, wave, talker.sample_rate)
+    facts = _speech_facts(
+        audio_path, len(heard["units"]) if "units" in heard else None, 0.0, synthesis_s, wave.shape[0],
+        talker.sample_rate, out, seed, result,
+    )
+    facts.update(first_audio_s=first_audio, streamed=True, codec_tokens=len(turn.codes))  # type: ignore[attr-defined]
+    result.extra["speech"] = facts
+    result.timings.time_to_first_speech_s = first_audio
+    yield DoneEvent(result)
+
+
 def _speech_facts(
     audio_path: str | None,
-    input_units: int,
+    input_units: int | None,
     tokenize_s: float,
     synthesis_s: float,
     samples: int,
@@ -249,8 +387,8 @@ def _speech_facts(
         "seed": seed,
         "out": str(out) if out is not None else None,
     }
-    if not result.audio_units:
-        facts["note"] = "the answer holds no spoken audio units; the WAV has no samples"
+    if not samples:
+        facts["note"] = "the answer holds no spoken audio; the WAV has no samples"
     return facts
 
 

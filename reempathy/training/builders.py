@@ -23,6 +23,11 @@ The spoken answer of ``sft``/``cotbs``/``dpo`` is interleaved as the backbone st
 (``backbone.stream``: GLM-4-Voice's 13 text then 26 audio tokens, audio only once the text
 ends); this is the same state machine as the spoken chunks, with the stream's sizes. The stop
 token is the backbone's first stop id (``<|user|>`` for GLM-4-Voice layouts).
+
+A backbone whose spoken stream is text only (``backbone.stream.audio_tokens == 0``, Qwen2.5-Omni)
+gets the same sequences without audio: spoken chunks of text tokens only (``reempathy``'s
+``audio_tokens`` is 0 there), the answer's text is required and its units are not used, and a
+user message is read as its text (such a backbone has no audio-unit tokens to hear units with).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from reempathy.backbones.base import (
 )
 from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import InputError
-from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
+from reempathy.plugins.strategies.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
 from reempathy.training.data import BadRecord, RecordSet, SourcedRecord, bad_records_message
 from reempathy.training.reflections import fit_to_length, reflection_texts, space_token
 from reempathy.training.schema import Answer, Message
@@ -73,14 +78,19 @@ class ReempathyBuild(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text_tokens: int = Field(5, ge=1, description="text slots of a spoken chunk")
-    audio_tokens: int = Field(10, ge=1, description="audio slots of a spoken chunk")
+    audio_tokens: int | None = Field(
+        None, ge=0, description="audio slots of a spoken chunk; default 10, or 0 for a text-only spoken stream"
+    )
     reflect: bool = Field(True, description="false: the same chunking without reflections")
     reflection_tokens: int | None = Field(
         None, ge=1, description="fixed-length reflections: each cut or padded to exactly this many tokens (decoding's mode)"
     )
 
-    def chunk_layout(self) -> ChunkLayout:
-        return ChunkLayout(self.text_tokens, self.audio_tokens)
+    def chunk_layout(self, backbone: Backbone | None = None) -> ChunkLayout:
+        """The layout, checked against ``backbone``'s spoken stream when given (as the decoding strategy checks it)."""
+        if backbone is None:
+            return ChunkLayout(self.text_tokens, DEFAULT_AUDIO_TOKENS if self.audio_tokens is None else self.audio_tokens)
+        return layout_for_stream(backbone.stream, backbone.name, self.text_tokens, self.audio_tokens, "strategy 'reempathy'")
 
 
 class DpoBuild(BaseModel):
@@ -143,10 +153,13 @@ def encode_text(backbone: Backbone, text: str, where: str, what: str) -> list[in
     return ids
 
 
-def prompt_turn(message: Message) -> Turn:
-    """A message as a prompt turn: a user turn is heard as its units when it has them, else read as its text."""
-    if message.role == "user" and message.units:
+def prompt_turn(message: Message, hears_units: bool = True) -> Turn:
+    """A message as a prompt turn: a user turn is heard as its units when it has them (and the backbone
+    has audio-unit tokens), else read as its text."""
+    if message.role == "user" and message.units and (hears_units or not message.text):
         return Turn("user", units=list(message.units))
+    if not hears_units:
+        return Turn(message.role, text=message.text)
     return Turn(message.role, text=message.text, units=list(message.units) if message.units else None)
 
 
@@ -164,11 +177,15 @@ def split_record(sr: SourcedRecord) -> tuple[list[Message], Message]:
 def prompt_ids(sr: SourcedRecord, backbone: Backbone) -> list[int]:
     """Token ids of the record's prompt (every message before the answer)."""
     context, _ = split_record(sr)
-    return backbone.build_prompt([prompt_turn(m) for m in context])
+    return backbone.build_prompt([prompt_turn(m, backbone.layout.audio_count > 0) for m in context])
 
 
 def spoken_chunks(answer: Message, backbone: Backbone, layout: ChunkLayout, where: str, what: str = "answer") -> list[list[int]]:
     """The answer's text and audio tokens laid out in chunks of ``layout`` as decoding emits them."""
+    if layout.text_only:
+        if not answer.text:
+            raise InputError(f"{where}: the {what} has no text; backbone {backbone.name!r} speaks text only")
+        return split_spoken(encode_text(backbone, answer.text, where, f"{what} text"), [], layout)
     if not answer.units:
         raise InputError(f"{where}: the {what} has no audio units; a spoken answer needs them")
     text_ids = encode_text(backbone, answer.text, where, f"{what} text") if answer.text else []
@@ -188,10 +205,12 @@ def stream_layout(backbone: Backbone) -> ChunkLayout:
     return ChunkLayout(backbone.stream.text_tokens, backbone.stream.audio_tokens)
 
 
-def reflection_ids(sr: SourcedRecord, backbone: Backbone, options: ReempathyBuild, full_chunks: int) -> list[list[int]]:
+def reflection_ids(
+    sr: SourcedRecord, backbone: Backbone, options: ReempathyBuild, chunk_layout: ChunkLayout, full_chunks: int
+) -> list[list[int]]:
     """The token ids of the ``full_chunks`` reflections of a record (rules in :mod:`reempathy.training.reflections`)."""
     record = sr.record
-    layout = f"{options.text_tokens}+{options.audio_tokens}"
+    layout = f"{chunk_layout.text_tokens}+{chunk_layout.audio_tokens}"
     texts = reflection_texts(
         record.reflections,
         record.reflections_layout,
@@ -255,13 +274,14 @@ def build_reempathy(sr: SourcedRecord, backbone: Backbone, options: ReempathyBui
     options = options or ReempathyBuild()
     _, answer = split_record(sr)
     layout = backbone.layout
-    chunks = spoken_chunks(answer, backbone, options.chunk_layout(), sr.where)
+    chunk_layout = options.chunk_layout(backbone)
+    chunks = spoken_chunks(answer, backbone, chunk_layout, sr.where)
     body = _Builder()
     if options.reflect:
         opener, closer = layout.token_id(REFLECTION_OPEN), layout.token_id(REFLECTION_CLOSE)
-        size = options.chunk_layout().size
+        size = chunk_layout.size
         full = sum(1 for chunk in chunks if len(chunk) == size)  # every chunk but a shorter last one
-        pieces = iter(reflection_ids(sr, backbone, options, full))
+        pieces = iter(reflection_ids(sr, backbone, options, chunk_layout, full))
         for chunk in chunks:
             body.add_spoken(chunk, backbone)
             if len(chunk) == size:
@@ -336,8 +356,8 @@ class BuilderSpec:
             return (REFLECTION_OPEN, REFLECTION_CLOSE)
         return ()
 
-    def chunk_layout(self, options: BaseModel) -> ChunkLayout | None:
-        return options.chunk_layout() if isinstance(options, ReempathyBuild) else None
+    def chunk_layout(self, options: BaseModel, backbone: Backbone | None = None) -> ChunkLayout | None:
+        return options.chunk_layout(backbone) if isinstance(options, ReempathyBuild) else None
 
 
 BUILDERS: dict[str, BuilderSpec] = {

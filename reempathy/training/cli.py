@@ -16,6 +16,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.resume:
         overrides.append("train.resume=true")
+    from reempathy.evaluation.training import is_evaluator_config, train_evaluator
+
+    if is_evaluator_config(args.config):  # an [evaluator] table: the evaluator's own trainer
+        evaluator_result = train_evaluator(args.config, overrides, progress=not args.quiet)
+        if getattr(evaluator_result, "main_process", True):
+            print(evaluator_result.format())
+        return 0
     cfg = load_train_config(args.config, overrides)
     result = train(cfg, progress=not args.quiet)
     if result.main_process:
@@ -42,7 +49,7 @@ def format_train_result(result: Any) -> str:
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` to the ``reempathy`` command's subparsers."""
-    p = subparsers.add_parser("train", help="train a LoRA checkpoint for a strategy (sft, cotbs, reempathy, dpo)")
+    p = subparsers.add_parser("train", help="train a LoRA checkpoint for a strategy (sft, cotbs, reempathy, dpo) or an evaluator (empathyeval)")
     p.add_argument("--config", "-c", required=True, help="training TOML config, e.g. configs/train-reempathy.toml")
     p.add_argument("--max-steps", type=int, help="override [train] max_steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N in the output_dir")

@@ -56,7 +56,7 @@ def load_training_backbone(cfg: TrainConfig, registry: Registry | None = None) -
 
         registry = default_discovery().registry
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
-    return registry.get("backbone", cfg.backbone.name).factory(options), options
+    return registry.create("backbone", cfg.backbone.name, options), options
 
 
 def trainable_token_targets(model: Any, token_ids: Sequence[int], include_head: bool) -> dict[str, list[int]] | None:
@@ -209,7 +209,7 @@ def build_manifest(
     longest: HiddenLengths | None = None,
 ) -> Manifest:
     """The manifest that tells the decoder what this checkpoint was trained for."""
-    layout = spec.chunk_layout(options)
+    layout = spec.chunk_layout(options, backbone)
     strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
     return Manifest(
         backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
@@ -241,7 +241,8 @@ def train(
     spec = cfg.spec
     options = cfg.strategy_options()
     backbone, backbone_options = load_training_backbone(cfg, registry)
-    records = load_records(cfg.data.path, backbone.layout.audio_count, cfg.data.skip_bad)
+    # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
+    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     peft_config = lora_config(cfg, spec, options, backbone)
     if spec.preference:

@@ -29,7 +29,14 @@ class AttentionReweightOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    factor: float = Field(1.15, gt=0.0, description="α: multiply the target keys' attention weights by this")
+    factor: float = Field(
+        1.15,
+        ge=1e-3,
+        le=1e3,
+        description="α: multiply the target keys' attention weights by this; 0.001–1000, because log α is "
+        "added to attention scores and must stay a finite bias (beyond these the target keys are all or "
+        "nothing; the paper's useful range is 1.1–1.5)",
+    )
     layers: str | list[int | str] | None = Field(
         None,
         description='layer indices and ranges, both ends included, e.g. "10-30" or [2, "5-7"]; default: the middle '

@@ -36,9 +36,7 @@ class CotbsStrategy:
         self.open_id = layout.token_id(THOUGHT_OPEN)
         self.close_id = layout.token_id(THOUGHT_CLOSE)
         device = backbone.model.device
-        ok = layout.text_mask(device)
-        ok[self.close_id] = True
-        self.ban_thought = ~ok
+        self.ban_thought = ~layout.allowed_mask(text=True, extra_ids=(self.close_id,), device=device)
         self.delimiters = torch.tensor(
             [layout.special[t] for t in DELIMITER_TOKENS if t in layout.special], device=device
         )

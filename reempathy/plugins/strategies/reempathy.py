@@ -3,6 +3,8 @@
 Where it decides: :meth:`ReEmpathyStrategy.reempathy_token` switches to a reflection when a
 spoken chunk is full (:class:`SpokenChunker`), and back to speaking when the model closes the
 reflection or the cap is reached. The decoder forces the delimiters; nothing is re-encoded.
+The chunk layout comes from the options and the backbone's declared spoken stream
+(:func:`layout_for_stream`): text+audio chunks, or chunks of text only for a text-only stream.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from reempathy.decoding.directives import Directive, Switch
 from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK
 from reempathy.hooks import hookimpl
-from reempathy.plugins.strategies.chunking import ChunkLayout, SpokenChunker
+from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, SpokenChunker, layout_for_stream
 
 REFLECTION = "reflection"
 
@@ -25,8 +27,12 @@ class ReEmpathyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text_tokens: int = Field(5, ge=1, description="text slots at the start of each spoken chunk")
-    audio_tokens: int = Field(10, ge=1, description="audio slots after them")
+    text_tokens: int = Field(DEFAULT_TEXT_TOKENS, ge=1, description="text slots at the start of each spoken chunk")
+    audio_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="audio slots after them; default 10, or 0 on a backbone whose spoken stream is text only",
+    )
     reflect: bool = Field(True, description="false: the paper's ablation, the same chunking with no reflections")
     max_reflection_tokens: int = Field(32, ge=1, description="the decoder closes a reflection at this many tokens")
     reflection_tokens: int | None = Field(
@@ -35,13 +41,9 @@ class ReEmpathyOptions(BaseModel):
 
     @model_validator(mode="after")
     def _chunk_size(self) -> "ReEmpathyOptions":
-        if self.text_tokens + self.audio_tokens < 2:
+        if self.audio_tokens is not None and self.text_tokens + self.audio_tokens < 2:
             raise ValueError("a spoken chunk needs at least 2 tokens")
         return self
-
-    @property
-    def layout(self) -> ChunkLayout:
-        return ChunkLayout(self.text_tokens, self.audio_tokens)
 
 
 class ReEmpathyStrategy:
@@ -51,31 +53,28 @@ class ReEmpathyStrategy:
 
     def __init__(self, options: ReEmpathyOptions, backbone: Backbone) -> None:
         self.options = options
+        self.layout = layout_for_stream(
+            backbone.stream, backbone.name, options.text_tokens, options.audio_tokens, "strategy 'reempathy'", min_size=2
+        )
         layout = backbone.layout
         self.open_id = layout.token_id(REFLECTION_OPEN)
         self.close_id = layout.token_id(REFLECTION_CLOSE)
-        self.chunker = SpokenChunker(options.layout)
+        self.chunker = SpokenChunker(self.layout)
         device = backbone.model.device
-        text = layout.text_mask(device)
-        audio = layout.audio_mask(device)
-        stops = torch.zeros_like(text)
-        stops[list(layout.stop_ids)] = True
         # Precomputed "banned" masks, one per kind of slot, so each step is one masked_fill.
-        self.ban_text_slot = ~(text | audio | stops)
-        self.ban_audio_slot = ~(audio | stops)
-        reflect_ok = text.clone()
-        if options.reflection_tokens is None:
-            reflect_ok[self.close_id] = True
-        self.ban_reflection = ~reflect_ok
+        self.ban_text_slot = ~layout.allowed_mask(text=True, audio=True, stop=True, device=device)
+        self.ban_audio_slot = ~layout.allowed_mask(audio=True, stop=True, device=device)
+        close = (self.close_id,) if options.reflection_tokens is None else ()
+        self.ban_reflection = ~layout.allowed_mask(text=True, extra_ids=close, device=device)
         self.limit = options.reflection_tokens or options.max_reflection_tokens
         self.delimiters = [layout.special[t] for t in DELIMITER_TOKENS if t in layout.special]
 
     @hookimpl
     def reempathy_decode_start(self, session: DecodeSession) -> None:
-        self.chunker = SpokenChunker(self.options.layout)
+        self.chunker = SpokenChunker(self.layout)
         session.extra["chunk_layout"] = {
-            "text_tokens": self.options.text_tokens,
-            "audio_tokens": self.options.audio_tokens,
+            "text_tokens": self.layout.text_tokens,
+            "audio_tokens": self.layout.audio_tokens,
         }
 
     @hookimpl(tryfirst=True)

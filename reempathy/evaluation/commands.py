@@ -1,0 +1,258 @@
+"""``reempathy eval | ab | eval-check``: score a run, compare two runs, check an evaluator against humans.
+
+Where decisions are made:
+
+- ``cmd_eval`` reads and checks everything cheap first (the evaluator's name and options, the
+  run's records, the score file's state) and only then builds the evaluator, so bad input fails
+  in a second with one line. Records already in ``scores/<name>.jsonl`` are skipped; new results
+  are appended batch by batch, so an interrupted run loses at most the batch in flight.
+- When a turn has units but no WAV, a listening evaluator needs a speech decoder: an evaluator
+  whose options have ``speech_decoder`` gets the run's backbone ``decoder_path`` unless told otherwise.
+- ``cmd_ab`` pairs the two runs' records by id and reports A's wins, ties and losses with a
+  bootstrap interval of A's preference score (win 1, tie ½, loss 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from reempathy.errors import ConfigError, InputError, PluginFailure, ReempathyError
+
+
+def _registry() -> Any:
+    from reempathy.decoding.registry import default_discovery
+
+    return default_discovery().registry
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _call(evaluator: Any, name: str, method: str, batch: Sequence[Any]) -> list[Any]:
+    """Call an evaluator method; its own crash is a PluginFailure, a wrong answer count too."""
+    try:
+        out = list(getattr(evaluator, method)(batch))
+    except ReempathyError:
+        raise
+    except Exception as exc:  # the evaluator's own code failed
+        raise PluginFailure(name, f"evaluator.{method}", exc) from exc
+    if len(out) != len(batch):
+        raise PluginFailure(name, f"evaluator.{method}", ValueError(f"returned {len(out)} results for {len(batch)} items"))
+    return out
+
+
+def _with_run_decoder(registry: Any, name: str, options: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    model = registry.get("evaluator", name).config_model
+    decoder = (((manifest.get("config") or {}).get("backbone")) or {}).get("decoder_path")
+    if "speech_decoder" in model.model_fields and "speech_decoder" not in options and decoder:
+        return dict(options, speech_decoder=decoder)
+    return options
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``reempathy eval DIR --evaluator NAME [--set K=V]… [--name LABEL] [--batch-size N] [--retry-failed]``."""
+    from tqdm import tqdm
+
+    from reempathy.evaluation.registry import build_evaluator, evaluator_options, parse_sets
+    from reempathy.evaluation.runs import ScoreFile, evaluation_line, read_run, run_manifest
+
+    registry = _registry()
+    registry.get("evaluator", args.evaluator)
+    items = read_run(args.dir)
+    options = _with_run_decoder(registry, args.evaluator, parse_sets(args.overrides), run_manifest(args.dir))
+    validated = evaluator_options(registry, args.evaluator, options).model_dump(mode="json")
+    scores = ScoreFile(args.dir, args.name or args.evaluator)
+    done = scores.open(args.evaluator, validated, retry_failed=args.retry_failed)
+    todo = [item for item in items if item.id not in done]
+    names: Sequence[str] = ()
+    if todo:
+        evaluator = build_evaluator(registry, args.evaluator, options)
+        names = evaluator.score_names
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {args.evaluator}", unit="record",
+                  disable=args.quiet) as bar:
+            for batch in _batches(todo, args.batch_size):
+                results = _call(evaluator, args.evaluator, "evaluate", batch)
+                scores.append([evaluation_line(r, args.evaluator) for r in results])
+                bar.update(len(batch))
+    else:
+        from reempathy.evaluation.base import EMPATHY_SCORES
+
+        names = sorted({k for row in done.values() for k in (row.get("scores") or {})}) or EMPATHY_SCORES
+    summary = scores.write_summary(args.evaluator, names, len(items))
+    print(format_summary(summary, scores.path))
+    return 0
+
+
+def format_summary(summary: dict[str, Any], path: Path) -> str:
+    """Per-score mean with its 95 % interval, then the failures."""
+    lines = [f"{summary['evaluator']}: {summary['scored']} of {summary['records']} records scored -> {path}"]
+    for name, s in summary["scores"].items():
+        if s["n"]:
+            lo, hi = s["ci95"]
+            lines.append(f"  {name:<26} {s['mean']:.3f}  [{lo:.3f}, {hi:.3f}]  n={s['n']}")
+    if summary["failures"]:
+        ids = ", ".join(summary["failed_ids"][:5]) + (" …" if summary["failures"] > 5 else "")
+        lines.append(f"  failures: {summary['failures']} (ids {ids}); their lines hold the error and the raw reply; "
+                     "rerun with --retry-failed to try them again")
+    return "\n".join(lines)
+
+
+def cmd_ab(args: argparse.Namespace) -> int:
+    """``reempathy ab DIR_A DIR_B --judge NAME [--set K=V]… [--out FILE] [--json]``."""
+    from tqdm import tqdm
+
+    from reempathy.evaluation.base import PairItem, PairwiseEvaluator
+    from reempathy.evaluation.metrics import bootstrap_ci
+    from reempathy.evaluation.registry import build_evaluator, evaluator_options, parse_sets
+    from reempathy.evaluation.runs import read_run
+
+    registry = _registry()
+    registry.get("evaluator", args.judge)
+    options = parse_sets(args.overrides)
+    evaluator_options(registry, args.judge, options)
+    a_items = read_run(args.dir_a)
+    b_by_id = {i.id: i for i in read_run(args.dir_b)}
+    pairs = [PairItem(a.id, a, b_by_id[a.id]) for a in a_items if a.id in b_by_id]
+    if not pairs:
+        raise InputError(f"runs {args.dir_a!r} and {args.dir_b!r} share no record ids; compare runs of the same data set")
+    judge = build_evaluator(registry, args.judge, options)
+    if not isinstance(judge, PairwiseEvaluator):
+        raise ConfigError(f"evaluator {args.judge!r} cannot compare two answers; use a judge such as llm-judge")
+    results = []
+    with tqdm(total=len(pairs), desc=f"ab {args.judge}", unit="pair", disable=args.quiet) as bar:
+        for batch in _batches(pairs, args.batch_size):
+            results += _call(judge, args.judge, "compare", batch)
+            bar.update(len(batch))
+    counts = {k: sum(1 for r in results if r.outcome == k) for k in ("win", "tie", "loss")}
+    failed = [r for r in results if r.outcome is None]
+    points = [{"win": 1.0, "tie": 0.5, "loss": 0.0}[r.outcome] for r in results if r.outcome is not None]
+    lo, hi = bootstrap_ci(points)
+    report = {
+        "schema": "reempathy.ab/1", "a": str(args.dir_a), "b": str(args.dir_b), "judge": args.judge,
+        "pairs": len(pairs), "unmatched": len(a_items) + len(b_by_id) - 2 * len(pairs), **counts,
+        "failures": len(failed), "preference": sum(points) / len(points) if points else None,
+        "preference_ci95": [lo, hi] if points else None,
+        "position_consistent": sum(1 for r in results if r.orders.get("ab") and r.orders.get("ab") == _swap(r.orders.get("ba"))),
+    }
+    if args.out:
+        from reempathy.evaluation.runs import atomic_text
+
+        rows = [{"id": r.id, "outcome": r.outcome, "orders": r.orders, "error": r.error, "raw": r.raw} for r in results]
+        atomic_text(Path(args.out), "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_ab(report))
+    return 0
+
+
+def _swap(verdict: str | None) -> str | None:
+    return {"first": "second", "second": "first", "tie": "tie"}.get(verdict or "")
+
+
+def format_ab(r: dict[str, Any]) -> str:
+    """One paragraph: win / tie / loss of A against B, the preference score with its interval, failures."""
+    n = r["win"] + r["tie"] + r["loss"]
+    lines = [f"A = {r['a']}  vs  B = {r['b']}  (judge {r['judge']}, {r['pairs']} pairs, each judged in both orders)"]
+    if n:
+        pct = lambda k: 100.0 * r[k] / n  # noqa: E731
+        lo, hi = r["preference_ci95"]
+        lines.append(f"  A win {r['win']} ({pct('win'):.0f}%)  tie {r['tie']} ({pct('tie'):.0f}%)  loss {r['loss']} ({pct('loss'):.0f}%)")
+        lines.append(f"  A's preference (win 1, tie 0.5): {r['preference']:.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"  verdicts that agree across both orders: {r['position_consistent']} of {n}")
+    if r["failures"]:
+        lines.append(f"  failures: {r['failures']} pair(s) without a verdict (see --out for the errors)")
+    if r["unmatched"]:
+        lines.append(f"  {r['unmatched']} record(s) in only one of the runs were left out")
+    return "\n".join(lines)
+
+
+def cmd_eval_check(args: argparse.Namespace) -> int:
+    """``reempathy eval-check --evaluator NAME --data HUMAN.jsonl [--set K=V]… [--json]``."""
+    from tqdm import tqdm
+
+    from reempathy.evaluation.data import load_labelled
+    from reempathy.evaluation.metrics import agreement_table, format_agreement
+    from reempathy.evaluation.registry import build_evaluator, evaluator_options, parse_sets
+
+    registry = _registry()
+    registry.get("evaluator", args.evaluator)
+    options = parse_sets(args.overrides)
+    evaluator_options(registry, args.evaluator, options)
+    data = load_labelled(args.data)
+    labelled = [r for r in data.records if r.scores]
+    if not labelled:
+        raise InputError(f"data file {args.data!r} has no records with human scores (\"scores\" or assessment.scores)")
+    evaluator = build_evaluator(registry, args.evaluator, options)
+    preds, human, failures = [], [], []
+    with tqdm(total=len(labelled), desc=f"eval-check {args.evaluator}", unit="record", disable=args.quiet) as bar:
+        for batch in _batches(labelled, args.batch_size):
+            for rec, ev in zip(batch, _call(evaluator, args.evaluator, "evaluate", [r.item for r in batch])):
+                if ev.error:
+                    failures.append(f"{rec.item.id}: {ev.error}")
+                else:
+                    preds.append(ev.scores)
+                    human.append(rec.scores)
+            bar.update(len(batch))
+    names = [n for n in evaluator.score_names if any(n in h for h in human)]
+    table = agreement_table(preds, human, names)
+    if args.json:
+        json.dump({"evaluator": args.evaluator, "data": args.data, "records": len(labelled), "failures": failures,
+                   "agreement": {k: v.to_json() for k, v in table.items()}}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{args.evaluator} against human scores in {args.data} ({len(preds)} of {len(labelled)} records scored)")
+        print(format_agreement(table))
+        if failures:
+            print(f"  failures: {len(failures)}, first: {failures[0]}")
+    return 0
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an evaluator option, e.g. --set checkpoint=runs/empathyeval (repeatable)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="records per evaluator call (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_eval_parser(subparsers: Any) -> None:
+    """Add ``eval``, ``ab`` and ``eval-check`` to the ``reempathy`` command's subparsers."""
+    p = subparsers.add_parser("eval", help="score a run directory with an evaluator (resumable)")
+    p.add_argument("dir", help="run directory with results.jsonl (written by `reempathy run`)")
+    p.add_argument("--evaluator", "-e", required=True, help="evaluator name (see `reempathy plugins`)")
+    p.add_argument("--name", help="score file name under DIR/scores/ (default: the evaluator's name)")
+    p.add_argument("--retry-failed", action="store_true", help="score again the records whose earlier attempt failed")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("ab", help="compare two runs record by record with a judge (win / tie / loss)")
+    p.add_argument("dir_a", help="run directory A")
+    p.add_argument("dir_b", help="run directory B")
+    p.add_argument("--judge", "-j", required=True, help="a pairwise evaluator, e.g. llm-judge")
+    p.add_argument("--out", help="write each pair's verdicts (both orders) to this JSONL")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_ab)
+
+    p = subparsers.add_parser("eval-check", help="LCC / SRCC / MSE of an evaluator against human scores")
+    p.add_argument("--evaluator", "-e", required=True, help="evaluator name")
+    p.add_argument("--data", required=True, help="JSONL of dialogues with human scores (docs/evaluation.md)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_eval_check)
+
+
+__all__ = ["add_eval_parser", "cmd_eval", "cmd_ab", "cmd_eval_check", "format_summary", "format_ab"]

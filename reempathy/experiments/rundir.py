@@ -1,0 +1,304 @@
+"""A run directory on disk: ``manifest.json``, ``results.jsonl``, per-rank shards, and how they survive a crash.
+
+Layout (docs/experiments.md)::
+
+    DIR/manifest.json           what made the run (schema reempathy.run/1), written atomically
+    DIR/results.jsonl           one reempathy.run-record/1 line per record, in data-file order once complete
+    DIR/shards/rank-R.jsonl     while several processes run: each rank appends only to its own file
+    DIR/wav/<id>.wav            spoken answers (``--speech``)
+    DIR/scores/<evaluator>.jsonl  written later by ``reempathy eval``
+
+Where it decides:
+
+- **appending** (:class:`LineAppender`): one ``write`` of a whole line, then ``fsync``, so a
+  crash (even SIGKILL) leaves every earlier line intact and at most one torn line at the end.
+- **recovering** (:func:`consolidate`): a line without its newline at the end of a file is torn
+  and dropped (its record is decoded again); lines from every shard and from results.jsonl are
+  merged, duplicates by id dropped, sorted by data-file line and written atomically (temporary
+  sibling, fsync, rename) before the shards are removed. A crash between the rename and the
+  removal leaves duplicates in shards, which the next consolidation drops again. A bad line
+  that is *not* at the end of a file cannot come from a crash: it is reported, never dropped.
+- **identity** (:func:`check_same_run`): a directory belongs to one resolved config, one
+  checkpoint (its path and creation time) and one data file (its SHA-256).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from reempathy.errors import ConfigError, InputError
+
+RUN_SCHEMA = "reempathy.run/1"
+RECORD_SCHEMA = "reempathy.run-record/1"
+SWEEP_SCHEMA = "reempathy.sweep/1"
+MANIFEST = "manifest.json"
+RESULTS = "results.jsonl"
+SHARDS = "shards"
+WAVS = "wav"
+SCORES = "scores"
+SWEEP_MANIFEST = "sweep.json"
+# What --force removes: only what a run writes, never a file we do not know.
+RUN_OUTPUTS = (RESULTS, SHARDS, WAVS, SCORES, MANIFEST)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def dumps_line(doc: dict[str, Any]) -> bytes:
+    """One JSON line (UTF-8, compact, newline-terminated); text that cannot be UTF-8 is escaped instead."""
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: keep the line valid JSON and valid UTF-8
+        data = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    return data + b"\n"
+
+
+class LineAppender:
+    """Appends whole lines to a file: each one written with a single ``write`` and made durable with ``fsync``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if not existed:
+            _fsync_dir(self.path.parent)
+
+    def append(self, doc: dict[str, Any]) -> None:
+        data = memoryview(dumps_line(doc))
+        while data:  # a regular file takes the whole line at once; loop only for the rare short write
+            n = os.write(self.fd, data)
+            data = data[n:]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "LineAppender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> None:
+    """Write ``doc`` as indented JSON: temporary sibling, fsync, rename."""
+    write_bytes_atomic(path, (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling of ``path``, fsync it, then rename it over ``path``."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class ScannedFile:
+    """The complete lines of a JSONL file and whether a torn tail (a crash mid-write) was found."""
+
+    path: Path
+    docs: list[dict[str, Any]] = field(default_factory=list)
+    torn: bool = False
+
+
+def scan_results(path: str | Path, required: Iterable[str] = ("id", "line")) -> ScannedFile:
+    """Read every complete line of a results (or shard, or scores) file.
+
+    A last line without its newline is torn: it is left out and reported by ``torn``. Any other
+    line that is not a JSON object with the ``required`` keys raises ``InputError``.
+    """
+    p = Path(path)
+    out = ScannedFile(p)
+    if not p.is_file():
+        return out
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    out.torn = bool(tail)
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict) or any(k not in doc for k in required):
+            raise InputError(
+                f"{p}:{n}: not a complete result line, and not the last line, so not a crash mid-write; "
+                "the file was changed by hand or is damaged: repair or remove it (or rerun with --force)"
+            )
+        out.docs.append(doc)
+    return out
+
+
+def shard_path(directory: str | Path, rank: int) -> Path:
+    """The file rank ``rank`` appends to while several processes run."""
+    return Path(directory) / SHARDS / f"rank-{rank}.jsonl"
+
+
+def consolidate(directory: str | Path) -> list[dict[str, Any]]:
+    """Merge shards and results.jsonl into one results.jsonl in record order; return its records.
+
+    Idempotent and crash-safe (module docstring). Rewrites nothing when results.jsonl is already
+    whole, ordered and alone.
+    """
+    d = Path(directory)
+    main = scan_results(d / RESULTS)
+    shard_dir = d / SHARDS
+    shards = [scan_results(p) for p in sorted(shard_dir.glob("rank-*.jsonl"))] if shard_dir.is_dir() else []
+    merged: dict[str, dict[str, Any]] = {}
+    for scanned in [main, *shards]:
+        for doc in scanned.docs:
+            merged.setdefault(str(doc["id"]), doc)
+    docs = sorted(merged.values(), key=lambda doc: int(doc["line"]))
+    changed = main.torn or bool(shards) or len(docs) != len(main.docs) or docs != main.docs
+    if changed:
+        write_bytes_atomic(d / RESULTS, b"".join(dumps_line(doc) for doc in docs))
+    if shard_dir.is_dir():
+        shutil.rmtree(shard_dir)
+    return docs
+
+
+def done_ids(directory: str | Path) -> set[str]:
+    """Ids of the records results.jsonl already holds (call after :func:`consolidate`)."""
+    return {str(doc["id"]) for doc in scan_results(Path(directory) / RESULTS).docs}
+
+
+# --- the manifest --------------------------------------------------------------------------
+
+
+def read_run_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The directory's manifest.json, None if there is none; ``InputError`` if it is not a run manifest."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); the run directory is damaged") from None
+    if not isinstance(doc, dict) or doc.get("schema") != RUN_SCHEMA:
+        raise InputError(f"{path}: not a run manifest (schema {RUN_SCHEMA!r}); is {str(directory)!r} a run directory?")
+    return doc
+
+
+def run_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a rerun to continue a directory: config, checkpoint, data hash."""
+    checkpoint = manifest.get("checkpoint") or None
+    if checkpoint:
+        checkpoint = {k: checkpoint.get(k) for k in ("path", "created", "steps")}
+    return {
+        "config": manifest.get("config"),
+        "checkpoint": checkpoint,
+        "data.sha256": (manifest.get("data") or {}).get("sha256"),
+    }
+
+
+def check_same_run(directory: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """``ConfigError`` naming the first difference when ``old`` (on disk) and ``new`` describe different runs."""
+    a, b = _flatten(run_identity(old)), _flatten(run_identity(new))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, _MISSING) != b.get(key, _MISSING):
+            there = json.dumps(a.get(key)) if key in a else "unset"
+            here = json.dumps(b.get(key)) if key in b else "unset"
+            raise ConfigError(
+                f"{str(directory)!r} holds a run made with another config ({key}: {there} there, {here} now); "
+                "use another --out, or --force to discard its results and start again"
+            )
+
+
+_MISSING = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def clear_run(directory: str | Path) -> None:
+    """Remove what a run wrote (``--force``); files we did not write are left alone."""
+    d = Path(directory)
+    for name in RUN_OUTPUTS:
+        p = d / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def check_out_dir(directory: str | Path, kind: str = "run") -> Path:
+    """``directory`` as a path a run (or sweep) may use: a folder or nothing; not the other kind's folder."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise InputError(f"--out {str(d)!r} is a file; give a directory")
+    if kind == "run" and (d / SWEEP_MANIFEST).is_file():
+        raise InputError(f"--out {str(d)!r} is a sweep directory; give a directory of its own to a run")
+    if kind == "sweep" and (d / MANIFEST).is_file():
+        raise InputError(f"--out {str(d)!r} is a run directory; give a directory of its own to a sweep")
+    return d
+
+
+__all__ = [
+    "RUN_SCHEMA",
+    "RECORD_SCHEMA",
+    "SWEEP_SCHEMA",
+    "MANIFEST",
+    "RESULTS",
+    "SHARDS",
+    "WAVS",
+    "SCORES",
+    "SWEEP_MANIFEST",
+    "LineAppender",
+    "ScannedFile",
+    "scan_results",
+    "shard_path",
+    "consolidate",
+    "done_ids",
+    "read_run_manifest",
+    "run_identity",
+    "check_same_run",
+    "clear_run",
+    "check_out_dir",
+    "write_json_atomic",
+    "write_bytes_atomic",
+    "dumps_line",
+]

@@ -1,0 +1,95 @@
+"""Shared by the evaluation tests: run directories of real tiny decodes, a chat-completions server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+SCORES_JSON = '{"need_support": 4, "wording_appropriateness": 3, "emotion_understanding": 5, "emotional_support": 4, "rationale": "warm"}'
+
+
+def write_run_dir(directory: Path, backbone, prompts: list[str], max_new_tokens: int = 16, manifest: dict | None = None) -> Path:
+    """A run directory in the shared format, from real greedy decodes of ``backbone``."""
+    from reempathy.config import load_config
+    from reempathy.decoding.registry import default_discovery
+    from reempathy.runner import run_decode
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None, [f"decode.max_new_tokens={max_new_tokens}", "sampling.greedy=true"])
+    registry = default_discovery().registry
+    lines = []
+    for n, prompt in enumerate(prompts, 1):
+        result = run_decode(cfg, registry, prompt=prompt, backbone=backbone)
+        lines.append({
+            "schema": "reempathy.run-record/1", "id": f"rec{n}", "line": n,
+            "messages": [{"role": "user", "text": prompt}], "reference": None,
+            "result": result.to_json(), "wav": None,
+        })
+    (directory / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (directory / "manifest.json").write_text(json.dumps(manifest or {"schema": "reempathy.run/1", "config": {"backbone": {"name": "tiny"}}}))
+    return directory
+
+
+class ChatServer:
+    """A chat-completions server on 127.0.0.1 whose reply to each request is decided by ``reply(body)``.
+
+    ``reply`` returns (status, text): text is the assistant's content for 200, the body otherwise.
+    Returning status 0 holds the request until the server stops (a client timeout).
+    """
+
+    def __init__(self, reply: Callable[[dict], tuple[int, str]]) -> None:
+        self.reply = reply
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                server.headers.append({"Authorization": self.headers.get("Authorization")})
+                status, text = server.reply(body)
+                if status == 0:
+                    server.release.wait(10)
+                    return
+                if status == 200 and self.path.endswith("/chat/completions"):
+                    payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                                          "choices": [{"index": 0, "finish_reason": "stop",
+                                                       "message": {"role": "assistant", "content": text}}]}).encode()
+                else:
+                    payload = text.encode()
+                    status = status if status != 200 else 404
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> "ChatServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def user_text(body: dict) -> str:
+    """The user message of a chat request."""
+    return next(m["content"] for m in body["messages"] if m["role"] == "user")
