@@ -47,7 +47,7 @@ MAX_NEW_TOKENS = 320  # the longest example answer with its reflections
 
 @dataclass
 class DemoRow:
-    """One checkpoint's answer to the held-out prompt, or why there is none."""
+    """One checkpoint's answer to the demo's prompt, or why there is none."""
 
     name: str
     strategy: str
@@ -164,7 +164,7 @@ def train_checkpoints(
 
 
 def decode_with(directory: Path, units_file: Path) -> object:
-    """Decode the held-out prompt with one checkpoint: its backbone, its strategy, greedy."""
+    """Decode the prompt in ``units_file`` with one checkpoint: its backbone, its strategy, greedy."""
     from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, SamplingConfig
     from reempathy.decoding.registry import default_discovery
     from reempathy.runner import load_backbone, run_decode
