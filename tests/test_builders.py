@@ -15,7 +15,6 @@ from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
 from reempathy.training.builders import (
     BUILDERS,
     IGNORE_INDEX,
-    REFLECTION,
     THOUGHT,
     CotbsBuild,
     ReempathyBuild,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reempathy.backbones.base import REFLECTION_CLOSE, REFLECTION_OPEN, Turn
+from reempathy.backbones.base import REFLECTION_CLOSE, REFLECTION_OPEN
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.errors import InputError
 from reempathy.plugins.strategies.chunking import split_spoken

@@ -23,6 +23,7 @@ import torch
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.session import DecodeSession
+from reempathy.errors import PluginFailure
 from reempathy.hooks import hookimpl
 
 
@@ -68,9 +69,14 @@ def teacher_forced_sequence(backbone: Backbone, prompt_len: int, sequence: Seque
     """
     forcing = TeacherForcing(sequence)
     budget = len(sequence) - prompt_len + 1
-    result = decode(
-        backbone, list(sequence[:prompt_len]), strategy, [forcing], LoopOptions(max_new_tokens=budget, greedy=True)
-    )
+    try:
+        result = decode(
+            backbone, list(sequence[:prompt_len]), strategy, [forcing], LoopOptions(max_new_tokens=budget, greedy=True)
+        )
+    except PluginFailure as exc:  # the loop names the failing plugin; here the mismatch itself is the answer
+        if isinstance(exc.__cause__, TeacherForcingMismatch):
+            raise exc.__cause__ from None
+        raise
     if forcing.session is None:
         raise TeacherForcingMismatch(prompt_len, "the decoder asked for no token")
     ids = list(forcing.session.ids)
