@@ -4,6 +4,8 @@ The units are not speech: each word maps to a few unit ids taken from a hash of 
 same word always "sounds" the same, and every id is in 0..1023 (the tiny backbone's range).
 A message gets two units per text token of the tiny backbone's tokenizer, plus a short tail,
 so the answers lay out in any chunk layout with two audio slots per text slot (13+26, 5+10, ...).
+Records with per-chunk ``reflections`` are checked against their answer's full chunks (in their
+``reflections_layout``, 5+10 by default): a mismatch is listed and the exit status is 1.
 
     python examples/synth_units.py examples/empathy_dialogues.jsonl examples/heldout.jsonl
 
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from reempathy.backbones.tiny import build_tokenizer
+from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
 
 UNITS = 1024
 PER_TOKEN = 2
@@ -44,25 +47,49 @@ def synthetic_units(text: str, tokenizer) -> list[int]:
     return units
 
 
-def fill(path: Path, tokenizer) -> int:
-    """Rewrite ``path`` with synthetic units in every message that has text; returns the number of records."""
+def full_chunks(text: str, units: list[int], layout: str, tokenizer) -> int:
+    """How many full chunks of ``layout`` ("5+10") the answer fills, as the training builder lays it out."""
+    text_slots, audio_slots = (int(n) for n in layout.split("+"))
+    text_ids = tokenizer.encode(text, add_special_tokens=False)
+    chunks = split_spoken(text_ids, [UNITS + u for u in units], ChunkLayout(text_slots, audio_slots))
+    return sum(1 for chunk in chunks if len(chunk) == text_slots + audio_slots)
+
+
+def fill(path: Path, tokenizer) -> tuple[int, list[str]]:
+    """Rewrite ``path`` with synthetic units in every message that has text.
+
+    Returns the number of records and one line per record whose per-chunk ``reflections`` no
+    longer match the full chunks of its answer (after its text changed, say).
+    """
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for record in records:
+    mismatched = []
+    for lineno, record in enumerate(records, start=1):
         messages = list(record["messages"])
         if record.get("rejected"):
             messages.append(record["rejected"])
         for message in messages:
             if message.get("text"):
                 message["units"] = synthetic_units(message["text"], tokenizer)
+        answer, reflections = record["messages"][-1], record.get("reflections")
+        if reflections is not None and answer.get("text"):
+            layout = record.get("reflections_layout", "5+10")
+            need = full_chunks(answer["text"], answer["units"], layout, tokenizer)
+            if need != len(reflections):
+                mismatched.append(f"{path}:{lineno}: {len(reflections)} reflections for {need} full {layout} chunks")
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return len(records)
+    return len(records), mismatched
 
 
 def main(argv: list[str]) -> int:
     tokenizer = build_tokenizer()
+    bad = []
     for name in argv:
-        print(f"{name}: {fill(Path(name), tokenizer)} records")
-    return 0
+        count, mismatched = fill(Path(name), tokenizer)
+        print(f"{name}: {count} records")
+        bad += mismatched
+    for line in bad:
+        print(f"{line}; rewrite them, one per full chunk")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone
-from reempathy.errors import CheckpointError, ConfigError
+from reempathy.errors import CheckpointError, ConfigError, ReempathyError, ReempathyWarning
 from reempathy.paths import check_name, describe_kind, resolved_kind
 
 if TYPE_CHECKING:
@@ -46,6 +47,23 @@ class ChunkLayoutRecord(BaseModel):
     audio_tokens: int
 
 
+class ReflectionRecord(BaseModel):
+    """How a ``reempathy`` checkpoint's reflections were trained: free length (the model closes each one) or
+    fixed length (every reflection exactly ``tokens`` tokens, as decoding's ``reflection_tokens`` mode writes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["free", "fixed"]
+    tokens: int | None = Field(None, ge=1, description="fixed mode: the length of every reflection")
+
+
+class HiddenLengths(BaseModel):
+    """The longest thought and reflection (tokens) in the training data; decoding warns when a cap is shorter."""
+
+    model_config = ConfigDict(extra="forbid")
+    thought: int | None = Field(None, ge=0)
+    reflection: int | None = Field(None, ge=0)
+
+
 class Manifest(BaseModel):
     """``reempathy.json``: what the adapter was trained for, so the decoder can check and configure itself."""
 
@@ -54,6 +72,8 @@ class Manifest(BaseModel):
     backbone: Component
     strategy: Component
     chunk_layout: ChunkLayoutRecord | None = None
+    reflection: ReflectionRecord | None = None
+    longest: HiddenLengths | None = None
     delimiters: dict[str, int]
     steps: int = Field(ge=0)
     created: str
@@ -275,6 +295,8 @@ def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = Tr
 
 
 LAYOUT_KEYS = ("text_tokens", "audio_tokens")
+# The strategy option that caps each kind of hidden segment the manifest records a longest length of.
+CAP_OPTIONS = {"thought": "max_thought_tokens", "reflection": "max_reflection_tokens"}
 
 
 def checkpoint_config_overrides(
@@ -308,15 +330,78 @@ def checkpoint_config_overrides(
                     f"text+audio tokens, but the config asks for {key} = {requested[key]!r}; "
                     f"drop strategy.{key} or set it to {trained_layout[key]}"
                 )
+    if manifest.reflection is not None and "reflection_tokens" in requested:
+        check_reflection_mode(manifest.reflection, requested["reflection_tokens"], where)
     options = dict(manifest.strategy.options)
     options.update(requested)
+    for message in short_cap_messages(manifest, trained, options, where):
+        warnings.warn(CapWarning(message), stacklevel=2)
     return trained, options
+
+
+def check_reflection_mode(trained: ReflectionRecord, requested: Any, where: str) -> None:
+    """ConfigError unless a requested ``reflection_tokens`` is the reflection mode and length trained."""
+    if trained.mode == "fixed" and requested != trained.tokens:
+        raise ConfigError(
+            f"{where} was trained with fixed-length reflections of {trained.tokens} tokens, but the config asks for "
+            f"reflection_tokens = {requested!r}; drop strategy.reflection_tokens or set it to {trained.tokens}"
+        )
+    if trained.mode == "free" and requested is not None:
+        raise ConfigError(
+            f"{where} was trained with free-length reflections (the model closes them), but the config asks for "
+            f"fixed-length reflection_tokens = {requested!r}; drop strategy.reflection_tokens, or train with "
+            f"strategy.reflection_tokens = {requested!r}"
+        )
+
+
+class CapWarning(ReempathyWarning):
+    """A decoding cap is shorter than the thoughts or reflections the checkpoint was trained on."""
+
+
+def short_cap_messages(manifest: Manifest, strategy: str, options: dict[str, Any], where: str) -> list[str]:
+    """One message per cap (``max_thought_tokens``, ``max_reflection_tokens``) shorter than the longest trained.
+
+    A cap the options do not set is the strategy's default, read from its registered options
+    model. In fixed-length mode the reflection length is fixed, so its cap is not checked.
+    """
+    longest = manifest.longest
+    if longest is None:
+        return []
+    messages = []
+    for kind, key in CAP_OPTIONS.items():
+        trained = getattr(longest, kind)
+        if not trained or (kind == "reflection" and options.get("reflection_tokens") is not None):
+            continue
+        cap = options.get(key, _option_default(strategy, key))
+        if isinstance(cap, int) and cap < trained:
+            source = "" if key in options else " (the default)"
+            messages.append(
+                f"{where} was trained on {kind}s of up to {trained} tokens, but strategy.{key} = {cap}{source} "
+                f"cuts them short; set strategy.{key} = {trained} or more"
+            )
+    return messages
+
+
+def _option_default(strategy: str, key: str) -> Any:
+    """The default of a strategy option from its registered options model, or None when there is none."""
+    from reempathy.decoding.registry import default_discovery
+
+    try:
+        field = default_discovery().registry.get("strategy", strategy).config_model.model_fields.get(key)
+    except ReempathyError:
+        return None
+    return None if field is None else field.default
 
 
 __all__ = [
     "Manifest",
     "Component",
     "ChunkLayoutRecord",
+    "ReflectionRecord",
+    "HiddenLengths",
+    "CapWarning",
+    "short_cap_messages",
+    "check_reflection_mode",
     "MANIFEST",
     "SCHEMA",
     "ADAPTER_FILES",

@@ -21,7 +21,7 @@ import warnings
 from typing import Any, NoReturn, Sequence
 
 from reempathy.bench import add_bench_parser
-from reempathy.errors import InputError, ReempathyError, UsageError
+from reempathy.errors import InputError, ReempathyError, UsageError, one_line_warnings
 from reempathy.evaluation.commands import add_eval_parser
 from reempathy.experiments.cli import add_experiment_parsers
 from reempathy.options import count_arg, seed_arg
@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="transformers")
+            warnings.showwarning = one_line_warnings(warnings.showwarning)
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _emit("reempathy: interrupted")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class ReempathyError(Exception):
     """Base class: the CLI prints the message on one line and exits with ``exit_code`` (2: the user's input)."""
@@ -51,3 +54,20 @@ class PluginFailure(ReempathyError):
 
 class DecodeError(ReempathyError):
     """Decoding cannot go on (every token banned, NaN logits): names the step and what to change."""
+
+
+class ReempathyWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""
+
+
+def one_line_warnings(fallback: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints a :class:`ReempathyWarning` as ``reempathy: warning: MESSAGE``
+    on stderr (no file, line or source) and hands every other warning to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if isinstance(category, type) and issubclass(category, ReempathyWarning):
+            print(f"reempathy: warning: {message}", file=file if file is not None else sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show

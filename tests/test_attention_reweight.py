@@ -12,7 +12,7 @@ from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.hooks import hookimpl
 
 from helpers import NoStop
-from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions
+from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions, middle_layers, parse_layers
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
@@ -95,7 +95,11 @@ def test_sft_has_no_hidden_segment_and_so_no_bias(tiny, tiny_prompt):
 
 
 def test_default_layers_are_the_middle_half(tiny):
-    assert _reweight(tiny).layers == [0, 1][2 // 4 : 2 - 2 // 4]
+    assert _reweight(tiny).layers == [0, 1]
+
+
+def test_default_layers_of_a_40_layer_model_are_the_papers_10_to_30_inclusive():
+    assert middle_layers(40) == parse_layers("10-30", 40) == list(range(10, 31))
 
 
 # --- a whole decode against the slow reference ------------------------------------------

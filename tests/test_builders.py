@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 
 from reempathy.backbones.base import REFLECTION_CLOSE, REFLECTION_OPEN, THOUGHT_CLOSE, THOUGHT_OPEN, Turn
+from reempathy.backbones.tiny import TinyOptions, load_tiny
+from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
+from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.errors import InputError
 from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
 from reempathy.training.builders import (
     BUILDERS,
     IGNORE_INDEX,
-    REFLECTION,
     THOUGHT,
     CotbsBuild,
     ReempathyBuild,
@@ -21,10 +23,9 @@ from reempathy.training.builders import (
     build_dpo,
     build_reempathy,
     build_sft,
-    split_evenly,
 )
 from reempathy.training.data import SourcedRecord, load_records
-from reempathy.training.reference import reempathy_reference_sequence
+from reempathy.training.reference import TeacherForcingMismatch, teacher_forced_sequence
 from reempathy.training.schema import Record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,28 +101,59 @@ def test_cotbs_is_thought_of_the_assessment_then_the_spoken_answer(tiny):
     assert body[2 + len(reasoning) :] == build_sft(sr, tiny).input_ids[seq.prompt_len :]
 
 
-@pytest.mark.parametrize("layout", [(3, 6), (5, 10), (7, 14), (13, 26)])
-@pytest.mark.parametrize("n_units", [45, 60, 61, 90])
-def test_reempathy_sequence_equals_the_chunk_state_machine_walk(tiny, layout, n_units):
-    """Teacher forcing: the builder's sequence is what the decoder's chunker produces, delimiters and all."""
-    sr = make(n_units=n_units)
-    opts = ReempathyBuild(text_tokens=layout[0], audio_tokens=layout[1])
-    seq = build_reempathy(sr, tiny, opts)
-    text, audio = spoken_parts(tiny, sr)
-    chunks = split_spoken(text, audio, opts.chunk_layout())
-    full = sum(1 for c in chunks if len(c) == opts.chunk_layout().size)
-    assessment = tiny.tokenizer.encode(sr.record.assessment.text, add_special_tokens=False)
-    reference = reempathy_reference_sequence(
-        seq.input_ids[: seq.prompt_len],
-        text,
-        audio,
-        split_evenly(assessment, full) if full else [],
-        opts.chunk_layout(),
-        tiny.layout.special[REFLECTION_OPEN],
-        tiny.layout.special[REFLECTION_CLOSE],
-        tiny.layout.stop_ids[0],
+@pytest.fixture(scope="module")
+def quick(tiny):
+    """A one-layer tiny model with the default tokenizer: teacher forcing only needs the decoder's bookkeeping."""
+    return load_tiny(TinyOptions(hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=16, num_layers=1))
+
+
+def replay(backbone, seq, strategy):
+    return teacher_forced_sequence(backbone, seq.prompt_len, seq.input_ids, strategy)
+
+
+def reempathy_strategy(backbone, opts: ReempathyBuild):
+    return ReEmpathyStrategy(
+        ReEmpathyOptions(text_tokens=opts.text_tokens, audio_tokens=opts.audio_tokens, reflect=opts.reflect,
+                         reflection_tokens=opts.reflection_tokens, max_reflection_tokens=1000),
+        backbone,
     )
-    assert seq.input_ids == reference
+
+
+@pytest.mark.parametrize("layout", [(3, 6), (5, 10), (7, 14), (13, 26)])
+def test_reempathy_sequence_is_what_the_decoder_writes_under_teacher_forcing(quick, layout):
+    """The real loop and strategy, picking each next token of the training sequence, write the same sequence."""
+    opts = ReempathyBuild(text_tokens=layout[0], audio_tokens=layout[1])
+    seq = build_reempathy(make(n_units=61), quick, opts)
+    assert replay(quick, seq, reempathy_strategy(quick, opts)) == seq.input_ids
+
+
+@pytest.mark.parametrize("record", ["per-chunk", "fixed-length", "no-reflections"])
+def test_every_reempathy_variant_replays_through_the_decoder(quick, record):
+    opts = ReempathyBuild()
+    if record == "per-chunk":
+        sr = make(text="sorry", n_units=15 * 3 - 1, reflections=["Short and kind.", "Still kind.", "Done."])
+    elif record == "fixed-length":
+        sr, opts = make(n_units=90), ReempathyBuild(reflection_tokens=4)
+    else:
+        sr, opts = make(n_units=90), ReempathyBuild(reflect=False)
+    seq = build_reempathy(sr, quick, opts)
+    assert replay(quick, seq, reempathy_strategy(quick, opts)) == seq.input_ids
+
+
+def test_cotbs_sequence_is_what_the_decoder_writes_under_teacher_forcing(quick):
+    seq = build_cotbs(make(), quick)
+    strategy = CotbsStrategy(CotbsOptions(max_thought_tokens=1000), quick)
+    assert replay(quick, seq, strategy) == seq.input_ids
+
+
+def test_teacher_forcing_catches_a_reflection_one_token_late(quick):
+    """The reference is not vacuous: a sequence the decoder cannot write is caught where it parts."""
+    seq = build_reempathy(make(n_units=60), quick, ReempathyBuild())
+    ids = list(seq.input_ids)
+    opener = ids.index(quick.layout.special[REFLECTION_OPEN])
+    ids[opener], ids[opener + 1] = ids[opener + 1], ids[opener]
+    with pytest.raises(TeacherForcingMismatch, match=f"position {opener}: "):
+        teacher_forced_sequence(quick, seq.prompt_len, ids, reempathy_strategy(quick, ReempathyBuild()))
 
 
 def test_reempathy_reflects_after_every_full_chunk_and_stops_after_a_shorter_last_one(tiny):
@@ -151,31 +183,6 @@ def test_reempathy_answer_ending_on_a_chunk_boundary_ends_with_its_reflection(ti
     seq = build_reempathy(sr, tiny, ReempathyBuild())
     assert seq.input_ids[-2] == tiny.layout.special[REFLECTION_CLOSE]
     assert seq.input_ids.count(tiny.layout.special[REFLECTION_OPEN]) == 3
-
-
-def test_reflections_are_the_assessment_split_evenly_in_order(tiny):
-    sr = make(n_units=90)
-    seq = build_reempathy(sr, tiny, ReempathyBuild())
-    pieces, current = [], None
-    for token, span in zip(seq.input_ids, seq.spans):
-        if token == tiny.layout.special[REFLECTION_OPEN]:
-            current = []
-        elif token == tiny.layout.special[REFLECTION_CLOSE]:
-            pieces.append(current)
-            current = None
-        elif current is not None:
-            assert span == REFLECTION
-            current.append(token)
-    assessment = tiny.tokenizer.encode(sr.record.assessment.text, add_special_tokens=False)
-    assert [t for p in pieces for t in p] == assessment
-    assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
-
-
-def test_split_evenly_gives_parts_within_one_token_of_each_other():
-    parts = split_evenly(list(range(10)), 4)
-    assert [len(p) for p in parts] == [3, 3, 2, 2]
-    assert sum(parts, []) == list(range(10))
-    assert split_evenly([1], 3) == [[1], [], []]
 
 
 def test_reflect_false_is_the_same_chunking_without_delimiters(tiny):

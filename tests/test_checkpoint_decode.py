@@ -8,72 +8,27 @@ from pathlib import Path
 import pytest
 
 from reempathy.cli import main
-from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.hooks import hookimpl
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.training.builders import ReempathyBuild, build_reempathy
 from reempathy.training.data import load_records
+from reempathy.training.reference import teacher_forced_sequence
 from reempathy.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
 
 
-class TeacherForcing:
-    """At every sampled position, allows only the token the training sequence has there."""
-
-    def __init__(self, target: list[int], prompt_len: int):
-        self.target = target
-        self.prompt_len = prompt_len
-
-    @hookimpl
-    def reempathy_logits(self, session, logits):
-        pos = len(session.ids)
-        keep = logits[self.target[pos]].clone() if pos < len(self.target) else None
-        logits.fill_(float("-inf"))
-        if keep is not None:
-            # the strategy must allow the training token here, or the test fails on -inf
-            logits[self.target[pos]] = keep if keep.isfinite() else float("-inf")
-
-
 @pytest.mark.parametrize("text_tokens,audio_tokens", [(5, 10), (3, 6), (7, 14)])
 def test_reempathy_decoding_forced_to_a_record_reproduces_the_builders_sequence(tiny, text_tokens, audio_tokens):
+    """Example records (the first three carry 5+10 reflections; other layouts split their assessments)."""
     records = load_records(EXAMPLES, audio_count=tiny.layout.audio_count).records
-    checked = 0
     for sr in records[:3]:
         seq = build_reempathy(sr, tiny, ReempathyBuild(text_tokens=text_tokens, audio_tokens=audio_tokens))
-        prompt = seq.input_ids[: seq.prompt_len]
-        # A generous cap: the builder's reflections are the assessment split evenly.
-        longest = max(
-            (len(run) for run in _reflections(seq.input_ids, tiny)), default=1
-        )
         strategy = ReEmpathyStrategy(
-            ReEmpathyOptions(text_tokens=text_tokens, audio_tokens=audio_tokens, max_reflection_tokens=longest + 1),
-            tiny,
+            ReEmpathyOptions(text_tokens=text_tokens, audio_tokens=audio_tokens, max_reflection_tokens=1000), tiny
         )
-        forcer = TeacherForcing(seq.input_ids, seq.prompt_len)
-        result = decode(tiny, prompt, strategy, [forcer], LoopOptions(max_new_tokens=len(seq.input_ids), greedy=True))
-        assert result.stop_reason == "stop_token", sr
-        # the builder ends with the stop token, which the decoder reads but does not keep
-        assert prompt + result.ids == seq.input_ids[:-1]
+        assert teacher_forced_sequence(tiny, seq.prompt_len, seq.input_ids, strategy) == seq.input_ids, sr.where
         assert seq.input_ids[-1] in tiny.layout.stop_ids
-        checked += 1
-    assert checked == 3
-
-
-def _reflections(ids, tiny):
-    bor = tiny.layout.special["<|begin_of_reflection|>"]
-    eor = tiny.layout.special["<|end_of_reflection|>"]
-    runs, cur, inside = [], [], False
-    for t in ids:
-        if t == bor:
-            inside, cur = True, []
-        elif t == eor:
-            inside = False
-            runs.append(cur)
-        elif inside:
-            cur.append(t)
-    return runs
 
 
 @pytest.fixture(scope="module")

@@ -337,7 +337,8 @@ def test_builders_lay_out_text_only_answers_as_the_strategy_decodes_them(qwen):
         encode_text,
         prompt_ids,
     )
-    from reempathy.training.reference import reempathy_reference_sequence
+    from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
+    from reempathy.training.reference import teacher_forced_sequence
 
     sr = record("I hear you. That sounds really hard, and it makes sense.")
     prompt = prompt_ids(sr, qwen)
@@ -351,10 +352,11 @@ def test_builders_lay_out_text_only_answers_as_the_strategy_decodes_them(qwen):
     pieces = [seq.input_ids[i + 1 : j] for i, j in zip(
         [k for k, t in enumerate(seq.input_ids) if t == qwen.layout.token_id(REFLECTION_OPEN)],
         [k for k, t in enumerate(seq.input_ids) if t == qwen.layout.token_id(REFLECTION_CLOSE)])]
-    ref = reempathy_reference_sequence(prompt, text, [], pieces, ChunkLayout(4, 0),
-                                       qwen.layout.token_id(REFLECTION_OPEN), qwen.layout.token_id(REFLECTION_CLOSE),
-                                       qwen.layout.stop_ids[0])
-    assert len(pieces) == full and seq.input_ids == ref
+    # teacher forcing through the real loop and strategy: the decoder writes the training sequence
+    strategy = ReEmpathyStrategy(ReEmpathyOptions(text_tokens=4, max_reflection_tokens=1000), qwen)
+    assert strategy.layout == ChunkLayout(4, 0)
+    assert len(pieces) == full
+    assert teacher_forced_sequence(qwen, seq.prompt_len, seq.input_ids, strategy) == seq.input_ids
 
 
 def test_text_only_answers_need_their_text(qwen):

@@ -20,7 +20,7 @@ from reempathy.runner import run_decode
 from reempathy.training.checkpoint import MANIFEST, apply_checkpoint, begin_run, plan_run, read_manifest
 from reempathy.training.cli import add_train_parser
 from reempathy.training.config import load_train_config
-from reempathy.checkpoints import checkpoint_config_overrides
+from reempathy.checkpoints import CapWarning, checkpoint_config_overrides
 from reempathy.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,12 @@ def test_manifest_records_strategy_layout_delimiters_and_steps(reempathy_checkpo
     manifest = read_manifest(reempathy_checkpoint.output_dir)
     data = json.loads((reempathy_checkpoint.output_dir / MANIFEST).read_text())
     assert data["schema"] == "reempathy.checkpoint/1"
-    assert data["strategy"] == {"name": "reempathy", "options": {"text_tokens": 5, "audio_tokens": 10, "reflect": True}}
+    assert data["strategy"] == {
+        "name": "reempathy",
+        "options": {"text_tokens": 5, "audio_tokens": 10, "reflect": True, "reflection_tokens": None},
+    }
     assert data["chunk_layout"] == {"text_tokens": 5, "audio_tokens": 10}
+    assert data["reflection"] == {"mode": "free", "tokens": None}
     assert data["backbone"]["name"] == "tiny"
     assert manifest.steps == 4
     tiny = load_tiny(TinyOptions())
@@ -149,9 +153,11 @@ def test_a_contradicting_chunk_layout_is_refused(reempathy_checkpoint):
 
 def test_decode_only_options_are_laid_over_the_manifests(reempathy_checkpoint):
     manifest = read_manifest(reempathy_checkpoint.output_dir)
-    name, options = checkpoint_config_overrides(manifest, "reempathy", {"max_reflection_tokens": 8, "text_tokens": 5})
+    with pytest.warns(CapWarning):  # 8 is shorter than the longest reflection trained
+        name, options = checkpoint_config_overrides(manifest, "reempathy", {"max_reflection_tokens": 8, "text_tokens": 5})
     assert name == "reempathy"
-    assert options == {"text_tokens": 5, "audio_tokens": 10, "reflect": True, "max_reflection_tokens": 8}
+    assert options == {"text_tokens": 5, "audio_tokens": 10, "reflect": True, "reflection_tokens": None,
+                       "max_reflection_tokens": 8}
 
 
 def test_checkpoint_with_other_delimiter_ids_is_refused(reempathy_checkpoint, tmp_path):

@@ -9,8 +9,10 @@ spoken_audio, control, reflection, thought):
                  (the reasoning is the record's assessment text)
 - ``reempathy``: prompt → r1 RO f1 RC r2 RO f2 RC … → stop
                  (r = spoken chunks of :func:`split_spoken`; a reflection follows every *full*
-                 chunk, exactly where the decoding strategy forces RO; the assessment text is
-                 split into as many reflections as there are full chunks, as evenly as possible.
+                 chunk, exactly where the decoding strategy forces RO. f_k is the record's k-th
+                 per-chunk reflection, or a piece of its assessment cut at sentence, then word
+                 boundaries; with ``reflection_tokens`` every f_k is fitted to exactly that many
+                 tokens — all decided in :mod:`reempathy.training.reflections`.
                  The stop token comes after the last full chunk's reflection when the answer
                  ends on a chunk boundary, else right after the shorter last chunk, because the
                  decoder allows the stop token, never RO, inside a chunk. ``reflect = false``
@@ -48,6 +50,7 @@ from reempathy.errors import InputError
 from reempathy.options import STRICT
 from reempathy.plugins.strategies.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
 from reempathy.training.data import BadRecord, RecordSet, SourcedRecord, bad_records_message
+from reempathy.training.reflections import fit_to_length, reflection_texts, space_token
 from reempathy.training.schema import Answer, Message
 
 IGNORE_INDEX = -100
@@ -80,6 +83,9 @@ class ReempathyBuild(BaseModel):
         None, ge=0, description="audio slots of a spoken chunk; default 10, or 0 for a text-only spoken stream"
     )
     reflect: bool = Field(True, description="false: the same chunking without reflections")
+    reflection_tokens: int | None = Field(
+        None, ge=1, description="fixed-length reflections: each cut or padded to exactly this many tokens (decoding's mode)"
+    )
 
     def chunk_layout(self, backbone: Backbone | None = None) -> ChunkLayout:
         """The layout, checked against ``backbone``'s spoken stream when given (as the decoding strategy checks it)."""
@@ -200,15 +206,28 @@ def stream_layout(backbone: Backbone) -> ChunkLayout:
     return ChunkLayout(backbone.stream.text_tokens, backbone.stream.audio_tokens)
 
 
-def split_evenly(ids: Sequence[int], parts: int) -> list[list[int]]:
-    """``ids`` in ``parts`` consecutive pieces whose lengths differ by at most one (longer pieces first)."""
-    q, r = divmod(len(ids), parts)
-    out, start = [], 0
-    for k in range(parts):
-        end = start + q + (1 if k < r else 0)
-        out.append(list(ids[start:end]))
-        start = end
-    return out
+def reflection_ids(
+    sr: SourcedRecord, backbone: Backbone, options: ReempathyBuild, chunk_layout: ChunkLayout, full_chunks: int
+) -> list[list[int]]:
+    """The token ids of the ``full_chunks`` reflections of a record (rules in :mod:`reempathy.training.reflections`)."""
+    record = sr.record
+    layout = f"{chunk_layout.text_tokens}+{chunk_layout.audio_tokens}"
+    texts = reflection_texts(
+        record.reflections,
+        record.reflections_layout,
+        record.assessment.text if record.assessment else None,
+        full_chunks,
+        lambda word: len(backbone.tokenizer.encode(word, add_special_tokens=False)),
+        sr.where,
+        layout,
+    )
+    own = record.reflections is not None and record.reflections_layout in (None, layout)
+    what = "reflection" if own else "assessment text"
+    encode = lambda text: encode_text(backbone, text, sr.where, what)  # noqa: E731
+    if options.reflection_tokens is None:
+        return [encode(text) for text in texts]
+    filler = space_token(backbone)
+    return [fit_to_length(text, options.reflection_tokens, encode, filler) for text in texts]
 
 
 def _assessment_text(sr: SourcedRecord, strategy: str, role: str) -> str:
@@ -260,11 +279,10 @@ def build_reempathy(sr: SourcedRecord, backbone: Backbone, options: ReempathyBui
     chunks = spoken_chunks(answer, backbone, chunk_layout, sr.where)
     body = _Builder()
     if options.reflect:
-        text = encode_text(backbone, _assessment_text(sr, "reempathy", "reflections"), sr.where, "assessment text")
         opener, closer = layout.token_id(REFLECTION_OPEN), layout.token_id(REFLECTION_CLOSE)
         size = chunk_layout.size
         full = sum(1 for chunk in chunks if len(chunk) == size)  # every chunk but a shorter last one
-        pieces = iter(split_evenly(text, full) if full else [])
+        pieces = iter(reflection_ids(sr, backbone, options, chunk_layout, full))
         for chunk in chunks:
             body.add_spoken(chunk, backbone)
             if len(chunk) == size:
@@ -417,7 +435,7 @@ __all__ = [
     "build_reempathy",
     "build_dpo",
     "build_all",
-    "split_evenly",
+    "reflection_ids",
     "preferred_first",
     "IGNORE_INDEX",
     "REFLECTION",

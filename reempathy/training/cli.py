@@ -65,10 +65,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``reempathy demo [--cache DIR] [--force]``."""
+    """``reempathy demo [--cache DIR] [--force] [--heldout]``."""
     from reempathy.training.demo import run_demo
 
-    run_demo(cache_dir=args.cache, force=args.force)
+    run_demo(cache_dir=args.cache, force=args.force, heldout=args.heldout)
     return 0
 
 
@@ -81,6 +81,9 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--cache", default=DEFAULT_CACHE, help=f"where trained checkpoints are kept (default {DEFAULT_CACHE})")
     p.add_argument("--force", action="store_true", help="train again even if the cache holds checkpoints")
+    p.add_argument("--heldout", action="store_true",
+                   help="answer the first held-out prompt instead of the first training prompt (the tiny model "
+                        "memorises; expect blended fragments)")
     p.set_defaults(func=cmd_demo)
     return p
 

@@ -1,13 +1,29 @@
 """``reempathy demo``: train tiny sft, cotbs, reempathy and dpo checkpoints on examples/, then compare their answers.
 
-Checkpoints are cached under ``.cache/demo/<key>/`` where the key is a hash of the dataset and
-the four training configs, so a second run only decodes. Everything runs offline on the tiny
-backbone; its answers show the shape of each strategy (spoken chunks, reflections, reasoning,
-timings), not empathy: a few dozen steps on 34 records cannot teach a random model to talk.
+Two stages, both cached under ``.cache/demo/<key>/`` (the key hashes the dataset, the held-out
+prompts, the four training configs, the base's settings and the package version), so a second
+run only decodes:
+
+1. a base model (:mod:`reempathy.training.demo_base`): the tiny architecture trained, all
+   weights, on the example records in the strategies' layouts — a stand-in for a backbone that
+   has seen such data, since a LoRA adapter cannot teach a random model words in a minute;
+2. one LoRA checkpoint per strategy on that base, through ``reempathy train`` with
+   ``configs/train-<strategy>.toml`` unchanged (rank 8, alpha 32).
+
+Then every checkpoint answers one prompt: by default the first training record's (whose
+answer carries per-chunk reflections), with ``--heldout`` the first held-out one.
+
+Where it decides: :data:`BASE_SETTINGS` (how the base is made), :func:`demo_prompt` (which
+prompt), :func:`format_rows` (each spoken chunk beside the reflection that follows it).
+Everything runs offline on CPU. The 2-layer model memorises 34 records: on a training prompt it
+says that record's answer, thought and reflections in each strategy's layout, in English; on
+a held-out prompt it blends memorised fragments. It shows what each strategy writes and where,
+not empathy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -17,18 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from reempathy.errors import InputError, ReempathyError
+from reempathy.training.demo_base import BASE_SETTINGS, BaseSettings, settings_key, train_base
 
 DEFAULT_CACHE = ".cache/demo"
 STRATEGIES = ("sft", "cotbs", "reempathy", "dpo")
 DATASET = "examples/empathy_dialogues.jsonl"
 HELDOUT = "examples/heldout.jsonl"
-MAX_NEW_TOKENS = 160
+MAX_NEW_TOKENS = 320  # the longest example answer with its reflections
 
 
 @dataclass
 class DemoRow:
-    """One checkpoint's answer to the held-out prompt, or why there is none."""
+    """One checkpoint's answer to the demo's prompt, or why there is none."""
 
     name: str
     strategy: str
@@ -49,36 +68,61 @@ def project_root() -> Path:
     )
 
 
-def cache_key(root: Path, max_steps: int | None = None) -> str:
-    """A hash of the dataset, the held-out prompts, the four training configs and the package version."""
+def cache_key(root: Path, max_steps: int | None = None, base: BaseSettings = BASE_SETTINGS) -> str:
+    """A hash of the dataset, the held-out prompts, the four training configs, the base's settings and the version."""
     from reempathy import __version__
 
-    h = hashlib.sha256(f"{__version__}|{max_steps}".encode())
+    h = hashlib.sha256(f"{__version__}|{max_steps}|{settings_key(base)}".encode())
     for rel in [DATASET, HELDOUT] + [f"configs/train-{s}.toml" for s in STRATEGIES]:
         h.update(rel.encode())
         h.update((root / rel).read_bytes())
     return h.hexdigest()[:16]
 
 
-def heldout_prompt(root: Path, directory: Path) -> tuple[str, Path]:
-    """The first held-out record's user transcript and a units file of its speech (what the model hears)."""
+def demo_prompt(root: Path, directory: Path, heldout: bool = False) -> tuple[str, Path]:
+    """The user transcript of the first training record (or, with ``heldout``, of the first held-out one) and a
+    units file of its speech: what the model hears."""
     from reempathy.training.data import load_records
     from reempathy.training.builders import split_record
 
-    records = load_records(root / HELDOUT)
+    records = load_records(root / (HELDOUT if heldout else DATASET))
     context, _ = split_record(records.records[0])
     user = context[-1]
     if not user.units:
-        raise InputError(f"{records.records[0].where}: the held-out user message needs units")
-    path = directory / "heldout-units.json"
+        raise InputError(f"{records.records[0].where}: the demo's user message needs units")
+    path = directory / ("heldout-units.json" if heldout else "prompt-units.json")
     path.write_text(json.dumps(user.units), encoding="utf-8")
     return user.text or "(speech)", path
 
 
+def prepare_base(root: Path, directory: Path, say: Callable[[str], None], settings: BaseSettings) -> Path:
+    """Train (or find in the cache) the demo's base model; its directory is a ``tiny`` ``path``."""
+    from reempathy.training.data import load_records
+
+    out = directory / "base"
+    if (out / "config.json").is_file():
+        say(f"  {'base':<10} cached in {out}")
+        return out
+    records = load_records(root / DATASET, skip_bad=False)
+    started = time.perf_counter()
+    with tqdm(total=settings.steps, desc="  base", leave=False, disable=say is not print) as bar:
+        losses = train_base(records, out, settings, lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    say(
+        f"  {'base':<10} {settings.steps} steps in {time.perf_counter() - started:5.1f} s, "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (all weights, on the examples in the sft, cotbs and reempathy layouts)"
+    )
+    return out
+
+
 def train_checkpoints(
-    root: Path, directory: Path, force: bool, say: Callable[[str], None], max_steps: int | None = None
+    root: Path,
+    directory: Path,
+    force: bool,
+    say: Callable[[str], None],
+    max_steps: int | None = None,
+    base: Path | None = None,
 ) -> dict[str, DemoRow]:
-    """Train (or find in the cache) one checkpoint per strategy."""
+    """Train (or find in the cache) one checkpoint per strategy, on the demo's base when one is given."""
     from reempathy.checkpoints import read_manifest
     from reempathy.training.config import load_train_config
     from reempathy.training.train import train
@@ -104,6 +148,7 @@ def train_checkpoints(
                 "train.overwrite=true",
                 "train.resume=false",
                 *([f"train.max_steps={max_steps}"] if max_steps else []),
+                *([f"backbone.path={json.dumps(str(base))}"] if base is not None else []),
             ],
         )
         started = time.perf_counter()
@@ -119,7 +164,7 @@ def train_checkpoints(
 
 
 def decode_with(directory: Path, units_file: Path) -> object:
-    """Decode the held-out prompt with one checkpoint: its backbone, its strategy, greedy."""
+    """Decode the prompt in ``units_file`` with one checkpoint: its backbone, its strategy, greedy."""
     from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, SamplingConfig
     from reempathy.decoding.registry import default_discovery
     from reempathy.runner import load_backbone, run_decode
@@ -139,9 +184,11 @@ def decode_with(directory: Path, units_file: Path) -> object:
     return run_decode(cfg, registry, units_file=str(units_file), backbone=backbone)
 
 
-def format_rows(prompt: str, rows: list[DemoRow], width: int = 100) -> str:
-    """The answers one under another, then their timings side by side."""
-    out = [f"held-out prompt (heard as speech units): {prompt!r}", ""]
+def format_rows(prompt: str, rows: list[DemoRow], width: int = 100, heldout: bool = False) -> str:
+    """Each answer in the order it was written — a spoken chunk, then the thought or reflection after it —
+    then its whole spoken text; then the timings side by side."""
+    which = "held-out prompt" if heldout else "prompt of the first training record"
+    out = [f"{which} (heard as speech units): {prompt!r}", ""]
     wrap = lambda s: textwrap.fill(s, width, initial_indent="    ", subsequent_indent="    ")  # noqa: E731
     for row in rows:
         title = f"[{row.name}] decoded with strategy {row.strategy!r}"
@@ -151,11 +198,12 @@ def format_rows(prompt: str, rows: list[DemoRow], width: int = 100) -> str:
             out.append("")
             continue
         r = row.result
+        if r.hidden:
+            events = [(c.start, f"  spoken {c.index:>2}: {c.text!r} + {len(c.audio_units)} audio units") for c in r.chunks]
+            events += [(h.start, f"      {h.kind} {h.index}: {h.text!r}") for h in r.hidden]
+            out.extend(line for _, line in sorted(events))
         out.append(f"  spoken text ({len(r.spoken_text_ids)} tokens, {len(r.audio_units)} audio units, stop: {r.stop_reason}):")
         out.append(wrap(repr(r.spoken_text)))
-        for h in r.hidden:
-            out.append(f"  {h.kind} {h.index}:")
-            out.append(wrap(repr(h.text)))
         out.append("")
     header = f"{'checkpoint':<11}{'strategy':<11}{'train s':>8}{'prefill ms':>11}{'1st audio ms':>13}{'ms/token':>9}{'tokens':>7}{'total s':>8}"
     out += [header, "-" * len(header)]
@@ -179,30 +227,36 @@ def run_demo(
     force: bool = False,
     say: Callable[[str], None] = print,
     max_steps: int | None = None,
+    base_steps: int | None = None,
+    heldout: bool = False,
 ) -> list[DemoRow]:
-    """Train (or reuse) the four tiny checkpoints, decode the held-out prompt with each, print the comparison.
+    """Train (or reuse) the base and the four tiny checkpoints, decode one prompt with each, print the comparison.
 
-    ``max_steps`` overrides the configs' step counts (tests use 1).
+    ``max_steps`` overrides the checkpoints' step counts and ``base_steps`` the base's (tests use 1);
+    ``heldout`` decodes the first held-out prompt instead of the first training prompt.
     """
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, once per checkpoint
     root = project_root()
-    directory = Path(cache_dir) / cache_key(root, max_steps)
+    settings = BASE_SETTINGS if base_steps is None else dataclasses.replace(BASE_SETTINGS, steps=base_steps)
+    directory = Path(cache_dir) / cache_key(root, max_steps, settings)
     if force and directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    say(f"training tiny checkpoints on {DATASET} (cache: {directory})")
-    rows = train_checkpoints(root, directory, force, say, max_steps)
-    prompt, units_file = heldout_prompt(root, directory)
+    say(f"training a tiny base and four checkpoints on {DATASET} (cache: {directory})")
+    base = prepare_base(root, directory, say, settings)
+    rows = train_checkpoints(root, directory, force, say, max_steps, base)
+    prompt, units_file = demo_prompt(root, directory, heldout)
     for row in rows.values():
         try:
             row.result = decode_with(directory / row.name, units_file)
         except ReempathyError as exc:
             row.error = str(exc)
     say("")
-    say(format_rows(prompt, list(rows.values())))
+    say(format_rows(prompt, list(rows.values()), heldout=heldout))
     return list(rows.values())
 
 
-__all__ = ["run_demo", "DEFAULT_CACHE", "DemoRow", "format_rows", "cache_key"]
+__all__ = ["run_demo", "DEFAULT_CACHE", "DemoRow", "format_rows", "cache_key", "prepare_base", "demo_prompt"]

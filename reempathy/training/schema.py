@@ -6,7 +6,14 @@ One JSON object per line::
                   {"role": "assistant", "text": "...", "units": "<|audio_3|><|audio_9|>..."}],
      "assessment": {"text": "...", "scores": {"need_support": 4, "wording_appropriateness": 3,
                                               "emotion_understanding": 4, "emotional_support": 3}},
-     "rejected": {"role": "assistant", "text": "...", "units": [...], "assessment": {...}}}
+     "rejected": {"role": "assistant", "text": "...", "units": [...], "assessment": {...}},
+     "reflections": ["...", "..."], "reflections_layout": "5+10"}
+
+``reflections`` (optional) are per-chunk reflections for ``reempathy``: the k-th follows the k-th
+full spoken chunk of the answer in the training layout (so a record carries them for one
+layout and one tokenizer). ``reflections_layout`` (optional, e.g. ``"5+10"``) names that layout:
+training with another one then splits the assessment instead. Without reflections the
+assessment is split into reflections (:mod:`reempathy.training.reflections`).
 
 Keys this schema does not name are ignored, so records carrying more fields (audio paths, ids)
 load as they are. Audio units are checked against the backbone's range when the caller passes
@@ -106,13 +113,31 @@ class Answer(Message):
 
 
 class Record(BaseModel):
-    """One training dialogue: the messages, the assessment of the last answer, and an optional rejected answer."""
+    """One training dialogue: the messages, the assessment of the last answer, an optional rejected answer
+    and optional per-chunk reflections."""
 
     model_config = ConfigDict(extra="ignore")
 
     messages: list[Message] = Field(min_length=1)
     assessment: Assessment | None = None
     rejected: Answer | None = None
+    reflections: list[str] | None = Field(
+        None, description="per-chunk reflections: the k-th follows the k-th full spoken chunk of the answer"
+    )
+    reflections_layout: str | None = Field(
+        None,
+        pattern=r"^\d+\+\d+$",
+        description='the chunk layout the reflections were written for, "TEXT+AUDIO" (e.g. "5+10"); training with '
+        "another layout splits the assessment instead",
+    )
+
+    @field_validator("reflections")
+    @classmethod
+    def _reflections_have_text(cls, value: list[str] | None) -> list[str] | None:
+        for k, text in enumerate(value or [], start=1):
+            if not text.strip():
+                raise ValueError(f"reflection {k} is empty; write what the model thinks after chunk {k}")
+        return value
 
 
 __all__ = ["Record", "Message", "Answer", "Assessment", "Scores", "SCORE_NAMES", "parse_units"]

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.registry import Registry
-from reempathy.checkpoints import runtime_options
-from reempathy.training.builders import BuilderSpec, PreferencePair, TrainingSequence, build_all
+from reempathy.checkpoints import HiddenLengths, ReflectionRecord, runtime_options
+from reempathy.training.builders import REFLECTION, THOUGHT, BuilderSpec, PreferencePair, TrainingSequence, build_all
 from reempathy.training.checkpoint import (
     ChunkLayoutRecord,
     Component,
@@ -186,7 +186,40 @@ def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, opt
     )
 
 
-def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone, backbone_options: BaseModel, steps: int, records: int) -> Manifest:
+def longest_hidden(items: Sequence[TrainingSequence | PreferencePair]) -> HiddenLengths:
+    """The longest thought and reflection (content tokens, delimiters excluded) of the built sequences."""
+    longest: dict[str, int] = {}
+    for item in items:
+        spans = item.spans if isinstance(item, TrainingSequence) else item.chosen_spans + ["control"] + item.rejected_spans
+        run, label = 0, None
+        for span in [*spans, None]:
+            if span == label:
+                run += 1
+                continue
+            if label in (THOUGHT, REFLECTION):
+                longest[label] = max(longest.get(label, 0), run)
+            run, label = 1, span
+    return HiddenLengths(thought=longest.get(THOUGHT), reflection=longest.get(REFLECTION))
+
+
+def reflection_record(options: BaseModel) -> ReflectionRecord | None:
+    """Free or fixed-length reflections, for a strategy that writes them."""
+    if not getattr(options, "reflect", False):
+        return None
+    tokens = getattr(options, "reflection_tokens", None)
+    return ReflectionRecord(mode="fixed", tokens=tokens) if tokens is not None else ReflectionRecord(mode="free")
+
+
+def build_manifest(
+    cfg: TrainConfig,
+    spec: BuilderSpec,
+    options: BaseModel,
+    backbone: Backbone,
+    backbone_options: BaseModel,
+    steps: int,
+    records: int,
+    longest: HiddenLengths | None = None,
+) -> Manifest:
     """The manifest that tells the decoder what this checkpoint was trained for."""
     layout = spec.chunk_layout(options, backbone)
     strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
@@ -194,6 +227,8 @@ def build_manifest(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, back
         backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
         strategy=Component(name=spec.decode_strategy, options=strategy_options),
         chunk_layout=ChunkLayoutRecord(text_tokens=layout.text_tokens, audio_tokens=layout.audio_tokens) if layout else None,
+        reflection=reflection_record(options),
+        longest=longest,
         delimiters=delimiter_ids(backbone),
         steps=steps,
         created=now_iso(),
@@ -262,7 +297,9 @@ def train(
     resume_from = str(plan.resume_from) if plan.resume_from else None
     trainer.train(resume_from_checkpoint=resume_from)
     steps = int(trainer.state.global_step)
-    manifest = build_manifest(cfg, spec, options, backbone, backbone_options, steps, len(built.items))
+    manifest = build_manifest(
+        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items)
+    )
     if trainer.is_world_process_zero():
         write_checkpoint(trainer.model, cfg.train.output_dir, manifest)
     trainer.accelerator.wait_for_everyone()
@@ -295,7 +332,9 @@ def _finish_from_checkpoint(
 ) -> TrainResult:
     """A run stopped after its last Trainer save: install that checkpoint's adapter instead of training again."""
     steps = cfg.train.max_steps
-    manifest = build_manifest(cfg, spec, options, backbone, backbone_options, steps, len(built.items))
+    manifest = build_manifest(
+        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items)
+    )
     if main:
         install_adapter(source, plan.output_dir, manifest)
     return TrainResult(
@@ -312,4 +351,14 @@ def _finish_from_checkpoint(
     )
 
 
-__all__ = ["train", "run_info", "TrainResult", "lora_config", "trainable_token_targets", "load_training_backbone", "build_manifest"]
+__all__ = [
+    "train",
+    "run_info",
+    "TrainResult",
+    "lora_config",
+    "trainable_token_targets",
+    "load_training_backbone",
+    "build_manifest",
+    "longest_hidden",
+    "reflection_record",
+]

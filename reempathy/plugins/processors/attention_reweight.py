@@ -38,7 +38,9 @@ class AttentionReweightOptions(BaseModel):
         "nothing; the paper's useful range is 1.1–1.5)",
     )
     layers: str | list[int | str] | None = Field(
-        None, description='layer indices and ranges, e.g. "10-30" or [2, "5-7"]; default: the middle half'
+        None,
+        description='layer indices and ranges, both ends included, e.g. "10-30" or [2, "5-7"]; default: the middle '
+        "half, depth/4 to 3·depth/4 inclusive (10-30 of 40, the paper's)",
     )
     heads: list[int] | dict[str, list[int]] | None = Field(
         None, description="heads to steer: a list for every chosen layer, or {layer: [heads]}; default all"
@@ -52,6 +54,12 @@ class AttentionReweightOptions(BaseModel):
                 if not str(k).isdigit():
                     raise ValueError(f"heads keys are layer indices, got {k!r}")
         return v
+
+
+def middle_layers(depth: int) -> list[int]:
+    """The default layers: depth/4 through 3·depth/4, both included — the paper's "10–30" of GLM-4-Voice's 40
+    (21 layers: ranges here are inclusive, as in ``parse_layers``). Clipped to the model's last layer."""
+    return list(range(depth // 4, min(depth - depth // 4, depth - 1) + 1))
 
 
 def parse_layers(spec: str | list[int | str], depth: int) -> list[int]:
@@ -83,7 +91,7 @@ class AttentionReweight:
     def __init__(self, options: AttentionReweightOptions, backbone: Backbone) -> None:
         depth, n_heads = backbone.num_layers, backbone.num_heads
         if options.layers is None:
-            layers = list(range(depth // 4, depth - depth // 4))  # the middle half (10–30 of 40)
+            layers = middle_layers(depth)  # 10..30 inclusive of 40, what the paper's "10-30" names
         else:
             layers = parse_layers(options.layers, depth)
         self.heads: dict[int, tuple[int, ...] | None] = {layer: None for layer in layers}
