@@ -318,3 +318,20 @@ def test_the_reempathy_builder_places_each_written_reflection_after_its_chunk(sc
                 runs.append(current)
                 current = []
         assert [tiny.tokenizer.decode(r) for r in runs] == doc["reflections"]
+
+
+def test_llm_judge_on_an_endpoint_writes_the_reflections(tmp_path):
+    from evaluation_helpers import ChatServer, user_text
+
+    data = write_data(tmp_path / "train.jsonl", example_lines(1))
+    out = tmp_path / "out.jsonl"
+    with ChatServer(lambda body: (200, "  Names the hurt;\n next, offer hope. ")) as server:
+        assert main(["reflect-data", "--data", str(data), "--evaluator", "llm-judge", "--out", str(out), "--quiet",
+                     "--set", f"endpoint={server.url}", "--set", "model=m", "--set", "retries=0"]) == 0
+    (doc,) = records(out)
+    assert doc["reflections"] == ["Names the hurt; next, offer hope."] * len(server.requests)
+    first, second = (user_text(r) for r in server.requests[:2])
+    assert "spoken chunk 1" in first and "spoken chunk 2" in second and "Reply with the note only" in first
+    answer = json.loads(data.read_text())["messages"][-1]["text"]
+    said = lambda text: text.split("The assistant's spoken answer:\n")[1].split("\n\n")[0]  # noqa: E731
+    assert answer.startswith(said(first)) and answer.startswith(said(second)) and len(said(second)) > len(said(first))

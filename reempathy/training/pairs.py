@@ -295,8 +295,7 @@ def make_pairs(
     backbone = load_backbone(cfg, registry)
     decode_batch(backbone, (), options, opts.batch_size)  # refuses loop settings it cannot run; starts nothing
     system_prompt = cfg.decode.system_prompt
-    ready = check_records(data, backbone, system_prompt)
-    check_trainable_prompts(data, backbone, ready, system_prompt)
+    ready = trainable_prompts(data, backbone, system_prompt)
     done = output.open(opts.force)
     todo = [r for r in data.records if r.id not in done]
 
@@ -402,14 +401,20 @@ def _check_trains(doc: dict[str, Any], backbone: Backbone, where: str) -> None:
         raise InputError(f"{where}: the pair written for this record would not train as written; please report this")
 
 
-def check_trainable_prompts(data: DataSet, backbone: Backbone, ready: dict[int, Any], system_prompt: str | None) -> None:
-    """Every prompt must be one a training record can carry, read as it was sampled (``FILE:LINE`` otherwise)."""
+def trainable_prompts(data: DataSet, backbone: Backbone, system_prompt: str | None) -> dict[int, Any]:
+    """Every record's prompt as it is sampled, by record index, after checking that training reads it the same.
+
+    ``FILE:LINE`` for each record whose prompt is read from a WAV (a training record carries
+    text and units only) or that training would tokenize differently.
+    """
+    wav = [BadRecord(r.where, "the prompt is read from a WAV ('audio'), which a training record does not carry; give "
+                     "the turn's units (reempathy speech tokenize) or its text instead")
+           for r in data.records if uses_wav(r, backbone)]
+    if wav:
+        raise InputError(bad_records_message(data.path, wav, "fix them and run again"))
+    ready = check_records(data, backbone, system_prompt)
     bad: list[BadRecord] = []
     for record in data.records:
-        if uses_wav(record, backbone) or record.index not in ready:
-            bad.append(BadRecord(record.where, "the prompt is read from a WAV ('audio'), which a training record does not "
-                                 "carry; give the turn's units (reempathy speech tokenize) or its text instead"))
-            continue
         messages = prompt_messages(record, system_prompt) + [{"role": "assistant", "text": "x"}]
         try:
             training = prompt_ids(SourcedRecord(record.where, Record.model_validate({"messages": messages})), backbone)
@@ -421,6 +426,7 @@ def check_trainable_prompts(data: DataSet, backbone: Backbone, ready: dict[int, 
                                  f"({len(training)} vs {len(ready[record.index].ids)} tokens); give text or units only"))
     if bad:
         raise InputError(bad_records_message(data.path, bad, "fix them and run again"))
+    return ready
 
 
 def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
@@ -443,6 +449,6 @@ __all__ = [
     "answer_problem",
     "assessment_json",
     "pair_record",
-    "check_trainable_prompts",
+    "trainable_prompts",
     "DECODE_TABLES",
 ]

@@ -136,7 +136,8 @@ def read_config_tables(path: str | None, overrides: Sequence[str]) -> tuple[Comp
     backbone = ComponentConfig(**{"name": "tiny", **raw.get("backbone", {})})
     strategy = raw.get("strategy") or {}
     layout = None
-    if strategy.get("name") == "reempathy":
+    # A reempathy strategy gives its layout; so do layout keys without a name (``--set strategy.text_tokens=7``).
+    if strategy.get("name") == "reempathy" or ("name" not in strategy and {"text_tokens", "audio_tokens"} & set(strategy)):
         text, audio = strategy.get("text_tokens", DEFAULT_TEXT_TOKENS), strategy.get("audio_tokens")
         if not isinstance(text, int) or isinstance(text, bool) or not (audio is None or (isinstance(audio, int) and not isinstance(audio, bool))):
             raise ConfigError(f"{where}: [strategy] text_tokens and audio_tokens must be whole numbers")
