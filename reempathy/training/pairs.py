@@ -296,16 +296,22 @@ def make_pairs(
     decode_batch(backbone, (), options, opts.batch_size)  # refuses loop settings it cannot run; starts nothing
     system_prompt = cfg.decode.system_prompt
     ready = trainable_prompts(data, backbone, system_prompt)
-    done = output.open(opts.force)
+    done = output.done_ids(opts.force)
     todo = [r for r in data.records if r.id not in done]
+    evaluator, names = None, ()
+    if todo:  # built before anything is written: a model to load, options a factory may still refuse
+        evaluator = build_evaluator(registry, opts.evaluator, opts.evaluator_options)
+        names = tuple(evaluator.score_names)
+        if not names:
+            raise ConfigError(f"evaluator {opts.evaluator!r} gives no scores (its score_names are empty); "
+                              "pairs ranks answers by their scores: use a scoring evaluator such as llm-judge")
 
+    output.open(opts.force)
     failed: list[BadRecord] = []
     no_pair: Counter = Counter()
     made = unusable = 0
     try:
         if todo:
-            evaluator = build_evaluator(registry, opts.evaluator, opts.evaluator_options)
-            names = tuple(evaluator.score_names)
             bar = _progress_bar(len(data.records), len(data.records) - len(todo), opts.progress)
 
             def requests() -> Iterator[RowRequest]:

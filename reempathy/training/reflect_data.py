@@ -367,13 +367,17 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
         "template": template,
     }
     output = ResumableJsonl(opts.out, identity, "reflect-data")
-    done = output.open(opts.force)
+    output.check(opts.force)
+    done = output.done_ids(opts.force)
     todo = [e for e in data.entries if str(e.line) not in done]
+    # Built before anything is written: a model to load, options its factory may still refuse.
+    evaluator = build_evaluator(registry, opts.evaluator, opts.evaluator_options) if todo else None
+
+    output.open(opts.force)
     failed: list[BadRecord] = []
     written = reflections = 0
     try:
         if todo:
-            evaluator = build_evaluator(registry, opts.evaluator, opts.evaluator_options)
             bar = _progress_bar(len(data.entries), len(data.entries) - len(todo), opts.progress)
             try:
                 for entry in todo:

@@ -72,6 +72,12 @@ class ResumableJsonl:
                 f"{str(self.out)!r} exists and is finished; use another --out, or --force to make it again"
             )
 
+    def done_ids(self, force: bool = False) -> set[str]:
+        """The ids of the records done, read without writing anything (none with ``force``)."""
+        if force:
+            return set()
+        return {str(doc["id"]) for doc in scan_results(self.lines_path, required=("id", "line")).docs}
+
     def open(self, force: bool = False) -> dict[str, dict[str, Any]]:
         """Claim the output: clear it (``force``), write the identity, cut a torn line; the lines done, by id."""
         self.check(force)
