@@ -30,14 +30,15 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from reempathy.errors import ConfigError, InputError
+from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
+from reempathy.options import count_arg
+from reempathy.safe_write import check_output_file, write_text, write_with
 
 BENCH_SCHEMA = "reempathy.bench/1"
 TRACE_PROCESSOR = "bench-phase-trace"
@@ -296,31 +297,8 @@ def _strategy_names(spec: str | None) -> list[str] | None:
 
 def _check_writable(path: str | None, flag: str) -> None:
     """Fail before measuring, not after, when an output cannot be written."""
-    if path is None:
-        return
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise InputError(f"{flag} {path!r} is a directory; give a file path")
-    if not parent.is_dir():
-        raise InputError(f"{flag} {path!r}: directory {str(parent)!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{flag} {path!r}: directory {str(parent)!r} is not writable; choose another path")
-
-
-def _write_atomic(path: str, flag: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=p.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, p)
-    except OSError as exc:
-        raise InputError(f"{flag} {path!r}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if path is not None:
+        check_output_file(path, flag)
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -510,12 +488,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(doc))
     if args.json:
         text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(args.json, "--json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text(args.json, text, "--json")
         print(f"wrote {args.json}")
     if args.plot:
-        _write_atomic(args.plot, "--plot", lambda tmp: write_plot(doc, tmp))
+        write_with(args.plot, lambda tmp: write_plot(doc, str(tmp)), "--plot")
         print(f"wrote {args.plot}")
     return 0
+
+
+def _threads_arg(text: str) -> int:
+    value = count_arg(text)
+    if value > 1024:
+        raise argparse.ArgumentTypeError(f"{text} threads is more than any machine has; give 1 to 1024")
+    return value
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -525,11 +510,11 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="comma-separated strategies to compare (default: the config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set sampling.greedy=true (repeatable)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per strategy after one warm-up (default 3)")
-    p.add_argument("--max-new-tokens", type=int, help="token budget of each answer")
+    p.add_argument("--runs", type=count_arg, default=3, help="timed runs per strategy after one warm-up (default 3)")
+    p.add_argument("--max-new-tokens", type=count_arg, help="token budget of each answer")
     p.add_argument("--cache", choices=["dynamic", "static"], help="KV cache kind (static: preallocated, for --compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode steps (needs --cache static)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    p.add_argument("--threads", type=_threads_arg, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
     p.add_argument("--ignore-stop", action="store_true",
                    help="ban the stop tokens so every answer runs the whole budget")
     p.add_argument("--json", metavar="OUT", help="write every figure of every run (schema reempathy.bench/1)")

@@ -12,16 +12,22 @@ import dataclasses
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone
 from reempathy.errors import CheckpointError, ConfigError
+from reempathy.paths import check_name, describe_kind, resolved_kind
+
+if TYPE_CHECKING:
+    from reempathy.decoding.registry import Registry
 
 MANIFEST = "reempathy.json"
 SCHEMA = "reempathy.checkpoint/1"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+MAX_JSON_BYTES = 16 * 2**20  # a manifest or adapter config is a few kB
+DEFAULT_RUNTIME_OPTIONS = frozenset({"device", "dtype"})
 
 
 class Component(BaseModel):
@@ -68,32 +74,156 @@ def delimiter_ids(backbone: Backbone) -> dict[str, int]:
     return {name: backbone.layout.special[name] for name in DELIMITER_TOKENS if name in backbone.layout.special}
 
 
+def read_json_file(path: Path, what: str) -> Any:
+    """A small JSON file's content; CheckpointError naming ``path`` when it is unreadable, too large or not JSON."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}); {what}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB, not a file reempathy wrote; {what}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); {what}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply); {what}") from None
+
+
 def read_manifest(directory: str | Path) -> Manifest:
-    """The manifest of a complete checkpoint; CheckpointError (one line, naming the file) otherwise."""
-    d = Path(directory)
-    if not d.is_dir():
+    """The manifest of a complete checkpoint; CheckpointError (one line, naming the file) otherwise.
+
+    Besides the manifest itself this checks what decoding will read: the adapter's config is
+    JSON, the adapter's safetensors header is intact and covers the file, and the recorded
+    chunk layout agrees with the recorded strategy options.
+    """
+    d = check_name(directory, "checkpoint", CheckpointError)
+    kind = resolved_kind(d, "checkpoint", CheckpointError)
+    if kind == "missing":
         raise CheckpointError(f"checkpoint {str(d)!r} not found; give a directory written by `reempathy train`")
+    if kind != "dir":
+        raise CheckpointError(f"checkpoint {str(d)!r} is {describe_kind(kind)}; give a directory written by `reempathy train`")
     path = d / MANIFEST
     if not path.is_file():
         raise CheckpointError(
             f"{path}: missing, so checkpoint {str(d)!r} is incomplete (its training did not finish); "
             "rerun it with --resume"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+    data = read_json_file(path, "the checkpoint is damaged")
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(manifest)"
         raise CheckpointError(f"{path}: invalid manifest, {loc}: {err['msg']}") from None
+    _check_layout_agrees(manifest, path)
     missing = [name for name in ADAPTER_FILES if not (d / name).is_file()]
     if missing:
         raise CheckpointError(f"{d / missing[0]}: missing, so checkpoint {str(d)!r} is incomplete")
+    check_adapter_files(d)
     manifest.directory = str(d)
     return manifest
+
+
+def _check_layout_agrees(manifest: Manifest, path: Path) -> None:
+    layout = manifest.chunk_layout
+    if layout is None:
+        return
+    recorded = {"text_tokens": layout.text_tokens, "audio_tokens": layout.audio_tokens}
+    for key, value in recorded.items():
+        given = manifest.strategy.options.get(key)
+        if given is not None and given != value:  # None: the strategy's default, resolved into chunk_layout
+            raise CheckpointError(
+                f"{path}: chunk_layout.{key} is {value} but strategy.options.{key} is "
+                f"{manifest.strategy.options[key]!r}; the manifest contradicts itself, so the checkpoint is damaged"
+            )
+
+
+def check_adapter_files(directory: Path) -> None:
+    """CheckpointError unless ``adapter_config.json`` is a JSON object and ``adapter_model.safetensors`` is intact."""
+    from safetensors import SafetensorError, safe_open
+
+    config = read_json_file(directory / "adapter_config.json", "the checkpoint is damaged; train it again")
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{directory / 'adapter_config.json'}: expected a JSON object of adapter settings; the checkpoint is damaged"
+        )
+    weights = directory / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            if not list(fh.keys()):
+                raise CheckpointError(f"{weights}: holds no tensors; the checkpoint is damaged, train it again")
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({reason}); the checkpoint is damaged") from None
+
+
+def runtime_options(config_model: type[BaseModel] | None) -> frozenset[str]:
+    """Options of a backbone that do not change its weights or vocabulary (``runtime_options`` on its model)."""
+    return frozenset(getattr(config_model, "runtime_options", DEFAULT_RUNTIME_OPTIONS))
+
+
+def check_backbone_options(
+    manifest: Manifest,
+    requested_name: str | None,
+    requested: dict[str, Any],
+    registry: "Registry | None" = None,
+) -> dict[str, Any]:
+    """The backbone options to decode a checkpoint with: the trained ones, with the config's runtime options.
+
+    A requested backbone name must be the trained one, and a requested option that changes
+    the weights (any option but the model's ``runtime_options``) must equal the trained value
+    (compared after defaults are filled in, when ``registry`` knows the backbone's model).
+    Runtime options of the manifest (the training machine's device) are not carried over.
+    """
+    where = f"checkpoint {manifest.directory!r}" if manifest.directory else "the checkpoint"
+    trained = manifest.backbone
+    if requested_name is not None and requested_name != trained.name:
+        raise ConfigError(
+            f"{where} was trained on backbone {trained.name!r}, not {requested_name!r}; "
+            f"decode it with backbone {trained.name!r} (or leave [backbone] unset)"
+        )
+    model = None
+    if registry is not None and trained.name in registry.items.get("backbone", {}):
+        model = registry.get("backbone", trained.name).config_model
+    runtime = runtime_options(model)
+    fields = model.model_fields if model is not None else {}
+    # A runtime option without a default (glm-4-voice's path) keeps the trained value unless the config gives one.
+    carried = {
+        k: v for k, v in trained.options.items() if k not in runtime or (k in fields and fields[k].is_required())
+    }
+    if model is not None:
+        try:
+            want = model.model_validate(carried)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "(options)"
+            raise CheckpointError(
+                f"{Path(manifest.directory or '.') / MANIFEST}: backbone option {loc!r}: {err['msg']}; "
+                "the manifest is damaged"
+            ) from None
+        try:
+            got = model.model_validate({**carried, **requested})
+        except ValidationError:
+            got = None  # the registry's own validation reports it with the option's name
+        if got is not None:
+            for key in sorted(set(fields) - runtime):
+                if getattr(want, key) != getattr(got, key):
+                    _contradiction(where, trained.name, key, getattr(want, key), getattr(got, key))
+    else:
+        for key in sorted(set(requested) & set(carried) - runtime):
+            if requested[key] != carried[key]:
+                _contradiction(where, trained.name, key, carried[key], requested[key])
+    return {**carried, **requested}
+
+
+def _contradiction(where: str, name: str, key: str, trained: Any, asked: Any) -> None:
+    raise ConfigError(
+        f"{where} was trained on backbone {name!r} with {key} = {json.dumps(trained)}, but the config asks for "
+        f"{key} = {json.dumps(asked)}; an adapter only fits the model it was trained on: drop backbone.{key} "
+        f"or set it to {json.dumps(trained)}"
+    )
 
 
 def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = True) -> Backbone:
@@ -117,9 +247,21 @@ def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = Tr
                 f"{where}: delimiter {name} is id {token} in the checkpoint but {have.get(name)} in backbone "
                 f"{backbone.name!r}; the vocabularies differ"
             )
+    from peft import PeftConfig
+    from safetensors import SafetensorError
+
     try:
-        model = PeftModel.from_pretrained(backbone.model, str(directory), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
+        adapter_config = PeftConfig.from_pretrained(str(directory))
+    except Exception as exc:  # peft reports a bad file in many ways; any of them means a damaged config
+        raise CheckpointError(
+            f"{Path(directory) / 'adapter_config.json'}: not a peft adapter config ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint is damaged, train it again"
+        ) from None
+    try:
+        model = PeftModel.from_pretrained(backbone.model, str(directory), config=adapter_config, is_trainable=False)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{directory}: the adapter weights cannot be read ({exc}); the checkpoint is damaged") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         reason = "its weight shapes differ" if "size mismatch" in str(exc) else type(exc).__name__
         raise CheckpointError(
             f"{directory}: the adapter does not fit backbone {backbone.name!r} ({reason}); it was trained on "
@@ -183,4 +325,8 @@ __all__ = [
     "delimiter_ids",
     "now_iso",
     "checkpoint_config_overrides",
+    "check_backbone_options",
+    "check_adapter_files",
+    "read_json_file",
+    "runtime_options",
 ]

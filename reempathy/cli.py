@@ -1,22 +1,53 @@
-"""The ``reempathy`` command: decode, plugins (and more as they land)."""
+"""The ``reempathy`` command: decode, plugins (and more as they land).
+
+Where failures become exit codes (:func:`main`; docs/errors.md): a ``ReempathyError`` prints
+one line ``reempathy: error: ...`` and exits with its ``exit_code`` (2: the user's input,
+1: a plugin's own code failed); a command line argparse cannot read is one line too
+(:class:`OneLineArgumentParser`), exit 2; a file-system refusal on a named path (permission,
+no space, name too long) is the user's to fix, exit 2; anything else is a bug: one line that
+says so, exit 1. ``--debug`` or ``REEMPATHY_DEBUG=1`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import statistics
 import sys
+import traceback
 import warnings
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from reempathy.bench import add_bench_parser
-from reempathy.errors import InputError, ReempathyError
+from reempathy.errors import InputError, ReempathyError, UsageError
 from reempathy.evaluation.commands import add_eval_parser
 from reempathy.experiments.cli import add_experiment_parsers
+from reempathy.options import count_arg, seed_arg
 from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 from reempathy.training.data_cli import add_pairs_parser, add_reflect_data_parser
+
+DEBUG_ENV = "REEMPATHY_DEBUG"
+MAX_MESSAGE = 1000  # characters of one error line; longer messages are cut
+
+# File-system errors on a path the user named: theirs to fix, not a bug.
+_USER_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP,
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST, errno.ENXIO, errno.EFBIG, errno.ETXTBSY,
+}
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (a UsageError), not a usage block and ``exit(2)``.
+
+    Subparsers inherit the class, so every subcommand's errors read the same.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
 def _discovery():
@@ -27,7 +58,8 @@ def _discovery():
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML config file (default: built-in tiny backbone, sft)")
-    p.add_argument("--strategy", help="use this strategy instead of the config's")
+    p.add_argument("--strategy", help="use this strategy instead of the config's (its options are dropped if the name differs)")
+    p.add_argument("--backbone", help="use this backbone instead of the config's (its options are dropped if the name differs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set strategy.text_tokens=7 (repeatable)")
 
@@ -35,6 +67,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_decode(args: argparse.Namespace) -> int:
     from reempathy.config import load_config
     from reempathy.runner import run_decode
+    from reempathy.safe_write import check_output_file
+
+    if args.out and not args.audio:
+        raise InputError("--out writes the spoken answer of a spoken turn; give --audio IN.wav too")
+    if args.out:
+        check_output_file(args.out, "--out")  # before any model is loaded
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -46,13 +84,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         overrides.append(f"decode.checkpoint={json.dumps(args.checkpoint)}")
     disc = _discovery()
-    cfg = load_config(args.config, overrides, args.strategy, disc.registry)
+    cfg = load_config(args.config, overrides, args.strategy, disc.registry, backbone=args.backbone)
     if args.audio:
         from reempathy.speech.pipeline import run_spoken_turn
 
         result = run_spoken_turn(cfg, disc.registry, args.audio, args.out)
-    elif args.out:
-        raise InputError("--out writes the spoken answer of a spoken turn; give --audio IN.wav too")
     else:
         result = run_decode(cfg, disc.registry, prompt=args.prompt, units_file=args.units)
     if args.json:
@@ -99,8 +135,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reempathy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineArgumentParser(prog="reempathy", description="Decoding strategies for spoken language models.")
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("decode", help="decode one spoken answer")
     _add_config_args(p)
@@ -109,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--units", help="file of speech unit ids")
     src.add_argument("--audio", help="WAV file of the user's spoken turn (glm-4-voice needs tokenizer_path)")
     p.add_argument("--out", help="write the spoken answer to this WAV (needs --audio, and a speech decoder or talker)")
-    p.add_argument("--seed", type=int, help="sampling seed")
-    p.add_argument("--max-new-tokens", type=int, help="token budget of the answer")
+    p.add_argument("--seed", type=seed_arg, help="sampling seed, 0 <= N < 2**63")
+    p.add_argument("--max-new-tokens", type=count_arg, help="token budget of the answer")
     p.add_argument("--greedy", action="store_true", help="greedy decoding")
     p.add_argument("--checkpoint", help="a directory written by `reempathy train` (its strategy is used unless told otherwise)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (docs/result-schema.md)")
@@ -132,23 +169,93 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parsers(sub)
     add_eval_parser(sub)
     add_plugins_parser(sub)
-    add_plugins_dir_option(parser, sub)  # last: it adds --plugins-dir to every command
+    add_plugins_dir_option(parser, sub)  # it adds --plugins-dir to every command
+    _add_debug_everywhere(parser)
     return parser
 
 
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the subcommand too (``reempathy decode ... --debug``), as the error hint suggests."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if not any("--debug" in a.option_strings for a in child._actions):
+                    child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                _add_debug_everywhere(child)
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """True when ``--debug`` is on the command line (before a ``--``) or ``REEMPATHY_DEBUG`` is set."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return True
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--debug":
+            return True
+    return False
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line (line breaks joined), cut to MAX_MESSAGE characters."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _emit(line: str) -> None:
+    """Print ``line`` to stderr, escaping what its encoding cannot show (a lone surrogate from a bad argument)."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    safe = line.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    sys.stderr.write(safe + "\n")
+    sys.stderr.flush()
+
+
+def _report(message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    _emit(f"reempathy: error: {one_line(message)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the ``reempathy`` command; returns the exit status (0 ok, 1 a plugin's failure or a bug, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    if sys.stdout is sys.__stdout__ and hasattr(sys.stdout, "reconfigure"):
+        # A file name that is not UTF-8 arrives as lone surrogates; print it back as the bytes it was.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help printed its text
+            return exc.code if isinstance(exc.code, int) else 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="transformers")
             return int(args.func(args) or 0)
-    except ReempathyError as exc:
-        print(f"reempathy: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("reempathy: interrupted", file=sys.stderr)
+        _emit("reempathy: interrupted")
         return 130
+    except ReempathyError as exc:
+        hint = "; rerun with --debug for the traceback" if exc.exit_code == 1 and not debug else ""
+        _report(f"{exc}{hint}", debug)
+        return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            return _bug(exc, debug)
+        target = f"{exc.filename}" if exc.filename is not None else "a file"
+        _report(f"{target}: {exc.strerror or exc}; check the path, its permissions and the free space", debug)
+        return 2
+    except MemoryError:
+        _report("out of memory; give a smaller input, model or batch", debug)
+        return 2
+    except Exception as exc:
+        return _bug(exc, debug)
+
+
+def _bug(exc: BaseException, debug: bool) -> int:
+    hint = "" if debug else f"; rerun with --debug (or {DEBUG_ENV}=1) for the traceback"
+    _report(f"internal error (a bug in reempathy or a plugin; please report it): {type(exc).__name__}: {exc}{hint}", debug)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 """Decode configs: a TOML file picks backbone, strategy, processors and sampling; flags override keys.
 
 Plugin options live in the same table as the plugin's ``name`` and are validated by the config
-model the plugin registered, so an unknown option is an error that names it.
+model the plugin registered, so an unknown option is an error that names it. Where decisions
+are made: :func:`load_config` (file → flags → validation → checkpoint manifest → plugin
+options); :func:`apply_manifest` decides which backbone options a checkpoint pins (those that
+change the weights) and which a config may change (device, dtype: ``runtime_options``);
+:func:`describe_config_error` is the one place a pydantic error becomes a one-line message,
+for decode and training configs alike.
 """
 
 from __future__ import annotations
@@ -10,46 +15,58 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reempathy.decoding.registry import Registry, describe_validation_error
 from reempathy.errors import ConfigError
+from reempathy.options import STRICT, Seed, Text
+from reempathy.paths import check_name, describe_kind, resolved_kind
 
 TOP_LEVEL_KEYS = ("backbone", "strategy", "processors", "sampling", "decode")
+MAX_DEPTH = 16  # tables and arrays nest at most this deep in a config; real ones use 3
+MAX_CONFIG_BYTES = 4 * 2**20  # a config is a page of TOML; anything this large is a mistake
 
 
 class SamplingConfig(BaseModel):
     """``[sampling]``: how the next token is chosen. Unset values take the backbone's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     greedy: bool = False
     temperature: float | None = Field(None, gt=0.0)
     top_k: int | None = Field(None, ge=0, description="0 turns top-k off")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DecodeSettings(BaseModel):
     """``[decode]``: the question, the budget, and how the KV cache is kept."""
 
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(128, ge=1)
-    prompt: str | None = None
-    units: str | None = Field(None, description="file of speech unit ids (JSON list or whitespace-separated)")
-    system_prompt: str | None = None
+    model_config = STRICT
+    max_new_tokens: int = Field(128, ge=1, lt=2**31)
+    prompt: Text | None = None
+    units: str | None = Field(None, min_length=1, description="file of speech unit ids (JSON list or whitespace-separated)")
+    system_prompt: Text | None = None
     checkpoint: str | None = Field(
-        None, description="a directory written by `reempathy train`: its adapter, backbone and strategy are used"
+        None,
+        min_length=1,
+        description="a directory written by `reempathy train`: its adapter, backbone and strategy are used",
     )
     cache: Literal["dynamic", "static"] = Field("dynamic", description="static: a preallocated KV cache (for compile)")
     compile: bool = Field(False, description="torch.compile the decode steps; needs cache = \"static\"")
+
+    @model_validator(mode="after")
+    def _one_question(self) -> "DecodeSettings":
+        if self.prompt is not None and self.units is not None:
+            raise ValueError("set decode.prompt or decode.units, not both (the other would be ignored)")
+        return self
 
 
 class ComponentConfig(BaseModel):
     """A plugin choice: ``name`` plus that plugin's options."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -70,16 +87,47 @@ class DecodeConfig(BaseModel):
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, with one-line errors for a missing or malformed file."""
-    p = Path(path)
-    if not p.is_file():
+    """Read a TOML file, with one-line errors for a missing, unreadable, malformed or absurdly nested file."""
+    if not str(path):
+        raise ConfigError("--config: the path is empty; give a path to a TOML file such as configs/sft.toml")
+    p = check_name(path, "config file", ConfigError)
+    kind = resolved_kind(p, "config file", ConfigError)
+    if kind == "missing":
         raise ConfigError(f"config file {str(p)!r} not found; give a path to a TOML file such as configs/sft.toml")
+    if kind not in ("file", "fifo"):
+        raise ConfigError(f"config file {str(p)!r} is {describe_kind(kind)}; give a path to a TOML file")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; it is not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} nests arrays or tables too deeply; a config needs a few levels") from None
+    check_depth(data, f"config file {str(p)!r}")
+    return data
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    """ConfigError when tables/arrays in ``value`` nest deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise ConfigError(f"{where}: values nest more than {limit} levels deep; a config needs a few levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -87,19 +135,43 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set strategy.text_tokens=7")
     key, raw = item.split("=", 1)
-    path = [k for k in key.strip().split(".") if k]
+    path = [k.strip() for k in key.strip().split(".") if k.strip()]
     if not path:
         raise ConfigError(f"--set {item!r}: empty key")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, KeyError):
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {item[:40]!r}…: the value nests too deeply") from None
+    check_depth(value, f"--set {key.strip()!r}")
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set single keys in the raw config dict (``processors.0.factor=1.2`` indexes the list)."""
+def _component_names(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``--set backbone.name=X`` / ``--set strategy.name=X`` from the other overrides."""
+    names: dict[str, Any] = {}
+    rest = []
     for item in overrides:
+        path, value = parse_override(item)
+        if len(path) == 2 and path[0] in ("backbone", "strategy") and path[1] == "name":
+            names[path[0]] = value
+        else:
+            rest.append(item)
+    return names, rest
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set single keys in the raw config dict (``processors.0.factor=1.2`` indexes the list).
+
+    ``backbone.name`` and ``strategy.name`` are applied first and the way ``--backbone`` and
+    ``--strategy`` are (:func:`set_component`), so ``--set strategy.name=cotbs`` drops the file's
+    reempathy options while ``--set strategy.max_thought_tokens=8`` still applies to cotbs.
+    """
+    names, rest = _component_names(list(overrides))
+    for kind, name in names.items():
+        data = set_component(data, kind, name, f"--set {kind}.name")
+    for item in rest:
         path, value = parse_override(item)
         node: Any = data
         for i, key in enumerate(path[:-1]):
@@ -110,21 +182,70 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     raise ConfigError(f"--set {item!r}: no list item {key!r} in {'.'.join(path[:i])}") from None
             else:
                 node = node.setdefault(key, {})
-                if not isinstance(node, (dict, list)):
-                    raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a table")
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a table")
         if isinstance(node, list):
             raise ConfigError(f"--set {item!r}: give an index into {'.'.join(path[:-1])}")
         node[path[-1]] = value
     return data
 
 
-def set_strategy(data: dict[str, Any], name: str) -> dict[str, Any]:
-    """``--strategy NAME``: keep the file's options only if they belong to that strategy."""
-    current = data.get("strategy") or {}
+def set_component(data: dict[str, Any], kind: str, name: Any, flag: str) -> dict[str, Any]:
+    """``--strategy NAME`` / ``--backbone NAME`` / ``--set KIND.name=NAME``: a different name drops the old options.
+
+    The file's options belong to the plugin the file names; kept for another plugin they would
+    be refused as unknown options (or, worse, mean something else), so they are kept only when
+    the name is unchanged.
+    """
+    if not isinstance(name, str) or not name.strip():
+        example = "reempathy" if kind == "strategy" else "tiny"
+        usage = f"{flag}={example}" if flag.startswith("--set") else f"{flag} {example}"
+        raise ConfigError(f"{flag}: give a {kind} name, e.g. {usage}")
+    current = data.get(kind)
     if isinstance(current, dict) and current.get("name") == name:
         return data
-    data["strategy"] = {"name": name}
+    data[kind] = {"name": name}
     return data
+
+
+def describe_config_error(exc: ValidationError, where: str, sections: dict[str, type[BaseModel]], top: type[BaseModel]) -> str:
+    """One line from a pydantic error on a config: the key, what is wrong, the value given, the valid keys if unknown.
+
+    ``sections`` maps table names to their models (for listing valid keys); ``top`` is the
+    whole config's model. Decode and training configs both use this.
+    """
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = loc.rsplit(".", 1)[0] if "." in loc else "config"
+        model = sections.get(section, top)
+        where_keys = f"in [{section}]" if section != "config" else "at the top level"
+        return f"{where}: unknown key {loc!r}; valid keys {where_keys}: {', '.join(sorted(model.model_fields))}"
+    if err["type"] == "missing":
+        return f"{where}: key {loc!r} is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if err["type"] in ("model_type", "dict_type") and loc and "." not in loc:
+        return f"{where}: {loc} must be a table, e.g. [{loc}]{tail}"
+    if err["type"] in ("value_error", "assertion_error"):  # a model's own check: its message says it all
+        return f"{where}: {loc or 'config'}: {msg}{tail}"
+    return f"{where}: {loc or 'config'}: {msg} (got {toml_value(err.get('input'))}){tail}"
+
+
+def toml_value(value: Any, limit: int = 60) -> str:
+    """``value`` as the TOML the user wrote (``true``, ``"text"``, ``1.5``), cut to ``limit`` characters."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = '"' + repr(value)[1:-1] + '"'  # repr escapes control characters and lone surrogates
+    elif isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, list):
+        text = f"an array of {len(value)}"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_config(
@@ -132,16 +253,22 @@ def load_config(
     overrides: list[str] | None = None,
     strategy: str | None = None,
     registry: Registry | None = None,
+    backbone: str | None = None,
 ) -> DecodeConfig:
-    """Read, override and validate a config; with ``registry``, plugin names and options are checked too."""
+    """Read, override and validate a config; with ``registry``, plugin names and options are checked too.
+
+    ``strategy`` and ``backbone`` (``--strategy``, ``--backbone``) replace the file's choice;
+    a changed name drops the file's options for that table, as ``--set strategy.name=X`` does.
+    """
     data: dict[str, Any] = read_toml(path) if path is not None else {}
     where = f"config file {str(path)!r}" if path is not None else "config"
     unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
-    if strategy:
-        data = set_strategy(data, strategy)
-    data = apply_overrides(data, overrides or [])
+    for kind, flag, name in (("backbone", "--backbone", backbone), ("strategy", "--strategy", strategy)):
+        if name is not None:
+            data = set_component(data, kind, name, flag)
+    data = apply_overrides(data, list(overrides or []))
     explicit = frozenset(k for k in TOP_LEVEL_KEYS if k in data) | frozenset(
         f"{k}.name" for k in ("backbone", "strategy") if isinstance(data.get(k), dict) and "name" in data[k]
     )
@@ -152,27 +279,27 @@ def load_config(
     try:
         cfg = DecodeConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            section = loc.rsplit(".", 1)[0] if "." in loc else "config"
-            model = {"sampling": SamplingConfig, "decode": DecodeSettings}.get(section, DecodeConfig)
-            raise ConfigError(
-                f"{where}: unknown key {loc!r}; valid keys in [{section}]: {', '.join(sorted(model.model_fields))}"
-            ) from None
-        raise ConfigError(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise ConfigError(
+            describe_config_error(exc, where, {"sampling": SamplingConfig, "decode": DecodeSettings}, DecodeConfig)
+        ) from None
     cfg.source = str(path) if path is not None else None
     cfg.explicit = explicit
     if cfg.decode.checkpoint:
-        apply_manifest(cfg)
+        apply_manifest(cfg, registry)
     if registry is not None:
         validate_plugins(cfg, registry)
     return cfg
 
 
-def apply_manifest(cfg: DecodeConfig) -> None:
-    """Take backbone and strategy from the checkpoint's manifest unless the config names them; refuse contradictions."""
-    from reempathy.checkpoints import checkpoint_config_overrides, read_manifest
+def apply_manifest(cfg: DecodeConfig, registry: Registry | None = None) -> None:
+    """Take backbone and strategy from the checkpoint's manifest unless the config names them; refuse contradictions.
+
+    The backbone must be the one trained on: its name, and every option that changes the weights
+    or the vocabulary (all options but the backbone's ``runtime_options``, by default ``device``
+    and ``dtype``). Runtime options come from the config (or their defaults), never from the
+    manifest, so a checkpoint trained on a GPU decodes on a CPU.
+    """
+    from reempathy.checkpoints import check_backbone_options, checkpoint_config_overrides, read_manifest
 
     manifest = read_manifest(cfg.decode.checkpoint)  # type: ignore[arg-type]
     name, options = checkpoint_config_overrides(
@@ -181,8 +308,10 @@ def apply_manifest(cfg: DecodeConfig) -> None:
         cfg.strategy.options if "strategy" in cfg.explicit else {},
     )
     cfg.strategy = ComponentConfig(name=name, **options)
-    if "backbone" not in cfg.explicit:
-        cfg.backbone = ComponentConfig(name=manifest.backbone.name, **manifest.backbone.options)
+    requested_name = cfg.backbone.name if "backbone.name" in cfg.explicit else None
+    requested = cfg.backbone.options if "backbone" in cfg.explicit else {}
+    backbone_options = check_backbone_options(manifest, requested_name, requested, registry)
+    cfg.backbone = ComponentConfig(name=manifest.backbone.name, **backbone_options)
 
 
 def validate_plugins(cfg: DecodeConfig, registry: Registry) -> None:
@@ -193,4 +322,14 @@ def validate_plugins(cfg: DecodeConfig, registry: Registry) -> None:
         registry.validate("processor", proc.name, proc.options)
 
 
-__all__ = ["DecodeConfig", "load_config", "SamplingConfig", "DecodeSettings", "describe_validation_error"]
+__all__ = [
+    "DecodeConfig",
+    "ComponentConfig",
+    "load_config",
+    "SamplingConfig",
+    "DecodeSettings",
+    "apply_overrides",
+    "read_toml",
+    "describe_config_error",
+    "describe_validation_error",
+]

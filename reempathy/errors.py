@@ -29,6 +29,10 @@ class NotAvailableError(ReempathyError):
     """A feature that is documented as not implemented yet was asked for."""
 
 
+class UsageError(ReempathyError):
+    """A command line the parser cannot read (an unknown flag, a missing argument, a value of the wrong type)."""
+
+
 class PluginFailure(ReempathyError):
     """A plugin's own code raised while it was called (a hook or a factory).
 

@@ -14,6 +14,8 @@ from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError
+from reempathy.options import check_text
+from reempathy.paths import check_name, describe_kind, resolved_kind
 
 _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
@@ -64,28 +66,58 @@ def sampling_chain(cfg: DecodeConfig, backbone: Backbone) -> list[tuple[str, dic
     return chain
 
 
+MAX_UNITS_BYTES = 16 * 2**20  # a units file of an 8192-token context is about 50 kB
+_AUDIO_ONLY = re.compile(r"^(\s*<\|audio_\d+\|>)*\s*$")
+_INTEGERS = re.compile(r"^[0-9]+([\s,]+[0-9]+)*$")
+
+
 def read_units(path: str | Path) -> list[int]:
-    """Speech unit ids from a file: a JSON list, ``<|audio_N|>`` tokens, or whitespace/comma-separated integers."""
-    p = Path(path)
-    if not p.is_file():
+    """Speech unit ids from a file: a JSON list, ``<|audio_N|>`` tokens, or whitespace/comma-separated integers.
+
+    One form per file: anything else in it (words beside ``<|audio_N|>`` tokens, a number that is
+    not a whole number) is an InputError, so a file is never half read.
+    """
+    p = check_name(path, "units file")
+    kind = resolved_kind(p, "units file")
+    if kind == "missing":
         raise InputError(f"units file {str(p)!r} not found")
-    text = p.read_text(encoding="utf-8", errors="replace").strip()
+    if kind not in ("file", "fifo"):
+        raise InputError(f"units file {str(p)!r} is {describe_kind(kind)}; give a file of speech unit ids")
+    try:
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_UNITS_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"units file {str(p)!r} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_UNITS_BYTES:
+        raise InputError(f"units file {str(p)!r} is larger than {MAX_UNITS_BYTES // 2**20} MiB; it is not a units file")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"units file {str(p)!r} is not UTF-8 text (byte {exc.start}); it should hold unit ids") from None
     if not text:
         raise InputError(f"units file {str(p)!r} is empty; it should hold speech unit ids")
-    try:
-        if text.startswith("["):
+    expected = "expected integers (a JSON list, whitespace-separated, or <|audio_N|> tokens)"
+    if text.startswith("["):
+        try:
             data = json.loads(text)
-            if not all(isinstance(u, int) and not isinstance(u, bool) for u in data):
-                raise ValueError
-            units = list(data)
-        elif "<|audio_" in text:
-            units = [int(m) for m in _AUDIO_TOKEN.findall(text)]
-        else:
+        except (ValueError, RecursionError):
+            raise InputError(f"units file {str(p)!r} is not a valid JSON list; {expected}") from None
+        if not isinstance(data, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in data):
+            raise InputError(f"units file {str(p)!r}: the JSON list must hold integers only; {expected}")
+        units = list(data)
+    elif "<|audio_" in text:
+        if not _AUDIO_ONLY.match(text):
+            raise InputError(
+                f"units file {str(p)!r} mixes <|audio_N|> tokens with other text; give only the tokens (or only integers)"
+            )
+        units = [int(m) for m in _AUDIO_TOKEN.findall(text)]
+    elif _INTEGERS.match(text):
+        try:
             units = [int(tok) for tok in re.split(r"[\s,]+", text) if tok]
-    except ValueError:
-        raise InputError(
-            f"units file {str(p)!r}: expected integers (a JSON list, whitespace-separated, or <|audio_N|> tokens)"
-        ) from None
+        except ValueError:  # a number of thousands of digits
+            raise InputError(f"units file {str(p)!r}: a unit id is absurdly long; {expected}") from None
+    else:
+        raise InputError(f"units file {str(p)!r}: {expected}")
     if not units:
         raise InputError(f"units file {str(p)!r} holds no unit ids")
     return units
@@ -101,6 +133,12 @@ def build_prompt_inputs(
     """The model inputs of a one-turn prompt from text, speech units or a WAV file (``audio``)."""
     if units is None and audio is None and (prompt is None or not prompt.strip()):
         raise InputError("the prompt is empty; give --prompt TEXT or --units FILE")
+    for what, text in (("the prompt", prompt), ("the system prompt", system_prompt)):
+        if text is not None:
+            try:
+                check_text(text, what)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
     if audio is not None and not backbone.reads_audio:
         raise ConfigError(
             f"backbone {backbone.name!r} does not read WAV files in its prompt; turn the audio into units "

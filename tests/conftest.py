@@ -58,3 +58,15 @@ def qwen(qwen_dir):
 @pytest.fixture(scope="session")
 def qwen_prompt(qwen):
     return qwen.build_prompt([Turn("user", text="I hear you. That sounds really hard.")])
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many generated inputs each hypothesis property of tests/test_fuzz.py tried (issue 16)."""
+    from fuzz_support import COUNTS, EXITS
+
+    if COUNTS:
+        terminalreporter.write_sep("-", "fuzz: generated inputs tried per property")
+        for name, count in sorted(COUNTS.items()):
+            exits = ", ".join(f"exit {code}: {n}" for code, n in sorted(EXITS.get(name, {}).items()))
+            terminalreporter.write_line(f"{name}: {count} ({exits})")
+        terminalreporter.write_line(f"total: {sum(COUNTS.values())}")

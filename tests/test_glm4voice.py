@@ -354,9 +354,15 @@ def test_options_reject_unknown_keys():
         Glm4VoiceOptions(path="x", trust_remote_code=True)
 
 
-def test_unusable_device_raises_config_error(tiny_dir):
-    with pytest.raises(ConfigError, match="nonsense"):
-        load_glm4voice(Glm4VoiceOptions(path=str(tiny_dir), device="nonsense"))
+def test_unusable_device_is_refused_when_the_options_are_validated(tiny_dir):
+    with pytest.raises(ValidationError, match="nonsense"):
+        Glm4VoiceOptions(path=str(tiny_dir), device="nonsense")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_a_gpu_raises_config_error_before_loading(tiny_dir):
+    with pytest.raises(ConfigError, match="asks for CUDA"):
+        load_glm4voice(Glm4VoiceOptions(path=str(tiny_dir), device="cuda"))
 
 
 def test_missing_directory_raises_checkpoint_error(tmp_path):

@@ -17,7 +17,7 @@ from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, Samp
 from reempathy.decoding.registry import default_discovery
 from reempathy.errors import CheckpointError, ConfigError, InputError
 from reempathy.runner import run_decode
-from reempathy.training.checkpoint import MANIFEST, apply_checkpoint, begin_run, read_manifest
+from reempathy.training.checkpoint import MANIFEST, apply_checkpoint, begin_run, plan_run, read_manifest
 from reempathy.training.cli import add_train_parser
 from reempathy.training.config import load_train_config
 from reempathy.checkpoints import checkpoint_config_overrides
@@ -195,15 +195,15 @@ def test_interrupted_run_resumes_to_the_same_total_steps(tmp_path):
     assert resumed.losses[-1] == pytest.approx(full.losses[-1], rel=1e-4)
 
 
-def test_a_failed_rerun_leaves_no_complete_looking_checkpoint(tmp_path, reempathy_checkpoint):
+def test_an_interrupted_overwrite_leaves_the_previous_checkpoint_complete_and_unchanged(tmp_path, reempathy_checkpoint):
     out = tmp_path / "ckpt"
     shutil.copytree(reempathy_checkpoint.output_dir, out)
-    read_manifest(out)  # complete before the rerun
+    before = {name: (out / name).read_bytes() for name in (MANIFEST, "adapter_model.safetensors", "adapter_config.json")}
     cfg = config(tmp_path, "reempathy", output_dir=str(out), overwrite=True)
     with pytest.raises(Interrupt):
         train(cfg, callbacks=[StopAt(1)], progress=False)
-    with pytest.raises(CheckpointError, match="incomplete"):
-        read_manifest(out)
+    assert read_manifest(out).steps == reempathy_checkpoint.steps  # the new adapter never replaced the old one
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_bad_data_stops_the_run_before_anything_is_written(tmp_path):
@@ -218,14 +218,14 @@ def test_bad_data_stops_the_run_before_anything_is_written(tmp_path):
 def test_earlier_checkpoints_without_resume_are_refused(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(ConfigError, match="checkpoint-3.*--resume"):
-        begin_run(tmp_path, {}, resume=False, overwrite=False)
+        plan_run(tmp_path, {}, resume=False, overwrite=False, max_steps=4)
 
 
 def test_resuming_with_a_changed_strategy_is_refused(tmp_path):
-    begin_run(tmp_path, {"strategy": "sft"}, resume=False, overwrite=False)
+    begin_run(plan_run(tmp_path, {"strategy": "sft"}, resume=False, overwrite=False, max_steps=4), {"strategy": "sft"})
     (tmp_path / "checkpoint-2").mkdir()
     with pytest.raises(ConfigError, match="cannot resume, the run's strategy changed"):
-        begin_run(tmp_path, {"strategy": "cotbs"}, resume=True, overwrite=False)
+        plan_run(tmp_path, {"strategy": "cotbs"}, resume=True, overwrite=False, max_steps=4)
 
 
 @pytest.mark.parametrize(

@@ -212,7 +212,7 @@ class InterleavedBackbone:
         """The causal LM of ``path`` in ``dtype`` on ``device``, safetensors only, no remote code."""
         from transformers import AutoModelForCausalLM
 
-        from reempathy.speech.device import resolve_device
+        from reempathy.devices import resolve_device
 
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{str(self.path)!r} has no config.json; give a directory written by save_pretrained")

@@ -6,18 +6,21 @@ tokens until it is fine-tuned; the point is that every code path of a real backb
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
-from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, VocabLayout
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
+from reempathy.devices import DeviceName, resolve_device
 from reempathy.errors import CheckpointError
+from reempathy.options import STRICT, Seed
+from reempathy.paths import check_name, describe_kind, resolved_kind
 
 # Control tokens in GLM-4-Voice's order, then our delimiters; audio units follow.
 CONTROL_TOKENS = (
@@ -57,22 +60,49 @@ I finally got the job I wanted! My dog is sick and the vet is closed.
 
 
 class TinyOptions(BaseModel):
-    """Options of the ``tiny`` backbone: the shape of the random model and its seed."""
+    """Options of the ``tiny`` backbone: the shape of the random model and its seed.
 
-    model_config = ConfigDict(extra="forbid")
+    Shapes are bounded to what a test model needs (a 4096-wide, 64-layer model is already far
+    from tiny), and checked against each other the way the attention needs them.
+    """
 
-    seed: int = Field(0, description="seed of the random weights")
+    model_config = STRICT
+    # Options that do not change the weights or the vocabulary: a checkpoint may decode with others.
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "dtype", "max_context"})
+
+    seed: Seed = Field(0, description="seed of the random weights")
     hidden_size: int = Field(64, ge=8, le=4096)
     num_layers: int = Field(2, ge=1, le=64)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(128, ge=8)
+    num_heads: int = Field(4, ge=1, le=256)
+    num_kv_heads: int = Field(2, ge=1, le=256)
+    intermediate_size: int = Field(128, ge=8, le=16384)
     text_vocab: int = Field(512, ge=300, le=8192, description="size of the byte-level BPE text vocabulary")
     audio_units: int = Field(1024, ge=16, le=16384, description="number of audio-unit tokens")
-    max_context: int = Field(2048, ge=64)
+    max_context: int = Field(2048, ge=64, le=131072)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    path: str | None = Field(None, description="load a saved tiny model (save_pretrained directory) instead of building one")
+    device: DeviceName = "cpu"
+    path: str | None = Field(
+        None, min_length=1, description="load a saved tiny model (save_pretrained directory) instead of building one"
+    )
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "TinyOptions":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                "each head needs an equal share of the hidden size"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 4:
+            raise ValueError(
+                f"hidden_size / num_heads = {head_dim}, but the rotary embedding needs a head size that is a multiple of 4"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
+                "grouped-query attention shares each key/value head among equal groups"
+            )
+        return self
 
 
 @lru_cache(maxsize=8)
@@ -151,17 +181,14 @@ def build_model(options: TinyOptions, vocab_size: int) -> GlmForCausalLM:
 def load_tiny(options: TinyOptions) -> Backbone:
     """Build (or load from ``options.path``) the tiny backbone."""
     dtype = getattr(torch, options.dtype)
+    device = resolve_device(options.device, "backbone option device")
     if options.path:
-        path = Path(options.path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: no config.json; pass a directory written by save_pretrained")
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-        model = GlmForCausalLM.from_pretrained(path, dtype=dtype)
+        tok, model = _load_saved(options.path, dtype)
     else:
         tok = build_tokenizer(options.text_vocab, options.audio_units)
         vocab_size = (len(tok) + 7) // 8 * 8
         model = build_model(options, vocab_size).to(dtype)
-    model.to(options.device).eval()
+    model.to(device).eval()
     layout = layout_from_tokenizer(tok, int(model.config.vocab_size))
     prompt = Glm4VoicePrompt(lambda text: tok.encode(text, add_special_tokens=False), layout, GLM4_VOICE_STREAM)
     return Backbone(
@@ -174,3 +201,28 @@ def load_tiny(options: TinyOptions) -> Backbone:
         prompt_builder=prompt,
         info={"seed": options.seed, "path": options.path},
     )
+
+
+def _load_saved(directory: str, dtype: torch.dtype) -> tuple[PreTrainedTokenizerFast, GlmForCausalLM]:
+    """A tiny model and tokenizer written by ``save_pretrained``; CheckpointError naming what is wrong with the directory."""
+    path = check_name(directory, "backbone option path", CheckpointError)
+    kind = resolved_kind(path, "backbone option path", CheckpointError)
+    if kind != "dir":
+        state = "not found" if kind == "missing" else describe_kind(kind)
+        raise CheckpointError(f"tiny backbone path {str(path)!r}: {state}; pass a directory written by save_pretrained")
+    config = path / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path}: no config.json; pass a directory written by save_pretrained")
+    try:
+        raw = json.loads(config.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{config}: not valid JSON ({str(exc)[:80]}); save the model again") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "glm":
+        raise CheckpointError(f"{config}: not the config of a tiny (GLM) model; save the model again")
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+        model = GlmForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: the saved tiny model cannot be loaded ({reason}); save it again") from None
+    return tok, model

@@ -191,7 +191,10 @@ def describe_validation_error(exc: ValidationError, where: str, model: type[Base
     if err["type"] == "missing":
         return f"{where}: option {loc!r} is required"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}: option {loc!r}: {err['msg']} (got {err.get('input')!r}){more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("value_error", "assertion_error"):  # the model's own check: its message names the values
+        return f"{where}: {msg}{more}" if loc == "(options)" else f"{where}: option {loc!r}: {msg}{more}"
+    return f"{where}: option {loc!r}: {msg} (got {err.get('input')!r}){more}"
 
 
 @dataclass

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
 from reempathy.evaluation.metrics import summarize_scores
+from reempathy.safe_write import write_text
 
 RUN_RECORD_SCHEMA = "reempathy.run-record/1"
 SCORE_SCHEMA = "reempathy.score/1"
@@ -218,17 +218,8 @@ class ScoreFile:
 
 
 def atomic_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, fsync, rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` by the one write discipline (:mod:`reempathy.safe_write`): checked, temporary sibling, fsync, rename."""
+    write_text(path, text, "score summary")
 
 
 def evaluation_from_line(line: dict[str, Any]) -> Evaluation:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 from reempathy.errors import ConfigError, InputError
 from reempathy.experiments import rundir
 from reempathy.experiments.metrics import EvaluatorScores, RunMetrics, evaluator_scores, run_metrics
+from reempathy.safe_write import write_with
 
 DEFAULT_AUDIO_RATE_HZ = 12.5
 # (column, attribute of RunMetrics, scale, decimals)
@@ -266,22 +265,8 @@ def build_report(dirs: list[str | Path]) -> Report:
 
 
 def _atomic(path: str | Path, write: Any) -> None:
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{str(p)!r} is a directory; give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {str(p)!r}: directory {str(parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=p.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, p)
-    except OSError as exc:
-        raise InputError(f"cannot write {str(p)!r} ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``write(tmp)`` then rename into place, by the one write discipline (:mod:`reempathy.safe_write`)."""
+    write_with(path, lambda tmp: write(str(tmp)), "report output")
 
 
 def write_csv(report: Report, path: str | Path) -> None:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from reempathy.errors import ConfigError, InputError
+from reempathy.safe_write import write_bytes
 
 RUN_SCHEMA = "reempathy.run/1"
 RECORD_SCHEMA = "reempathy.run-record/1"
@@ -96,20 +96,9 @@ def write_json_atomic(path: str | Path, doc: Any) -> None:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling of ``path``, fsync it, then rename it over ``path``."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-        _fsync_dir(p.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` by the one write discipline (:mod:`reempathy.safe_write`): checked, temporary
+    sibling, fsync, rename."""
+    write_bytes(path, data, "run file")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,17 +1,22 @@
-"""WAV in and out: read with every user error turned into a one-line ``InputError``; write atomically.
+"""WAV in and out: read with every user error turned into a one-line ``InputError``; write by the safe-write discipline.
 
 Reading accepts RIFF/WAVE files with integer PCM (8, 16, 24, 32 bit) or IEEE float (32, 64 bit)
-samples, plain or WAVE_FORMAT_EXTENSIBLE, any sample rate and any channel count. Samples are
-scaled to [-1, 1) the way torchaudio/ffmpeg scale them (int16 / 32768, …), so that the speech
-tokenizer sees what the published ``torchaudio.load`` gave it. Other containers (FLAC, MP3, Ogg,
-MP4) are recognised and refused with a message that says how to convert them.
+samples, plain or WAVE_FORMAT_EXTENSIBLE, sample rates from 4 kHz to 192 kHz and up to 64
+channels. Samples are scaled to [-1, 1) the way torchaudio/ffmpeg scale them (int16 / 32768, …),
+so that the speech tokenizer sees what the published ``torchaudio.load`` gave it. Other
+containers (FLAC, MP3, Ogg, MP4) are recognised and refused with a message that says how to
+convert them.
+
+Where it decides what is refused: :func:`read_wav` reads at most ``MAX_WAV_BYTES`` (a device
+such as ``/dev/zero`` is refused, a pipe is read up to the cap), checks the header's rate and
+channels against the bounds above, refuses a data chunk that declares more bytes than the file
+holds (a file cut short), and checks the length against ``max_seconds`` before any sample is
+converted, so no input can make it allocate more than a bounded amount.
 """
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +24,17 @@ import numpy as np
 import torch
 
 from reempathy.errors import InputError
+from reempathy.paths import check_name, describe_kind, resolved_kind
+from reempathy.safe_write import write_bytes
 
 PCM = 1
 IEEE_FLOAT = 3
 EXTENSIBLE = 0xFFFE
 MAX_SECONDS = 600.0  # GLM-4-Voice's 8192-token context holds about 650 s of 12.5 Hz units
+MIN_RATE = 4_000  # below telephone speech (8 kHz): a damaged header, not a recording
+MAX_RATE = 192_000  # the highest rate recorders write; 600 s of it is already 115 M frames
+MAX_CHANNELS = 64
+MAX_WAV_BYTES = 512 * 2**20  # 600 s of 48 kHz stereo 32-bit float is 230 MB
 
 _OTHER_FORMATS = {
     b"fLaC": "FLAC",
@@ -49,52 +60,78 @@ class Audio:
         return self.samples.shape[1] / self.sample_rate
 
 
-def read_wav(path: str | Path) -> Audio:
-    """Read a WAV file; raise ``InputError`` naming the file for anything that is not usable audio."""
-    p = Path(path)
+def read_wav(path: str | Path, max_seconds: float | None = None) -> Audio:
+    """Read a WAV file; raise ``InputError`` naming the file for anything that is not usable audio.
+
+    With ``max_seconds`` a longer file is refused from its header, before its samples are converted.
+    """
+    p = check_name(path, "audio file")
     name = str(p)
-    if not p.exists():
+    kind = resolved_kind(p, "audio file")
+    if kind == "missing":
         raise InputError(f"audio file {name!r} not found")
-    if p.is_dir():
+    if kind == "dir":
         raise InputError(f"audio file {name!r} is a directory; pass a WAV file")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise InputError(f"audio file {name!r} cannot be read ({e.strerror or e}); check its permissions") from None
+    if kind not in ("file", "fifo"):
+        raise InputError(f"audio file {name!r} is {describe_kind(kind)}; pass a WAV file")
+    data = _read_capped(p, name)
     if not data:
         raise InputError(f"audio file {name!r} is empty (0 bytes); pass a WAV file with speech")
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        kind = _sniff(data)
-        if kind:
+        kind_name = _sniff(data)
+        if kind_name:
             raise InputError(
-                f"audio file {name!r} is {kind} audio; only WAV is read: convert it, e.g. "
+                f"audio file {name!r} is {kind_name} audio; only WAV is read: convert it, e.g. "
                 f"`ffmpeg -i {p.name} {p.stem}.wav`"
             )
         raise InputError(f"audio file {name!r} is not a WAV file (no RIFF/WAVE header); pass a WAV recording")
     fmt, payload = _chunks(data, name)
     tag, channels, rate, width = fmt
-    if channels < 1:
-        raise InputError(f"audio file {name!r} declares {channels} channels; the file is damaged")
-    if rate < 1:
-        raise InputError(f"audio file {name!r} declares sample rate {rate}; the file is damaged")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InputError(f"audio file {name!r} declares {channels} channels (1 to {MAX_CHANNELS} are read); the file is damaged")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InputError(
+            f"audio file {name!r} declares a sample rate of {rate} Hz; rates from {MIN_RATE} to {MAX_RATE} Hz are read: "
+            "the header is damaged, or resample it, e.g. `ffmpeg -i IN.wav -ar 16000 OUT.wav`"
+        )
     frame = channels * width
     frames = len(payload) // frame
     if frames == 0:
         raise InputError(f"audio file {name!r} holds no audio samples; pass a recording with speech")
+    seconds = frames / rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise InputError(
+            f"audio file {name!r} is {seconds:.1f} s long; the limit is {max_seconds:.0f} s "
+            "(about what GLM-4-Voice's context holds): cut it into shorter files"
+        )
     samples = _decode(payload[: frames * frame], tag, width, name).reshape(frames, channels).T
     if not np.isfinite(samples).all():
         raise InputError(f"audio file {name!r} contains NaN or infinite samples; re-export it")
     return Audio(np.ascontiguousarray(samples, dtype=np.float32), rate, name)
 
 
+def _read_capped(p: Path, name: str) -> bytes:
+    """The file's bytes, refusing one larger than MAX_WAV_BYTES without reading more than that."""
+    try:
+        if p.is_file() and p.stat().st_size > MAX_WAV_BYTES:
+            raise InputError(
+                f"audio file {name!r} is {p.stat().st_size / 2**20:.0f} MiB; at most {MAX_WAV_BYTES // 2**20} MiB are "
+                "read: cut it or convert it to 16 kHz mono 16-bit"
+            )
+        with p.open("rb") as fh:
+            data = fh.read(MAX_WAV_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"audio file {name!r} cannot be read ({e.strerror or e}); check its permissions") from None
+    if len(data) > MAX_WAV_BYTES:
+        raise InputError(
+            f"audio file {name!r} holds more than {MAX_WAV_BYTES // 2**20} MiB; cut it or convert it to 16 kHz mono 16-bit"
+        )
+    return data
+
+
 def load_speech(path: str | Path, max_seconds: float | None = MAX_SECONDS) -> Audio:
     """``read_wav`` plus the checks the speech tokenizer needs: not silent, not longer than ``max_seconds``."""
-    audio = read_wav(path)
-    if max_seconds is not None and audio.seconds > max_seconds:
-        raise InputError(
-            f"audio file {audio.path!r} is {audio.seconds:.1f} s long; the limit is {max_seconds:.0f} s "
-            "(about what GLM-4-Voice's context holds): cut it into shorter files"
-        )
+    audio = read_wav(path, max_seconds)
     if not np.any(audio.samples[0]):
         raise InputError(
             f"audio file {audio.path!r} is silent (every sample of its first channel is zero); "
@@ -104,7 +141,7 @@ def load_speech(path: str | Path, max_seconds: float | None = MAX_SECONDS) -> Au
 
 
 def write_wav(path: str | Path, samples: torch.Tensor | np.ndarray, sample_rate: int, float32: bool = False) -> Path:
-    """Write mono ``samples`` (floats in [-1, 1]) as 16-bit PCM, or 32-bit float; temp file then rename."""
+    """Write mono ``samples`` (floats in [-1, 1]) as 16-bit PCM, or 32-bit float (:mod:`reempathy.safe_write`)."""
     x = samples.detach().cpu().float().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
     x = np.asarray(x, dtype=np.float32).reshape(-1)
     if float32:
@@ -121,31 +158,8 @@ def write_wav(path: str | Path, samples: torch.Tensor | np.ndarray, sample_rate:
         chunks.append(b"\x00")
     riff = b"".join(chunks)
     out = Path(path)
-    atomic_write(out, b"RIFF" + struct.pack("<I", 4 + len(riff)) + b"WAVE" + riff)
+    write_bytes(out, b"RIFF" + struct.pack("<I", 4 + len(riff)) + b"WAVE" + riff, "output WAV")
     return out
-
-
-def check_writable(out: str | Path) -> Path:
-    """``out`` as a path whose directory exists (checked before any work is done); ``InputError`` otherwise."""
-    out = Path(out)
-    if out.is_dir():
-        raise InputError(f"cannot write {str(out)!r}: it is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise InputError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    return out
-
-
-def atomic_write(out: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``out``, then rename it over ``out``."""
-    directory = check_writable(out).parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sniff(data: bytes) -> str | None:
@@ -183,6 +197,11 @@ def _chunks(data: bytes, name: str) -> tuple[tuple[int, int, int, int], bytes]:
             # Streaming writers leave the size at 0 or 0xFFFFFFFF: the data runs to the end of the file.
             if size in (0, 0xFFFFFFFF):
                 body = data[pos + 8 :]
+            elif len(body) < size:
+                raise InputError(
+                    f"audio file {name!r} is cut short: its data chunk declares {size} bytes but the file holds "
+                    f"{len(body)}; the file is damaged or was still being written"
+                )
             return fmt, body
         pos += 8 + size + (size & 1)
     if fmt is None:
@@ -205,4 +224,4 @@ def _decode(payload: bytes, tag: int, width: int, name: str) -> np.ndarray:
     return (np.frombuffer(payload, dtype="<i4").astype(np.float64) / float(1 << 31)).astype(np.float32)
 
 
-__all__ = ["Audio", "MAX_SECONDS", "atomic_write", "check_writable", "load_speech", "read_wav", "write_wav"]
+__all__ = ["Audio", "MAX_SECONDS", "MAX_WAV_BYTES", "MIN_RATE", "MAX_RATE", "load_speech", "read_wav", "write_wav"]

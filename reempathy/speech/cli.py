@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from reempathy.options import seed_arg
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -40,13 +41,14 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from reempathy.runner import read_units
-    from reempathy.speech.audio import atomic_write, check_writable, write_wav
+    from reempathy.safe_write import check_output_file, write_bytes
+    from reempathy.speech.audio import write_wav
     from reempathy.speech.decoder import load_speech_decoder
 
     units = read_units(args.units)
-    check_writable(args.out)
+    check_output_file(args.out, "--out")  # every output is checked before the synthesis work
     if args.save_mel:
-        check_writable(args.save_mel)
+        check_output_file(args.save_mel, "--save-mel")
     decoder = load_speech_decoder(args.decoder, device=args.device)
     out = decoder.synthesize_full(units, seed=args.seed)
     write_wav(args.out, out.waveform, decoder.sample_rate, float32=args.float)
@@ -55,7 +57,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
         buf = io.BytesIO()
         np.save(buf, out.mel.cpu().numpy())
-        atomic_write(Path(args.save_mel), buf.getvalue())
+        write_bytes(args.save_mel, buf.getvalue(), "--save-mel")
     seconds = out.waveform.shape[-1] / decoder.sample_rate
     print(
         f"wrote {args.out}: {len(units)} units, {seconds:.2f} s at {decoder.sample_rate} Hz, "
@@ -90,7 +92,7 @@ def add_speech_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--decoder", required=True, metavar="DIR", help="glm-4-voice-decoder directory")
     p.add_argument("--units", required=True, metavar="FILE", help="unit ids: JSON list, <|audio_N|> tokens or integers")
     p.add_argument("--out", required=True, metavar="OUT.wav", help="WAV file to write (replaced atomically)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the decoder's noise (default 42, as published)")
+    p.add_argument("--seed", type=seed_arg, default=42, help="seed of the decoder's noise (default 42, as published)")
     p.add_argument("--float", action="store_true", help="write 32-bit float samples instead of 16-bit PCM")
     p.add_argument("--save-mel", metavar="MEL.npy", help="also save the mel spectrogram (80 × frames, float32)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")

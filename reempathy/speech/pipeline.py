@@ -40,7 +40,8 @@ from reempathy.decoding.spans import SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
 from reempathy.runner import load_backbone, run_decode
-from reempathy.speech.audio import check_writable, read_wav, write_wav
+from reempathy.safe_write import check_output_file
+from reempathy.speech.audio import read_wav, write_wav
 from reempathy.speech.decoder import DEFAULT_SEED
 from reempathy.speech.decoder.streaming import BLOCK_SIZES, StreamingSynthesizer
 
@@ -123,7 +124,7 @@ def run_spoken_turn(
     tokenizer, decoder = speech_parts(
         backbone, need_tokenizer=hears_units, need_decoder=out_path is not None and talker is None
     )
-    out = check_writable(out_path) if out_path is not None else None
+    out = check_output_file(out_path, "--out") if out_path is not None else None
     t0 = time.perf_counter()
     units = tokenizer.tokenize(audio_path) if hears_units else None
     heard: dict[str, Any] = {"units": units} if hears_units else {"audio": audio_path}
@@ -181,7 +182,7 @@ def stream_spoken_turn(
         yield from _stream_talker_turn(cfg, registry, backbone, audio_path, units, out_path, seed)
         return
     tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
-    out = check_writable(out_path) if out_path is not None else None
+    out = check_output_file(out_path, "--out") if out_path is not None else None
     synth = StreamingSynthesizer(decoder, seed=seed, block_sizes=block_sizes)
     t0 = time.perf_counter()
     prompt_units = list(units) if units is not None else tokenizer.tokenize(audio_path)
@@ -295,7 +296,7 @@ def _stream_talker_turn(
     else:
         tokenizer, _ = speech_parts(backbone, need_decoder=False)
         heard = {"units": tokenizer.tokenize(audio_path)}
-    out = check_writable(out_path) if out_path is not None else None
+    out = check_output_file(out_path, "--out") if out_path is not None else None
     turn = talker.turn(seed)
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()

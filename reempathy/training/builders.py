@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from reempathy.backbones.base import (
     REFLECTION_CLOSE,
@@ -45,6 +45,7 @@ from reempathy.backbones.base import (
 )
 from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import InputError
+from reempathy.options import STRICT
 from reempathy.plugins.strategies.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
 from reempathy.training.data import BadRecord, RecordSet, SourcedRecord, bad_records_message
 from reempathy.training.schema import Answer, Message
@@ -60,19 +61,19 @@ THOUGHT = "thought"
 class SftBuild(BaseModel):
     """``sft`` has no options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class CotbsBuild(BaseModel):
     """``cotbs`` has no options: the reasoning is the record's assessment text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class ReempathyBuild(BaseModel):
     """``reempathy``: the spoken-chunk layout and whether reflections are written."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     text_tokens: int = Field(5, ge=1, description="text slots of a spoken chunk")
     audio_tokens: int | None = Field(
@@ -90,7 +91,7 @@ class ReempathyBuild(BaseModel):
 class DpoBuild(BaseModel):
     """``dpo``: preference pairs of spoken answers; ``beta`` is DPO's temperature."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     beta: float = Field(0.1, gt=0.0)
 

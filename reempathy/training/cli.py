@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
+
+from reempathy.options import count_arg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -24,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(evaluator_result.format())
         return 0
     cfg = load_train_config(args.config, overrides)
-    result = train(cfg, progress=not args.quiet)
+    result = train(cfg, progress=not args.quiet, on_note=lambda note: print(f"reempathy: {note}", file=sys.stderr))
     if result.main_process:
         print(format_train_result(result))
     return 0
@@ -36,6 +39,7 @@ def format_train_result(result: Any) -> str:
         f"trained {result.manifest.training.get('method')!r} for {result.steps} steps on {result.records} records"
         + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
     ]
+    lines.extend(f"note: {note}" for note in result.notes)
     if result.losses:
         lines.append(f"loss: {result.losses[0]:.4f} (first logged) -> {result.losses[-1]:.4f} (last logged)")
     if result.skipped:
@@ -51,7 +55,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` to the ``reempathy`` command's subparsers."""
     p = subparsers.add_parser("train", help="train a LoRA checkpoint for a strategy (sft, cotbs, reempathy, dpo) or an evaluator (empathyeval)")
     p.add_argument("--config", "-c", required=True, help="training TOML config, e.g. configs/train-reempathy.toml")
-    p.add_argument("--max-steps", type=int, help="override [train] max_steps")
+    p.add_argument("--max-steps", type=count_arg, help="override [train] max_steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N in the output_dir")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.learning_rate=1e-3 (repeatable)")

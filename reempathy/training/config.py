@@ -21,9 +21,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from reempathy.config import ComponentConfig, apply_overrides, read_toml
+from reempathy.config import ComponentConfig, apply_overrides, describe_config_error, read_toml
 from reempathy.decoding.registry import describe_validation_error
 from reempathy.errors import ConfigError
+from reempathy.options import STRICT, TrainSeed
 from reempathy.training.builders import BUILDERS, BuilderSpec
 
 TOP_LEVEL_KEYS = ("backbone", "strategy", "data", "train")
@@ -32,27 +33,27 @@ TOP_LEVEL_KEYS = ("backbone", "strategy", "data", "train")
 class DataConfig(BaseModel):
     """``[data]``: the JSONL dataset and what to do with bad records."""
 
-    model_config = ConfigDict(extra="forbid")
-    path: str
+    model_config = STRICT
+    path: str = Field(min_length=1)
     skip_bad: bool = Field(False, description="skip (and count) bad records instead of stopping at them")
 
 
 class TrainSettings(BaseModel):
     """``[train]``: where checkpoints go and how long and how hard to train (LoRA rank 8, alpha 32 as in the paper)."""
 
-    model_config = ConfigDict(extra="forbid")
-    output_dir: str
-    max_steps: int = Field(100, ge=1)
-    learning_rate: float = Field(2e-4, gt=0.0)
-    batch_size: int = Field(4, ge=1, description="sequences per device per step")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    seed: int = 0
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(32.0, gt=0.0)
+    model_config = STRICT
+    output_dir: str = Field(min_length=1)
+    max_steps: int = Field(100, ge=1, lt=2**31)
+    learning_rate: float = Field(2e-4, gt=0.0, le=10.0)
+    batch_size: int = Field(4, ge=1, le=65536, description="sequences per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
+    seed: TrainSeed = 0
+    lora_rank: int = Field(8, ge=1, le=4096)
+    lora_alpha: float = Field(32.0, gt=0.0, le=1e6)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    save_steps: int = Field(50, ge=1, description="write a resumable checkpoint-N every this many steps")
-    save_total_limit: int | None = Field(2, ge=1, description="keep at most this many checkpoint-N folders")
-    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1, lt=2**31, description="write a resumable checkpoint-N every this many steps")
+    save_total_limit: int | None = Field(2, ge=1, lt=2**31, description="keep at most this many checkpoint-N folders")
+    logging_steps: int = Field(1, ge=1, lt=2**31)
     resume: bool = Field(False, description="continue from the last checkpoint-N in output_dir")
     overwrite: bool = Field(False, description="delete an earlier run's checkpoints in output_dir and start over")
 
@@ -103,17 +104,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            section = loc.rsplit(".", 1)[0] if "." in loc else "config"
-            model = {"data": DataConfig, "train": TrainSettings}.get(section, TrainConfig)
-            raise ConfigError(
-                f"{where}: unknown key {loc!r}; valid keys in [{section}]: {', '.join(sorted(model.model_fields))}"
-            ) from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{where}: key {loc!r} is required") from None
-        raise ConfigError(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise ConfigError(
+            describe_config_error(exc, where, {"data": DataConfig, "train": TrainSettings}, TrainConfig)
+        ) from None
     cfg.source = str(path) if path is not None else None
     cfg.strategy_options()
     return cfg

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from reempathy.errors import InputError
+from reempathy.paths import check_name, describe_kind, resolved_kind
 from reempathy.training.schema import Record
 
 # How many bad lines one error message lists before it says "and N more".
@@ -68,6 +70,19 @@ def bad_records_message(path: str, bad: list[BadRecord], hint: str) -> str:
     return f"{count}{shown}{extra}; {hint}"
 
 
+def _lone_surrogate(line: str, data: Any) -> str | None:
+    """A message when the record holds a lone surrogate (``"\\ud800"``), which no tokenizer can encode."""
+    if "\\u" not in line.lower():
+        return None  # a surrogate can only come from an escape: the line itself is valid UTF-8
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "a text holds a lone surrogate escape (e.g. \"\\ud800\"), which is not valid Unicode; fix the text"
+    except RecursionError:
+        return "JSON nested too deeply to be a record"
+    return None
+
+
 def load_records(path: str | Path, audio_count: int | None = None, skip_bad: bool = False) -> RecordSet:
     """Read and validate every line of a JSONL file.
 
@@ -76,21 +91,35 @@ def load_records(path: str | Path, audio_count: int | None = None, skip_bad: boo
     line (the first few); with it, bad records are left out and listed in ``RecordSet.skipped``.
     Blank lines are ignored.
     """
-    p = Path(path)
+    p = check_name(path, "dataset")
     name = str(path)
-    if not p.is_file():
-        raise InputError(f"dataset {name!r} not found; give the path of a JSONL file")
+    kind = resolved_kind(p, "dataset")
+    if kind not in ("file", "fifo"):
+        state = "not found" if kind == "missing" else describe_kind(kind)
+        raise InputError(f"dataset {name!r}: {state}; give the path of a JSONL file")
     result = RecordSet(path=name)
     context = {"audio_count": audio_count}
-    with p.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                result.skipped.append(BadRecord(where, f"not UTF-8 text (byte {exc.start + 1} of the line)"))
+                continue
             if not line.strip():
                 continue
-            where = f"{name}:{lineno}"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
                 result.skipped.append(BadRecord(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            except RecursionError:
+                result.skipped.append(BadRecord(where, "JSON nested too deeply to be a record"))
+                continue
+            surrogate = _lone_surrogate(line, data)
+            if surrogate:
+                result.skipped.append(BadRecord(where, surrogate))
                 continue
             if not isinstance(data, dict):
                 result.skipped.append(BadRecord(where, f"expected a JSON object, got {type(data).__name__}"))

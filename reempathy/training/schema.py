@@ -42,9 +42,9 @@ def parse_units(value: Any) -> list[int] | None:
 
 
 class Scores(BaseModel):
-    """EmpathyEval's four scores, each on the 1–5 scale."""
+    """EmpathyEval's four scores, each on the 1–5 scale (numbers: ``true`` or ``"4"`` is not a score)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     need_support: float = Field(ge=1, le=5)
     wording_appropriateness: float = Field(ge=1, le=5)

@@ -9,23 +9,29 @@ placement and the distribution, so the same entry point runs under ``accelerate 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from pydantic import BaseModel
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.registry import Registry
+from reempathy.checkpoints import runtime_options
 from reempathy.training.builders import BuilderSpec, PreferencePair, TrainingSequence, build_all
 from reempathy.training.checkpoint import (
     ChunkLayoutRecord,
     Component,
     Manifest,
+    RunPlan,
     begin_run,
     delimiter_ids,
+    install_adapter,
     now_iso,
+    plan_run,
+    trainer_losses,
     write_checkpoint,
 )
 from reempathy.training.collate import PadCollator
@@ -46,14 +52,20 @@ class TrainResult:
     unused: int = 0
     resumed_from: str | None = None
     main_process: bool = True  # False on the other processes of a distributed run
+    notes: list[str] = field(default_factory=list)  # what the run decided about earlier checkpoints
 
 
-def load_training_backbone(cfg: TrainConfig, registry: Registry | None = None) -> tuple[Backbone, BaseModel]:
-    """The configured backbone and its validated options, through the plugin registry (as decoding does)."""
+def _registry(registry: Registry | None) -> Registry:
     if registry is None:
         from reempathy.decoding.registry import default_discovery
 
         registry = default_discovery().registry
+    return registry
+
+
+def load_training_backbone(cfg: TrainConfig, registry: Registry | None = None) -> tuple[Backbone, BaseModel]:
+    """The configured backbone and its validated options, through the plugin registry (as decoding does)."""
+    registry = _registry(registry)
     options = registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
     return registry.create("backbone", cfg.backbone.name, options), options
 
@@ -92,10 +104,11 @@ def lora_config(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbon
     )
 
 
-def run_info(cfg: TrainConfig) -> dict[str, Any]:
-    """Settings that must not change between a run and its resumption."""
+def run_info(cfg: TrainConfig, runtime: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Settings that must not change between a run and its resumption (``runtime`` backbone options may)."""
+    backbone_options = {k: v for k, v in cfg.backbone.options.items() if k not in runtime}
     return {
-        "backbone": {"name": cfg.backbone.name, "options": cfg.backbone.options},
+        "backbone": {"name": cfg.backbone.name, "options": backbone_options},
         "strategy": {"name": cfg.strategy.name, "options": cfg.strategy.options},
         "data": cfg.data.path,
         "lora": {"rank": cfg.train.lora_rank, "alpha": cfg.train.lora_alpha, "dropout": cfg.train.lora_dropout},
@@ -200,14 +213,40 @@ def train(
     registry: Registry | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train the configured strategy's adapter and write a complete checkpoint to ``[train] output_dir``."""
+    """Train the configured strategy's adapter and write a complete checkpoint to ``[train] output_dir``.
+
+    The output directory is planned first (:func:`~reempathy.training.checkpoint.plan_run`),
+    before anything is loaded, so a refused run costs nothing and changes nothing. ``on_note``
+    hears each decision about earlier checkpoints (an incomplete one skipped, nothing left to train).
+    """
     spec = cfg.spec
     options = cfg.strategy_options()
+    registry = _registry(registry)
+    runtime = runtime_options(registry.get("backbone", cfg.backbone.name).config_model)
+    info = run_info(cfg, runtime)
+    plan = plan_run(cfg.train.output_dir, info, cfg.train.resume, cfg.train.overwrite, cfg.train.max_steps)
+    for note in plan.notes:
+        if on_note is not None:
+            on_note(note)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if plan.finished is not None:
+        return TrainResult(
+            output_dir=plan.output_dir,
+            steps=plan.finished.steps,
+            losses=[],
+            manifest=plan.finished,
+            records=int(plan.finished.training.get("records", 0)),
+            main_process=main,
+            notes=plan.notes,
+        )
     backbone, backbone_options = load_training_backbone(cfg, registry)
     # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
     records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
+    if plan.finish_from is not None:
+        return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records, built, main)
     peft_config = lora_config(cfg, spec, options, backbone)
     if spec.preference:
         trainer = make_dpo_trainer(cfg, backbone, peft_config, options, built.items, callbacks, progress)  # type: ignore[arg-type]
@@ -217,15 +256,10 @@ def train(
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    resume_from = None
     if trainer.is_world_process_zero():
-        resume_from = begin_run(cfg.train.output_dir, run_info(cfg), cfg.train.resume, cfg.train.overwrite)
+        begin_run(plan, info)
     trainer.accelerator.wait_for_everyone()
-    if cfg.train.resume and resume_from is None:
-        # Other processes did not look; the main one found the folder (or found none).
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(cfg.train.output_dir)
+    resume_from = str(plan.resume_from) if plan.resume_from else None
     trainer.train(resume_from_checkpoint=resume_from)
     steps = int(trainer.state.global_step)
     manifest = build_manifest(cfg, spec, options, backbone, backbone_options, steps, len(built.items))
@@ -243,7 +277,39 @@ def train(
         unused=built.unused,
         resumed_from=resume_from,
         main_process=trainer.is_world_process_zero(),
+        notes=plan.notes,
     )
 
 
-__all__ = ["train", "TrainResult", "lora_config", "trainable_token_targets", "load_training_backbone", "build_manifest"]
+def _finish_from_checkpoint(
+    cfg: TrainConfig,
+    plan: RunPlan,
+    source: Path,
+    spec: BuilderSpec,
+    options: BaseModel,
+    backbone: Backbone,
+    backbone_options: BaseModel,
+    records: Any,
+    built: Any,
+    main: bool,
+) -> TrainResult:
+    """A run stopped after its last Trainer save: install that checkpoint's adapter instead of training again."""
+    steps = cfg.train.max_steps
+    manifest = build_manifest(cfg, spec, options, backbone, backbone_options, steps, len(built.items))
+    if main:
+        install_adapter(source, plan.output_dir, manifest)
+    return TrainResult(
+        output_dir=plan.output_dir,
+        steps=steps,
+        losses=trainer_losses(source),
+        manifest=manifest,
+        records=len(built.items),
+        skipped=records.skipped + built.skipped,
+        unused=built.unused,
+        resumed_from=str(source),
+        main_process=main,
+        notes=plan.notes,
+    )
+
+
+__all__ = ["train", "run_info", "TrainResult", "lora_config", "trainable_token_targets", "load_training_backbone", "build_manifest"]

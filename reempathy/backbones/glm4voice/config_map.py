@@ -49,6 +49,8 @@ def read_config_json(directory: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read as JSON ({e}); re-download the checkpoint") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} cannot be read as JSON (nested too deeply); re-download the checkpoint") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; re-download the checkpoint")
     return raw

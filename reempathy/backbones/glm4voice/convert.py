@@ -8,15 +8,15 @@ that already holds the delimiter tokens. No Python file of the source is copied.
 
 The weights are converted one source shard at a time and keep their dtype, so converting the
 9B model needs memory for one shard, not the model. Everything is written into a temporary
-sibling of DST and renamed at the end: a failed conversion leaves no DST behind.
+sibling ``.DST.converting-PID-RANDOM`` and swapped in at the end
+(:func:`reempathy.safe_write.replacing_dir`): a failed or killed conversion leaves no DST behind
+and never a half-replaced one; the next conversion removes a killed one's temporary folder and
+puts back a DST that a kill caught in the middle of the swap.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -27,28 +27,29 @@ from reempathy.backbones.glm4voice.layout import stop_ids
 from reempathy.backbones.glm4voice.loader import SAMPLING_DEFAULTS
 from reempathy.backbones.glm4voice.weights import INDEX_NAME, SINGLE_NAME, iter_native_shards
 from reempathy.errors import CheckpointError
+from reempathy.paths import check_name, describe_kind, path_kind
+from reempathy.safe_write import check_output_dir, replacing_dir, restore_interrupted_swap
 
 
 def convert_glm4voice(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
     """Write the native form of the published checkpoint ``src`` into ``dst``; returns ``dst``."""
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    src = check_name(Path(src).expanduser(), "SRC", CheckpointError)
+    dst = check_name(Path(dst).expanduser(), "DST", CheckpointError)
+    restore_interrupted_swap(dst)  # a DST a killed run had moved aside is put back before it is judged
     ck = open_original(src)
-    if dst.exists():
-        if not dst.is_dir():
-            raise CheckpointError(f"{dst} exists and is a file; choose a directory path for the converted checkpoint")
+    kind = path_kind(dst, "DST", CheckpointError)
+    if kind == "link":
+        raise CheckpointError(f"DST {str(dst)!r} is a symbolic link; give the real directory path to write")
+    if kind not in ("missing", "dir"):
+        raise CheckpointError(f"DST {str(dst)!r} is {describe_kind(kind)}; choose a directory path for the converted checkpoint")
+    check_output_dir(dst, "DST", CheckpointError)
+    if kind == "dir":
         if dst.resolve() == src.resolve():
             raise CheckpointError(f"{dst} is the source directory; convert into a new directory")
         if any(dst.iterdir()) and not overwrite:
-            raise CheckpointError(f"{dst} exists and is not empty; choose another directory or pass overwrite=True")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.converting-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+            raise CheckpointError(f"{dst} exists and is not empty; choose another directory or pass --overwrite")
+    with replacing_dir(dst, label="converting") as tmp:
         _write_native(ck, tmp)
-        _swap_in(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -73,21 +74,6 @@ def _write_native(ck: OriginalCheckpoint, out: Path) -> None:
         del tensors
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")  # synced with the folder
 
     ck.tokenizer.save_pretrained(out)
-
-
-def _swap_in(tmp: Path, dst: Path) -> None:
-    """Put ``tmp`` at ``dst``, replacing an existing (empty or overwritable) ``dst`` only at the very end."""
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from transformers import GenerationConfig, GlmForCausalLM, PreTrainedTokenizerFast
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
@@ -25,7 +25,9 @@ from reempathy.backbones.glm4voice.layout import build_layout, plan_delimiters
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
 from reempathy.backbones.glm4voice.tokenizer import encode_plain, with_added_tokens, wrap
 from reempathy.backbones.glm4voice.weights import iter_native_shards, pad_rows
-from reempathy.errors import CheckpointError, ConfigError
+from reempathy.devices import DeviceName, resolve_device
+from reempathy.errors import CheckpointError
+from reempathy.options import STRICT, Text
 
 BACKBONE_NAME = "glm-4-voice"
 SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.8}  # the published demo's defaults
@@ -34,31 +36,24 @@ SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.8}  # the published demo's d
 class Glm4VoiceOptions(BaseModel):
     """Options of the ``glm-4-voice`` backbone."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
+    # Options that do not change the weights: the same model may sit in another directory (published
+    # or converted), run in another dtype, on another device, with another system prompt or speech
+    # parts; a checkpoint trained on it decodes with any of these (delimiter ids and shapes are still checked).
+    runtime_options: ClassVar[frozenset[str]] = frozenset(
+        {"path", "dtype", "device", "system_prompt", "tokenizer_path", "decoder_path"}
+    )
 
-    path: str = Field(description="local glm-4-voice-9b directory, published (chatglm) or converted (glm)")
+    path: str = Field(min_length=1, description="local glm-4-voice-9b directory, published (chatglm) or converted (glm)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "auto", description="weight dtype; auto = float32 on CPU, bfloat16 on CUDA"
     )
-    device: str = Field("auto", description="torch device; auto = cuda if available, else cpu")
-    system_prompt: str | None = Field(
+    device: DeviceName = Field("auto", description="torch device; auto = cuda if available, else cpu")
+    system_prompt: Text | None = Field(
         None, description="replaces the published system prompt; an empty string leaves the system block out"
     )
     tokenizer_path: str | None = Field(None, description="glm-4-voice-tokenizer directory: speech in (WAV → units)")
     decoder_path: str | None = Field(None, description="glm-4-voice-decoder directory: speech out (units → WAV)")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → cuda if available, else cpu; anything else must be a usable torch device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asks for CUDA, which this machine does not have; use cpu or auto")
-    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -178,12 +173,13 @@ def _load_converted(
         )
     try:
         model = GlmForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}, use_safetensors=True)
-    except OSError as e:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # a damaged file surfaces as any of these
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: the converted weights cannot be loaded ({e}); re-run `reempathy convert`"
+            f"{path}: the converted checkpoint cannot be loaded ({reason}); re-run `reempathy convert`"
         ) from None
     model.eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     added = {t.content: i for i, t in tokenizer.backend_tokenizer.get_added_tokens_decoder().items()}
     if not added:
         raise CheckpointError(f"{path / 'tokenizer.json'} has no added tokens; it is not a GLM-4-Voice tokenizer")

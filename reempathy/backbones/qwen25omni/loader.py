@@ -33,14 +33,11 @@ from reempathy.backbones.base import (
     VocabLayout,
 )
 from reempathy.backbones.glm4voice.config_map import read_config_json
-from reempathy.backbones.glm4voice.loader import (
-    grow_vocab_rows,
-    resolve_device,
-    resolve_dtype,
-)
+from reempathy.backbones.glm4voice.loader import grow_vocab_rows, resolve_dtype
 from reempathy.backbones.glm4voice.weights import read_shard_plan
 from reempathy.backbones.qwen25omni.prompt import Qwen25OmniPrompt
 from reempathy.backbones.qwen25omni.talker import Qwen25OmniTalker, TalkerSettings
+from reempathy.devices import resolve_device
 from reempathy.errors import CheckpointError
 
 BACKBONE_NAME = "qwen2.5-omni"

@@ -35,7 +35,7 @@ from reempathy.evaluation.empathyeval.omni import load_omni
 from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
 from reempathy.evaluation.empathyeval.prompt import Example, collate
 from reempathy.evaluation.metrics import Agreement, agreement_table, format_agreement
-from reempathy.training.checkpoint import begin_run, checkpoint_dirs
+from reempathy.training.checkpoint import begin_run, checkpoint_dirs, plan_run
 from reempathy.training.config import TrainSettings
 
 TRAINABLE = "trainable.safetensors"
@@ -214,7 +214,10 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
     resume_from = None
     if accelerator.is_main_process:
         info = {"evaluator": cfg.evaluator, "data": cfg.data.model_dump(), "lora": lora.r, "seed": t.seed, "batch_size": t.batch_size}
-        resume_from = begin_run(out_dir, json.loads(json.dumps(info, default=str)), t.resume, t.overwrite)
+        info = json.loads(json.dumps(info, default=str))
+        # checkpoint-N folders are renamed into place whole (_save_resumable): any one found is complete
+        plan = plan_run(out_dir, info, t.resume, t.overwrite, None, step_of=lambda p: int(p.name.split("-", 1)[1]))
+        resume_from = begin_run(plan, info)
     accelerator.wait_for_everyone()
     if t.resume and resume_from is None:
         found = checkpoint_dirs(out_dir)

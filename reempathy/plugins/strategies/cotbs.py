@@ -7,13 +7,14 @@ it or at ``max_thought_tokens`` (forced). It never reaches the spoken stream.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from reempathy.backbones.base import DELIMITER_TOKENS, THOUGHT_CLOSE, THOUGHT_OPEN, Backbone
 from reempathy.decoding.directives import Directive, Switch
 from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK
 from reempathy.hooks import hookimpl
+from reempathy.options import MAX_SEGMENT, STRICT
 
 THOUGHT = "thought"
 
@@ -21,8 +22,8 @@ THOUGHT = "thought"
 class CotbsOptions(BaseModel):
     """Options of ``cotbs``."""
 
-    model_config = ConfigDict(extra="forbid")
-    max_thought_tokens: int = Field(64, ge=1, description="the decoder closes the thought at this many tokens")
+    model_config = STRICT
+    max_thought_tokens: int = Field(64, ge=1, le=MAX_SEGMENT, description="the decoder closes the thought at this many tokens")
 
 
 class CotbsStrategy:

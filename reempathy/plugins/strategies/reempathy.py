@@ -10,13 +10,14 @@ The chunk layout comes from the options and the backbone's declared spoken strea
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from reempathy.backbones.base import DELIMITER_TOKENS, REFLECTION_CLOSE, REFLECTION_OPEN, Backbone
 from reempathy.decoding.directives import Directive, Switch
 from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK
 from reempathy.hooks import hookimpl
+from reempathy.options import MAX_SEGMENT, STRICT
 from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, SpokenChunker, layout_for_stream
 
 REFLECTION = "reflection"
@@ -25,18 +26,19 @@ REFLECTION = "reflection"
 class ReEmpathyOptions(BaseModel):
     """Options of ``reempathy`` (the paper's best: 5+10 or 7+14 per spoken chunk)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    text_tokens: int = Field(DEFAULT_TEXT_TOKENS, ge=1, description="text slots at the start of each spoken chunk")
+    text_tokens: int = Field(DEFAULT_TEXT_TOKENS, ge=1, le=MAX_SEGMENT, description="text slots at the start of each spoken chunk")
     audio_tokens: int | None = Field(
         None,
         ge=0,
+        le=MAX_SEGMENT,
         description="audio slots after them; default 10, or 0 on a backbone whose spoken stream is text only",
     )
     reflect: bool = Field(True, description="false: the paper's ablation, the same chunking with no reflections")
-    max_reflection_tokens: int = Field(32, ge=1, description="the decoder closes a reflection at this many tokens")
+    max_reflection_tokens: int = Field(32, ge=1, le=MAX_SEGMENT, description="the decoder closes a reflection at this many tokens")
     reflection_tokens: int | None = Field(
-        None, ge=1, description="fixed-length mode: every reflection is exactly this many tokens"
+        None, ge=1, le=MAX_SEGMENT, description="fixed-length mode: every reflection is exactly this many tokens"
     )
 
     @model_validator(mode="after")

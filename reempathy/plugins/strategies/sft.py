@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from reempathy.backbones.base import Backbone
+from reempathy.options import STRICT
 
 
 class SftOptions(BaseModel):
     """``sft`` has no options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class SftStrategy:

@@ -23,7 +23,7 @@ from reempathy.speech.decoder.config import DecoderConfig, read_decoder_config
 from reempathy.speech.decoder.flow import Flow
 from reempathy.speech.decoder.hift import HiFT
 from reempathy.speech.decoder.weights import convert_decoder_weights, load_into
-from reempathy.speech.device import resolve_device
+from reempathy.devices import resolve_device
 
 DEFAULT_SEED = 42  # the published flow calls torch.manual_seed(42) before drawing its noise
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reempathy.errors import CheckpointError
+from reempathy.safe_write import check_output_file, write_with
 
 PARTS = ("flow", "hift")
 
@@ -96,9 +97,9 @@ def convert_decoder_weights(directory: str | Path, overwrite: bool = False) -> l
             raise CheckpointError(f"{pt} is missing; nothing to convert")
         if st.exists() and not overwrite:
             raise CheckpointError(f"{st} already exists; pass --overwrite to replace it")
+        check_output_file(st, "converted decoder weights", CheckpointError)
         state = {k: v.contiguous() for k, v in read_state(pt).items()}
-        tmp = st.with_name(f".{st.name}.tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "source": pt.name})
-        tmp.replace(st)
+        write_with(st, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "source": pt.name}),
+                   "converted decoder weights", CheckpointError)
         written.append(st)
     return written

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from reempathy.speech.audio import MAX_SECONDS, load_speech
-from reempathy.speech.device import resolve_device
+from reempathy.devices import resolve_device
 from reempathy.speech.tokenizer.config import FeatureConfig, VQEncoderConfig
 from reempathy.speech.tokenizer.extract import UnitExtractor
 from reempathy.speech.tokenizer.load import feature_extractor, load_encoder, read_directory
