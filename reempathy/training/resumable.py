@@ -34,6 +34,7 @@ from typing import Any, Sequence
 from reempathy.checkpoints import now_iso
 from reempathy.errors import ConfigError, InputError
 from reempathy.experiments.rundir import LineAppender, dumps_line, scan_results, write_bytes_atomic, write_json_atomic
+from reempathy.safe_write import check_output_file
 
 PROGRESS_SCHEMA = "reempathy.progress/1"
 
@@ -54,10 +55,9 @@ class ResumableJsonl:
 
     def check(self, force: bool = False) -> None:
         """Refuse what cannot be continued (another identity, a finished OUT) before anything is loaded or written."""
-        if self.out.is_dir():
-            raise InputError(f"--out {str(self.out)!r} is a directory; give the path of the JSONL file to write")
-        if not self.out.parent.is_dir():
-            raise InputError(f"--out {str(self.out)!r}: folder {str(self.out.parent)!r} does not exist; create it first")
+        # Each path must be a regular file or nothing, in a writable folder: the shared write discipline's check.
+        for path in (self.out, self.lines_path, self.identity_path):
+            check_output_file(path, "--out" if path == self.out else "progress file")
         if force:
             return
         if self.identity_path.is_file():
