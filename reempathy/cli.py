@@ -28,6 +28,7 @@ from reempathy.options import count_arg, seed_arg
 from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
+from reempathy.training.data_cli import add_pairs_parser, add_reflect_data_parser
 
 DEBUG_ENV = "REEMPATHY_DEBUG"
 MAX_MESSAGE = 1000  # characters of one error line; longer messages are cut
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_demo_parser(sub)
+    add_reflect_data_parser(sub)
+    add_pairs_parser(sub)
     add_speech_parser(sub)
     add_bench_parser(sub)
     add_experiment_parsers(sub)
