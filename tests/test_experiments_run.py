@@ -310,13 +310,17 @@ def test_a_backbone_without_audio_units_reads_the_transcript(tmp_path, tiny):
     assert inputs.ids == tiny.build_prompt([Turn("user", text=records.records[0].prompt[0].text)])
 
 
-def test_settings_the_batched_loop_cannot_run_are_refused_before_anything_is_written(tmp_path, capsys):
-    data = write_data(tmp_path / "test.jsonl", 1)
-    out = tmp_path / "run"
-    err = _fails(capsys, ["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out),
-                          "--set", 'decode.cache="static"'])  # fmt: skip
-    assert "static" in err
-    assert not out.exists()
+def test_a_run_on_the_static_cache_gives_the_answers_of_the_dynamic_one(tmp_path):
+    """``decode.cache = "static"`` runs through the batched loop's static path (rows shifted in place at refills)."""
+    data = write_data(tmp_path / "test.jsonl", 3)
+    common = ["run", "--config", str(CONFIG), "--data", str(data), "--batch-size", "2", *FEW,
+              "--set", "sampling.greedy=true"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "dynamic")]) == 0
+    assert main([*common, "--out", str(tmp_path / "static"), "--set", 'decode.cache="static"']) == 0
+    dynamic, static = results(tmp_path / "dynamic"), results(tmp_path / "static")
+    assert len(dynamic) == 3 and [answer(d) for d in static] == [answer(d) for d in dynamic]
+    manifest = json.loads((tmp_path / "static" / "manifest.json").read_text())
+    assert manifest["config"]["decode"]["cache"] == "static"
 
 
 def test_a_backbone_that_reads_audio_hears_the_wav_of_a_record(tmp_path, qwen, qwen_dir):
