@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from reempathy.decoding.registry import Registry, describe_validation_error
 from reempathy.errors import ConfigError
-from reempathy.options import STRICT, Seed, Text
+from reempathy.options import STRICT, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP
 from reempathy.paths import check_name, describe_kind, resolved_kind
 
 TOP_LEVEL_KEYS = ("backbone", "strategy", "processors", "sampling", "decode")
@@ -32,10 +32,10 @@ class SamplingConfig(BaseModel):
 
     model_config = STRICT
     greedy: bool = False
-    temperature: float | None = Field(None, gt=0.0)
-    top_k: int | None = Field(None, ge=0, description="0 turns top-k off")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     seed: Seed = 0
 
 
@@ -311,7 +311,9 @@ def apply_manifest(cfg: DecodeConfig, registry: Registry | None = None) -> None:
     requested_name = cfg.backbone.name if "backbone.name" in cfg.explicit else None
     requested = cfg.backbone.options if "backbone" in cfg.explicit else {}
     backbone_options = check_backbone_options(manifest, requested_name, requested, registry)
-    cfg.backbone = ComponentConfig(name=manifest.backbone.name, **backbone_options)
+    # The table's ``name`` is the plugin's; an option of the same name (hf-interleaved's, recorded in its
+    # manifest) cannot be written in a [backbone] table, so it gives way rather than collide.
+    cfg.backbone = ComponentConfig.model_validate({**backbone_options, "name": manifest.backbone.name})
 
 
 def validate_plugins(cfg: DecodeConfig, registry: Registry) -> None:

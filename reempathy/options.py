@@ -29,6 +29,39 @@ TRAIN_SEED_LIMIT = 2**32
 
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="a seed, 0 <= seed < 2**63")]
 TrainSeed = Annotated[int, Field(ge=0, lt=TRAIN_SEED_LIMIT, description="a seed, 0 <= seed < 2**32")]
+Count = Annotated[int, Field(ge=1, lt=2**31, description="a count of tokens or steps, 1 to 2**31 - 1")]
+
+# Sampling bounds, shared by the sampling processors, [sampling] and the backbones' own sampling
+# options (the Qwen2.5-Omni talker's, hf-interleaved's defaults): each keeps a scaled float32 logit
+# finite (|logit| far below 3e38), so an option that could only overflow is refused where it is read.
+Temperature = Annotated[
+    float,
+    Field(
+        ge=1e-3,
+        le=1e3,
+        description="0.001–1000: below 0.001 sampling is greedy in effect (use greedy = true) and logits "
+        "overflow; above 1000 it is uniform in effect",
+    ),
+]
+TopK = Annotated[int, Field(ge=0, lt=2**31, description="keep the k most likely tokens; 0 turns top-k off")]
+TopP = Annotated[
+    float,
+    Field(
+        ge=1e-6,
+        le=1.0,
+        description="1e-6–1: smaller values keep only the most likely token anyway (and are below float32's "
+        "resolution of a cumulative probability); use greedy = true",
+    ),
+]
+RepetitionPenalty = Annotated[
+    float,
+    Field(
+        ge=1e-2,
+        le=1e2,
+        description="0.01–100 (1 = off, above 1 penalises): beyond these a seen token's logit is scaled "
+        "out of any sensible range, towards overflow",
+    ),
+]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -75,4 +108,20 @@ def count_arg(text: str) -> int:
     return value
 
 
-__all__ = ["Text", "check_text", "STRICT", "MAX_SEGMENT", "SEED_LIMIT", "TRAIN_SEED_LIMIT", "Seed", "TrainSeed", "seed_arg", "count_arg"]
+__all__ = [
+    "Text",
+    "check_text",
+    "STRICT",
+    "MAX_SEGMENT",
+    "SEED_LIMIT",
+    "TRAIN_SEED_LIMIT",
+    "Seed",
+    "TrainSeed",
+    "Count",
+    "Temperature",
+    "TopK",
+    "TopP",
+    "RepetitionPenalty",
+    "seed_arg",
+    "count_arg",
+]

@@ -13,9 +13,8 @@ import torch
 
 from reempathy.cli import main
 from reempathy.errors import InputError
-from reempathy.speech.audio import MAX_WAV_BYTES, read_wav, write_wav
+from reempathy.speech.audio import MAX_RATIO_TERM, MAX_WAV_BYTES, read_wav, resample, resample_ratio, write_wav
 from reempathy.speech.tiny import make_tiny_decoder_dir, make_tiny_tokenizer_dir
-from reempathy.speech.tokenizer.extract import MAX_RATIO_TERM, resample_ratio
 
 
 def wav_bytes(rate: int, samples: np.ndarray, channels: int = 1, declared: int | None = None) -> bytes:
@@ -38,15 +37,30 @@ def tok_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 24000, 32000, 44100, 48000, 88200, 96000])
 def test_common_rates_resample_at_their_exact_ratio(rate):
-    orig, new = resample_ratio(rate)
+    orig, new = resample_ratio(rate, 16000)
     assert orig * 16000 == new * rate
 
 
 @pytest.mark.parametrize("rate", [44101, 96001, 4001, 191999, 16001])
 def test_odd_rates_resample_at_a_nearby_ratio_with_small_terms(rate):
-    orig, new = resample_ratio(rate)
+    orig, new = resample_ratio(rate, 16000)
     assert orig <= MAX_RATIO_TERM and new <= MAX_RATIO_TERM
     assert abs(orig / new - rate / 16000) / (rate / 16000) < 3e-4
+
+
+def test_resample_keeps_the_length_of_the_target_rate_at_an_odd_rate():
+    # 44101:16000 would be a torchaudio kernel of about 10 GB; the nearby 441:160 is kilobytes.
+    wave = resample(torch.from_numpy(tone(44101, 0.5).astype(np.float32)), 44101, 16000)
+    assert abs(wave.shape[-1] - 8000) <= 1
+
+
+def test_empathyeval_hears_a_wav_at_an_odd_rate_through_the_bounded_resampler(tmp_path):
+    from reempathy.evaluation.empathyeval.audio import AudioSource
+
+    wav = tmp_path / "odd.wav"
+    wav.write_bytes(wav_bytes(44101, tone(44101, 0.5)))
+    wave = AudioSource(target_rate=16000).from_wav(str(wav))
+    assert wave.dtype == np.float32 and abs(wave.shape[0] - 8000) <= 1
 
 
 @pytest.mark.parametrize("rate", [44101, 96001])

@@ -134,6 +134,13 @@ def test_backbone_flag_replaces_the_backbone_and_drops_its_options(registry, tmp
         load_config(cfg_file, [], None, registry, backbone="nope")
 
 
+def test_backbone_flag_with_another_backbone_drops_the_old_backbones_options(registry, tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[backbone]\nname = "tiny"\nhidden_size = 32\n')  # hidden_size: an option hf-interleaved lacks
+    other = load_config(cfg_file, ["backbone.path=/models/mine"], None, registry, backbone="hf-interleaved")
+    assert other.backbone.name == "hf-interleaved" and other.backbone.options == {"path": "/models/mine"}
+
+
 def test_backbone_flag_on_the_command_line(capsys):
     assert "unknown backbone 'nope'" in error_line(capsys, "decode", "--backbone", "nope")
 

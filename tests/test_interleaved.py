@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -132,3 +133,95 @@ def test_declared_in_toml_and_decoded_from_the_command_line(declared, tmp_path):
     assert code == 0
     result = json.loads(out.getvalue())
     assert result["backbone"] == "hf-interleaved" and result["strategy"] == "reempathy"
+
+
+# --- strict options, one stderr line, what a checkpoint pins ----------------------------------
+
+
+def _config(tmp_path, declared, extra: str = "") -> str:
+    config = tmp_path / "mine.toml"
+    config.write_text(
+        f'[backbone]\nname = "hf-interleaved"\npath = {json.dumps(declared["path"])}\n{extra}'
+        '[decode]\nmax_new_tokens = 4\nprompt = "hello"\n'
+    )
+    return str(config)
+
+
+def _one_line_error(capsys, argv) -> str:
+    from reempathy.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("reempathy: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('backbone.add_delimiters="yes"', "add_delimiters"),
+        ("backbone.text_end=true", "text_end"),
+        ("backbone.sampling={temperature=nan}", "sampling.temperature"),
+        ("backbone.sampling={repetition_penalty=1e-300}", "sampling.repetition_penalty"),
+        ("backbone.sampling={top_k=1.5}", "sampling.top_k"),
+        ("backbone.sampling={beam=2.0}", "sampling.beam"),
+        ("backbone.stream={audio_rate_hz=inf}", "stream.audio_rate_hz"),
+        (f"backbone.stream={{text_tokens={2**63}}}", "stream.text_tokens"),
+        (f"backbone.audio_ids={{first=0, count={2**63}}}", "audio_ids.count"),
+        ('backbone.device="gpu"', "device"),
+    ],
+)
+def test_loose_or_unbounded_options_are_one_line_config_errors(declared, tmp_path, capsys, override, key):
+    err = _one_line_error(capsys, ["decode", "--config", _config(tmp_path, declared), "--set", override])
+    assert key in err
+
+
+def test_sampling_defaults_keep_their_types(registry, declared):
+    bb = registry.create("backbone", "hf-interleaved", {**declared, "sampling": {"top_k": 5, "temperature": 0.7}})
+    assert bb.sampling_defaults == {"top_k": 5, "temperature": 0.7} and isinstance(bb.sampling_defaults["top_k"], int)
+
+
+def test_an_error_after_loading_is_the_only_stderr_line(declared, tmp_path, capsys):
+    err = _one_line_error(capsys, ["decode", "--config", _config(tmp_path, declared, 'stop_tokens = ["<|eot|>"]\n')])
+    assert "stop token '<|eot|>'" in err  # found in the vocabulary check, after the weights are loaded
+
+
+@pytest.fixture(scope="module")
+def interleaved_checkpoint(tmp_path_factory, declared):
+    from reempathy.cli import main
+
+    tmp = tmp_path_factory.mktemp("interleaved-ckpt")
+    data = tmp / "data.jsonl"
+    row = {"messages": [{"role": "user", "text": "I feel alone."}, {"role": "assistant", "text": "I hear you."}]}
+    data.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    cfg = tmp / "train.toml"
+    cfg.write_text(
+        f'[backbone]\nname = "hf-interleaved"\npath = {json.dumps(declared["path"])}\n'
+        "[backbone.stream]\ntext_tokens = 4\naudio_tokens = 0\n"
+        f'[strategy]\nname = "sft"\n[data]\npath = {json.dumps(str(data))}\n'
+        f'[train]\noutput_dir = {json.dumps(str(tmp / "ck"))}\nmax_steps = 1\nbatch_size = 2\nsave_steps = 1\n'
+    )
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 0
+    return tmp / "ck"
+
+
+def test_a_checkpoint_decodes_with_other_runtime_options(declared, tmp_path, interleaved_checkpoint, capsys):
+    from reempathy.cli import main
+
+    moved = tmp_path / "moved"
+    shutil.copytree(declared["path"], moved)
+    extra = 'attn_implementation = "eager"\nmax_context = 256\n[backbone.sampling]\ntemperature = 0.5\n'
+    extra += "[backbone.stream]\ntext_tokens = 4\naudio_tokens = 0\n"
+    cfg = _config(tmp_path, {"path": str(moved)}, extra)
+    capsys.readouterr()
+    code = main(["decode", "--config", cfg, "--checkpoint", str(interleaved_checkpoint), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["backbone"] == "hf-interleaved"
+
+
+def test_a_checkpoint_pins_the_options_that_shaped_its_training(declared, tmp_path, interleaved_checkpoint, capsys):
+    cfg = _config(tmp_path, declared, 'system_prompt = "Be brief."\n[backbone.stream]\ntext_tokens = 4\naudio_tokens = 0\n')
+    err = _one_line_error(capsys, ["decode", "--config", cfg, "--checkpoint", str(interleaved_checkpoint)])
+    assert "system_prompt" in err and "drop backbone.system_prompt" in err

@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import NoStop
@@ -431,3 +432,89 @@ def test_a_wav_that_cannot_be_read_is_a_one_line_error(tmp_path, qwen_dir, capsy
     cfg = write_config(tmp_path, qwen_dir, talker=False)
     err = _one_line_error(capsys, ["decode", "--config", str(cfg), "--audio", str(bad)])
     assert "notes.wav" in err and "WAV" in err
+
+
+# --- what a checkpoint pins, and what a user may change after training -----------------------
+
+
+@pytest.fixture(scope="module")
+def text_only_checkpoint(tmp_path_factory, qwen_dir) -> Path:
+    """A checkpoint trained on the command line with talker = false, as docs/backbones-qwen2.5-omni.md recommends."""
+    tmp = tmp_path_factory.mktemp("qwen-text-only")
+    data = tmp / "data.jsonl"
+    rows = [record(f"I hear you, friend {i}.").record.model_dump(exclude_none=True) for i in range(2)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    cfg = tmp / "train.toml"
+    cfg.write_text(
+        f'[backbone]\nname = "qwen2.5-omni"\npath = {json.dumps(str(qwen_dir))}\ntalker = false\n'
+        f'[strategy]\nname = "sft"\n[data]\npath = {json.dumps(str(data))}\n'
+        f'[train]\noutput_dir = {json.dumps(str(tmp / "ck"))}\nmax_steps = 1\nbatch_size = 2\nsave_steps = 1\n',
+        encoding="utf-8",
+    )
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 0
+    return tmp / "ck"
+
+
+def test_a_checkpoint_trained_without_the_talker_speaks_with_it(tmp_path, qwen_dir, text_only_checkpoint, capsys):
+    cfg = write_config(tmp_path, qwen_dir, talker=True, talker_speaker="Chelsie")
+    out = tmp_path / "o.wav"
+    wav = tone(tmp_path / "in.wav", rate=16000)
+    capsys.readouterr()
+    code = main(["decode", "--config", str(cfg), "--checkpoint", str(text_only_checkpoint),
+                 "--audio", str(wav), "--out", str(out), "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["extra"]["speech"]["codec_tokens"] > 0 and out.stat().st_size > 44
+
+
+def test_a_checkpoint_decodes_from_a_moved_model_directory(tmp_path, qwen_dir, text_only_checkpoint, capsys):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(qwen_dir, moved)
+    cfg = write_config(tmp_path, moved, talker=False)
+    capsys.readouterr()
+    code = main(["decode", "--config", str(cfg), "--checkpoint", str(text_only_checkpoint), "--prompt", "hi", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["backbone"] == "qwen2.5-omni"
+
+
+def test_the_system_prompt_a_checkpoint_was_trained_with_is_pinned(tmp_path, qwen_dir, text_only_checkpoint, capsys):
+    # Training writes the system prompt into every sequence, so the adapter learnt it: not a runtime option.
+    cfg = write_config(tmp_path, qwen_dir, talker=False, system_prompt="Be brief.")
+    err = _one_line_error(capsys, ["decode", "--config", str(cfg), "--checkpoint", str(text_only_checkpoint), "--prompt", "hi"])
+    assert "system_prompt" in err and "drop backbone.system_prompt" in err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('backbone.talker="yes"', "talker"),
+        ("backbone.talker_top_k=true", "talker_top_k"),
+        ("backbone.talker_temperature=inf", "talker_temperature"),
+        (f"backbone.talker_max_new_tokens={2**63}", "talker_max_new_tokens"),
+        (f"backbone.token2wav_steps={10**12}", "token2wav_steps"),
+        ("backbone.talker_repetition_penalty=1e-300", "talker_repetition_penalty"),
+        ("backbone.talker_top_p=0.0", "talker_top_p"),
+        ('backbone.device="gpu"', "device"),
+    ],
+)
+def test_loose_or_unbounded_backbone_options_are_one_line_config_errors(tmp_path, qwen_dir, capsys, override, key):
+    cfg = write_config(tmp_path, qwen_dir, talker=False)
+    err = _one_line_error(capsys, ["decode", "--config", str(cfg), "--set", override, "--prompt", "hi"])
+    assert key in err
+
+
+def test_a_wav_at_an_odd_rate_is_resampled_at_a_nearby_small_ratio(tmp_path):
+    from reempathy.backbones.qwen25omni.prompt import read_mono_16k
+
+    # 44101 Hz reduces to 44101:16000, which torchaudio would build a kernel of about 10 GB for.
+    wave = read_mono_16k(str(tone(tmp_path / "odd.wav", seconds=0.5, rate=44101)), 16000, 30.0)
+    assert wave.dtype == np.float32 and abs(wave.shape[0] - 8000) <= 1
+
+
+def test_an_error_after_loading_is_the_only_stderr_line(tmp_path, qwen_dir, capsys):
+    cfg = write_config(tmp_path, qwen_dir, talker=False)
+    capsys.readouterr()
+    code = main(["decode", "--config", str(cfg), "--prompt", "hi <|im_end|>"])  # refused after the load
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("reempathy: error: ") and "<|im_end|>" in err, err

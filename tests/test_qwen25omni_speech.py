@@ -249,5 +249,6 @@ def test_writing_speech_without_the_talker_is_a_one_line_error(tmp_path, qwen_di
     out = tmp_path / "answer.wav"
     capsys.readouterr()
     code = main(["decode", "--config", str(cfg), "--audio", str(tone(tmp_path / "in.wav")), "--out", str(out)])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reempathy:")]
-    assert code == 2 and len(err) == 1 and "talker = true" in err[0] and not out.exists()
+    err = capsys.readouterr().err.splitlines()  # no loading bar before it: exactly one line
+    assert code == 2 and len(err) == 1 and err[0].startswith("reempathy: error: ") and "talker = true" in err[0]
+    assert not out.exists()

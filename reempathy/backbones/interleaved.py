@@ -19,79 +19,104 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, StreamPolicy, Turn, VocabLayout
 from reempathy.backbones.quantize import Quantize, quantize_weights
+from reempathy.backbones.quiet import no_loading_bar
+from reempathy.devices import DeviceName
 from reempathy.errors import CheckpointError, ConfigError, InputError
+from reempathy.options import MAX_SEGMENT, STRICT, RepetitionPenalty, Temperature, Text, TopK, TopP
 
 NAME = "hf-interleaved"
+
+
+MAX_ID = 2**31 - 1  # token ids and context lengths: int32 in every tokenizer and attention mask
+MAX_AUDIO_RATE_HZ = 1000.0  # audio units per second: codecs run at 12.5–75 Hz; beyond this is a typo
 
 
 class StreamOptions(BaseModel):
     """``[backbone.stream]``: how the model interleaves its spoken answer."""
 
-    model_config = ConfigDict(extra="forbid")
-    text_tokens: int = Field(13, ge=1, description="text tokens per interleave group")
-    audio_tokens: int = Field(26, ge=0, description="audio tokens after them (0: a text-only spoken stream)")
-    audio_rate_hz: float = Field(12.5, gt=0.0, description="audio units per second of speech")
+    model_config = STRICT
+    text_tokens: int = Field(13, ge=1, le=MAX_SEGMENT, description="text tokens per interleave group")
+    audio_tokens: int = Field(26, ge=0, le=MAX_SEGMENT, description="audio tokens after them (0: a text-only spoken stream)")
+    audio_rate_hz: float = Field(
+        12.5, gt=0.0, le=MAX_AUDIO_RATE_HZ, description="audio units per second of speech (at most 1000)"
+    )
 
 
 class AudioIds(BaseModel):
     """``[backbone.audio_ids]``: audio units by id range instead of by spelling."""
 
-    model_config = ConfigDict(extra="forbid")
-    first: int = Field(ge=0, description="id of unit 0")
-    count: int = Field(ge=1, description="number of units (ids first .. first + count - 1)")
+    model_config = STRICT
+    first: int = Field(ge=0, le=MAX_ID, description="id of unit 0")
+    count: int = Field(ge=1, le=MAX_ID, description="number of units (ids first .. first + count - 1)")
+
+
+class InterleavedSampling(BaseModel):
+    """``[backbone.sampling]``: the model's sampling defaults (unset keys: the decoder's own), bounded as ``[sampling]``."""
+
+    model_config = STRICT
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
 
 
 class InterleavedOptions(BaseModel):
     """Options of ``hf-interleaved``: the declaration of a local interleaved text+audio causal LM."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
+    # Options that change neither the weights, the vocabulary nor the training sequences, so a checkpoint
+    # decodes with other values: the same files elsewhere, another dtype, device or attention kernel, a
+    # context limit, the sampling defaults. The prompt format (chat_template, system_prompt, audio_begin/end),
+    # the layout (audio ids, text_end, stop_tokens, stream) and add_delimiters shape what training wrote, so
+    # a checkpoint pins them; quantize too (a merge into quantized weights is not what was trained or tested).
+    runtime_options: ClassVar[frozenset[str]] = frozenset(
+        {"path", "tokenizer_path", "dtype", "device", "attn_implementation", "max_context", "sampling"}
+    )
 
-    path: str = Field(description="model directory (config.json + safetensors), loaded without remote code")
-    tokenizer_path: str | None = Field(None, description="tokenizer directory; default: path")
+    path: str = Field(min_length=1, description="model directory (config.json + safetensors), loaded without remote code")
+    tokenizer_path: str | None = Field(None, min_length=1, description="tokenizer directory; default: path")
     audio_token: str = Field(
         "<|audio_{}|>", description="spelling of an audio-unit token, {} = the unit number (ignored with audio_ids)"
     )
     audio_ids: AudioIds | None = Field(None, description="audio units as an id range: {first, count}")
     text_end: int | None = Field(
-        None, ge=1, description="text tokens are ids [0, text_end); default: the lowest id of any added token"
+        None, ge=1, le=MAX_ID, description="text tokens are ids [0, text_end); default: the lowest id of any added token"
     )
     stop_tokens: list[str] | None = Field(None, description="tokens that end an answer; default: the tokenizer's eos")
     chat_template: str | None = Field(
         None, description="Jinja chat template, inline or a path to a file; default: the tokenizer's own"
     )
-    system_prompt: str | None = Field(None, description="system turn put first when the prompt has none")
+    system_prompt: Text | None = Field(None, description="system turn put first when the prompt has none")
     audio_begin: str | None = Field(None, description="token written before a user turn's audio units")
     audio_end: str | None = Field(None, description="token written after them")
     stream: StreamOptions = Field(default_factory=StreamOptions, description="the spoken-stream policy")
     add_delimiters: bool = Field(True, description="add the reflection/thought delimiter tokens if missing")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or auto")
+    device: DeviceName = Field("cpu", description="torch device: cpu, cuda, cuda:N or auto")
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="the model's attention; attention-reweight swaps in its SDPA-with-bias while it runs"
     )
-    max_context: int | None = Field(None, ge=2, description="default: the config's max_position_embeddings")
+    max_context: int | None = Field(None, ge=2, le=MAX_ID, description="default: the config's max_position_embeddings")
     quantize: Quantize = Field(
         "none", description="weight-only quantization through torchao (extra 'quant'): int8 (CPU, CUDA), int4 (CUDA, bfloat16)"
     )
-    sampling: dict[str, float] = Field(
-        default_factory=dict, description="sampling defaults of this model (temperature, top_p, top_k, repetition_penalty)"
+    sampling: InterleavedSampling = Field(
+        default_factory=InterleavedSampling,
+        description="sampling defaults of this model (temperature, top_p, top_k, repetition_penalty)",
     )
-    name: str = Field(NAME, description="the backbone name results carry")
+    name: str = Field(NAME, min_length=1, description="the backbone name results carry")
 
     @model_validator(mode="after")
     def _spelling(self) -> "InterleavedOptions":
         if self.audio_ids is None and self.audio_token.count("{}") != 1:
             raise ValueError("audio_token must contain {} exactly once, e.g. '<|audio_{}|>'")
-        unknown = set(self.sampling) - {"temperature", "top_p", "top_k", "repetition_penalty"}
-        if unknown:
-            raise ValueError(f"sampling: unknown key {sorted(unknown)[0]!r}; use temperature, top_p, top_k, repetition_penalty")
         return self
 
 
@@ -222,13 +247,14 @@ class InterleavedBackbone:
             raise CheckpointError(f"{str(self.path)!r} has no config.json; give a directory written by save_pretrained")
         device = resolve_device(self.options.device)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(self.path),
-                dtype=getattr(torch, self.options.dtype),
-                use_safetensors=True,
-                trust_remote_code=False,
-                attn_implementation=self.options.attn_implementation,
-            )
+            with no_loading_bar():  # the bar would be a second stderr line before any later one-line error
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(self.path),
+                    dtype=getattr(torch, self.options.dtype),
+                    use_safetensors=True,
+                    trust_remote_code=False,
+                    attn_implementation=self.options.attn_implementation,
+                )
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{self.path}: cannot load the model ({' '.join(str(exc).split())[:200]})") from None
         return model.to(device).eval()
@@ -361,7 +387,7 @@ class InterleavedBackbone:
             stream=self.stream_policy(),
             max_context=max_context,
             prompt_builder=self.prompt_builder(tokenizer, layout),
-            sampling_defaults=dict(self.options.sampling),
+            sampling_defaults=self.options.sampling.model_dump(exclude_none=True),
             info={"path": str(self.path), "delimiters_added": dict(self.added_delimiters)},
         )
 
@@ -376,6 +402,7 @@ __all__ = [
     "ChatTemplatePrompt",
     "InterleavedBackbone",
     "InterleavedOptions",
+    "InterleavedSampling",
     "StreamOptions",
     "load_interleaved",
 ]

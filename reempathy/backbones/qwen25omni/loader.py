@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from reempathy.backbones.base import (
     DELIMITER_TOKENS,
@@ -35,10 +35,12 @@ from reempathy.backbones.base import (
 from reempathy.backbones.glm4voice.config_map import read_config_json
 from reempathy.backbones.glm4voice.loader import grow_vocab_rows, resolve_dtype
 from reempathy.backbones.glm4voice.weights import read_shard_plan
+from reempathy.backbones.quiet import no_loading_bar
 from reempathy.backbones.qwen25omni.prompt import Qwen25OmniPrompt
 from reempathy.backbones.qwen25omni.talker import Qwen25OmniTalker, TalkerSettings
-from reempathy.devices import resolve_device
+from reempathy.devices import DeviceName, resolve_device
 from reempathy.errors import CheckpointError
+from reempathy.options import STRICT, RepetitionPenalty, Temperature, Text, TopK, TopP
 
 BACKBONE_NAME = "qwen2.5-omni"
 MODEL_TYPE = "qwen2_5_omni"
@@ -46,30 +48,59 @@ SPEAKERS_FILE = "spk_dict.pt"
 # Text only: the thinker writes the answer's text; the talker makes its speech afterwards.
 QWEN25OMNI_STREAM = StreamPolicy(text_tokens=1, audio_tokens=0)
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+# Bounds of the talker's budget and token2wav's steps: far beyond any answer (the published defaults are
+# 4096 and 10), far below what would overflow a tensor size or run for days.
+MAX_TALKER_TOKENS = 2**16
+MAX_TOKEN2WAV_STEPS = 1000
 
 
 class Qwen25OmniOptions(BaseModel):
     """Options of the ``qwen2.5-omni`` backbone (the ``talker_*`` ones are transformers' ``generate()`` defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
+    # Options that do not change the thinker's weights, its vocabulary or the training sequences, so a
+    # checkpoint decodes with other values: the same weights in another directory, dtype or device, the
+    # talker on or off (a checkpoint trained with talker = false speaks with talker = true: the adapter
+    # is on the thinker, which is the same either way) and everything about how the talker speaks.
+    # system_prompt is not among them: training writes it into every prompt, so the adapter learnt it.
+    runtime_options: ClassVar[frozenset[str]] = frozenset(
+        {
+            "path",
+            "dtype",
+            "device",
+            "talker",
+            "talker_speaker",
+            "talker_greedy",
+            "talker_temperature",
+            "talker_top_k",
+            "talker_top_p",
+            "talker_repetition_penalty",
+            "talker_max_new_tokens",
+            "token2wav_steps",
+        }
+    )
 
-    path: str = Field(description="local Qwen2.5-Omni directory (e.g. Qwen2.5-Omni-7B or -3B), safetensors")
+    path: str = Field(min_length=1, description="local Qwen2.5-Omni directory (e.g. Qwen2.5-Omni-7B or -3B), safetensors")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "auto", description="thinker and talker dtype; auto = float32 on CPU, bfloat16 on CUDA (token2wav is float32)"
     )
-    device: str = Field("auto", description="torch device; auto = cuda if available, else cpu")
+    device: DeviceName = Field("auto", description="torch device; auto = cuda if available, else cpu")
     talker: bool = Field(True, description="false: load the thinker alone (text out, no speech; ~10 GB less for 7B)")
-    system_prompt: str | None = Field(
+    system_prompt: Text | None = Field(
         None, description="replaces the published system prompt; an empty string leaves the system message out"
     )
-    talker_speaker: str = Field("Chelsie", description="a voice of the checkpoint's spk_dict.pt")
+    talker_speaker: Text = Field("Chelsie", min_length=1, description="a voice of the checkpoint's spk_dict.pt")
     talker_greedy: bool = Field(False, description="pick the most likely codec token instead of sampling")
-    talker_temperature: float = Field(0.9, gt=0.0)
-    talker_top_k: int = Field(40, ge=0, description="0 turns top-k off")
-    talker_top_p: float = Field(0.8, gt=0.0, le=1.0)
-    talker_repetition_penalty: float = Field(1.05, gt=0.0)
-    talker_max_new_tokens: int = Field(4096, ge=1, description="codec tokens at most per answer")
-    token2wav_steps: int = Field(10, ge=2, description="ODE steps of token2wav's flow matching")
+    talker_temperature: Temperature = 0.9
+    talker_top_k: TopK = 40
+    talker_top_p: TopP = 0.8
+    talker_repetition_penalty: RepetitionPenalty = 1.05
+    talker_max_new_tokens: int = Field(
+        4096, ge=1, le=MAX_TALKER_TOKENS, description=f"codec tokens at most per answer (1 to {MAX_TALKER_TOKENS})"
+    )
+    token2wav_steps: int = Field(
+        10, ge=2, le=MAX_TOKEN2WAV_STEPS, description=f"ODE steps of token2wav's flow matching (2 to {MAX_TOKEN2WAV_STEPS})"
+    )
 
     def talker_settings(self) -> TalkerSettings:
         return TalkerSettings(
@@ -86,13 +117,15 @@ class Qwen25OmniOptions(BaseModel):
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings while loading (the published config trips its own id range checks) stay quiet."""
+    """transformers' warnings while loading (the published config trips its own id range checks) stay quiet,
+    and so does its loading bar (:func:`~reempathy.backbones.quiet.no_loading_bar`)."""
     from transformers.utils import logging
 
     before = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        yield
+        with no_loading_bar():
+            yield
     finally:
         logging.set_verbosity(before)
 

@@ -3,7 +3,8 @@
 Where it decides: :meth:`Qwen25OmniPrompt.__call__` turns the turns into chat messages (a user
 turn holds audio, then text), renders them with the checkpoint's own chat template
 (``add_generation_prompt``), and for each audio part reads the WAV (channels averaged to mono,
-resampled to the feature extractor's 16 kHz), makes its log-mel
+resampled to the feature extractor's 16 kHz through the bounded
+:func:`reempathy.speech.audio.resample`), makes its log-mel
 features with the checkpoint's ``WhisperFeatureExtractor`` (``preprocessor_config.json``) with
 the settings of transformers' ``Qwen2_5OmniProcessor`` (padding to ``max_length``, an attention
 mask over the real frames), and expands that part's ``<|AUDIO|>`` placeholder to as many
@@ -44,7 +45,7 @@ def audio_token_count(frames: int) -> int:
 
 def read_mono_16k(path: str, sample_rate: int, max_seconds: float) -> np.ndarray:
     """A WAV file as mono float32 at ``sample_rate``; ``InputError`` for anything unusable or too long."""
-    from reempathy.speech.audio import read_wav
+    from reempathy.speech.audio import read_wav, resample
 
     audio = read_wav(path)
     if audio.seconds > max_seconds:
@@ -53,10 +54,7 @@ def read_mono_16k(path: str, sample_rate: int, max_seconds: float) -> np.ndarray
             f"{max_seconds:g} s per audio: cut it into shorter turns"
         )
     wave = torch.from_numpy(audio.samples).mean(dim=0)
-    if audio.sample_rate != sample_rate:
-        import torchaudio.functional as F
-
-        wave = F.resample(wave[None], audio.sample_rate, sample_rate)[0]
+    wave = resample(wave, audio.sample_rate, sample_rate)  # an odd rate at the nearest small ratio
     return wave.numpy().astype(np.float32)
 
 

@@ -3,7 +3,8 @@
 Where it decides (``AudioSource.waveform``): a turn with a WAV is read from it; a turn with audio
 units and no WAV goes through the speech decoder (the backbone's, e.g. glm-4-voice-decoder, seeded);
 a turn with neither is read as text by the caller. Everything is resampled to the feature
-extractor's sampling rate (16 kHz for the Qwen models) with torchaudio.
+extractor's sampling rate (16 kHz for the Qwen models) with torchaudio, at a bounded ratio
+(:func:`reempathy.speech.audio.resample`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ class AudioSource:
 
     def resample(self, wave: torch.Tensor, rate: int) -> np.ndarray:
         """Mono float32 at ``target_rate``."""
-        if rate != self.target_rate:
-            import torchaudio
+        from reempathy.speech.audio import resample
 
-            wave = torchaudio.functional.resample(wave, rate, self.target_rate)
+        wave = resample(wave, rate, self.target_rate)  # an odd rate at the nearest small ratio
         return wave.detach().float().cpu().numpy().reshape(-1)
 
     def from_wav(self, path: str) -> np.ndarray:

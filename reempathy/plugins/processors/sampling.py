@@ -17,52 +17,37 @@ from pydantic import BaseModel, ConfigDict, Field
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.session import DecodeSession
 from reempathy.hooks import hookimpl
+from reempathy.options import RepetitionPenalty as RepetitionPenaltyValue
+from reempathy.options import Temperature as TemperatureValue
+from reempathy.options import TopP as TopPValue
 
 
 class TemperatureOptions(BaseModel):
     """``temperature``: divide the logits by ``value``."""
 
     model_config = ConfigDict(extra="forbid")
-    value: float = Field(
-        1.0,
-        ge=1e-3,
-        le=1e3,
-        description="0.001–1000: below 0.001 sampling is greedy in effect (use greedy = true) and logits "
-        "overflow; above 1000 it is uniform in effect",
-    )
+    value: TemperatureValue = 1.0
 
 
 class TopKOptions(BaseModel):
     """``top-k``: keep the ``k`` highest logits."""
 
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(50, ge=1)
+    k: int = Field(50, ge=1, lt=2**31)
 
 
 class TopPOptions(BaseModel):
     """``top-p``: keep the smallest set of tokens whose probability reaches ``p``."""
 
     model_config = ConfigDict(extra="forbid")
-    p: float = Field(
-        0.9,
-        ge=1e-6,
-        le=1.0,
-        description="1e-6–1: smaller values keep only the most likely token anyway (and are below float32's "
-        "resolution of a cumulative probability); use greedy = true",
-    )
+    p: TopPValue = 0.9
 
 
 class RepetitionPenaltyOptions(BaseModel):
     """``repetition-penalty``: make tokens already in the sequence less likely (CTRL-style, as in transformers)."""
 
     model_config = ConfigDict(extra="forbid")
-    penalty: float = Field(
-        1.1,
-        ge=1e-2,
-        le=1e2,
-        description="0.01–100 (1 = off, above 1 penalises): beyond these a seen token's logit is scaled "
-        "out of any sensible range, towards overflow",
-    )
+    penalty: RepetitionPenaltyValue = 1.1
 
 
 class Temperature:

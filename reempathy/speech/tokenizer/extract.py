@@ -6,8 +6,9 @@
    common rate reduces to terms of at most a few hundred (44100 → 441:160) and is resampled
    exactly as published. An odd rate (44101 Hz reduces to 44101:16000, a kernel of gigabytes)
    is resampled at the nearest ratio whose terms are at most ``MAX_RATIO_TERM``
-   (:func:`resample_ratio`): 44101 → 441:160, a rate error of 2·10⁻⁵, far below what 80 ms
-   units can tell, and a kernel of kilobytes.
+   (:func:`reempathy.speech.audio.resample_ratio`, shared with every reader that resamples):
+   44101 → 441:160, a rate error of 2·10⁻⁵, far below what 80 ms units can tell, and a kernel
+   of kilobytes.
 2. Cut into 30-second segments (the last one shorter).
 3. Segments go through ``WhisperFeatureExtractor`` in batches of 128, padded to the longest
    segment of the batch rounded up to a multiple of the unit stride (1280 samples = 80 ms:
@@ -18,32 +19,17 @@
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import numpy as np
 import torch
 import torchaudio
 from transformers import WhisperFeatureExtractor
 
+from reempathy.speech.audio import resample_ratio
 from reempathy.speech.tokenizer.config import SAMPLE_RATE
 from reempathy.speech.tokenizer.model import VQEncoder
 
 SEGMENT_SECONDS = 30
 BATCH_SEGMENTS = 128
-MAX_RATIO_TERM = 1000  # bound of both terms of the resampling ratio, so of torchaudio's kernel
-
-
-def resample_ratio(sample_rate: int, target: int = SAMPLE_RATE) -> tuple[int, int]:
-    """``(orig, new)`` for torchaudio's Resample: the exact reduced ratio when its terms are small, else the nearest small one."""
-    g = math.gcd(sample_rate, target)
-    orig, new = sample_rate // g, target // g
-    if orig <= MAX_RATIO_TERM and new <= MAX_RATIO_TERM:
-        return orig, new
-    ratio = Fraction(sample_rate, target)
-    # limit the denominator so that the numerator (ratio × denominator) stays within the bound too
-    best = ratio.limit_denominator(max(1, MAX_RATIO_TERM // max(1, math.ceil(ratio))))
-    return max(1, best.numerator), best.denominator
 
 
 class UnitExtractor:
@@ -68,7 +54,7 @@ class UnitExtractor:
         """``wave`` (1-D float32) at 16 kHz."""
         if sample_rate == SAMPLE_RATE:
             return wave
-        ratio = resample_ratio(sample_rate)
+        ratio = resample_ratio(sample_rate, SAMPLE_RATE)
         if ratio not in self._resamplers:
             self._resamplers[ratio] = torchaudio.transforms.Resample(*ratio).to(self.device)
         return self._resamplers[ratio](wave)
