@@ -12,17 +12,18 @@ an option that can only produce that is refused where it is read.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.session import DecodeSession
 from reempathy.hooks import hookimpl
+from reempathy.options import STRICT
 
 
 class TemperatureOptions(BaseModel):
     """``temperature``: divide the logits by ``value``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     value: float = Field(
         1.0,
         ge=1e-3,
@@ -35,14 +36,14 @@ class TemperatureOptions(BaseModel):
 class TopKOptions(BaseModel):
     """``top-k``: keep the ``k`` highest logits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     k: int = Field(50, ge=1)
 
 
 class TopPOptions(BaseModel):
     """``top-p``: keep the smallest set of tokens whose probability reaches ``p``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     p: float = Field(
         0.9,
         ge=1e-6,
@@ -55,7 +56,7 @@ class TopPOptions(BaseModel):
 class RepetitionPenaltyOptions(BaseModel):
     """``repetition-penalty``: make tokens already in the sequence less likely (CTRL-style, as in transformers)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     penalty: float = Field(
         1.1,
         ge=1e-2,
