@@ -102,6 +102,19 @@ def test_a_checkpoint_file_path_that_is_not_a_file_is_refused_before_saving(tmp_
     assert os.listdir(out) == [HEADS]
 
 
+def test_training_refuses_an_output_dir_it_cannot_write_before_loading_the_base_model(tmp_path):
+    from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / MANIFEST).mkdir()  # where the manifest goes
+    raw = {"evaluator": {"name": "empathyeval", "model": str(tmp_path / "no-such-model")},
+           "data": {"path": str(tmp_path / "no-such-data.jsonl")}, "train": {"output_dir": str(out), "max_steps": 1}}
+    with pytest.raises(CheckpointError, match=f"output_dir file {str(out / MANIFEST)!r} is a directory"):
+        eval_train.train_empathyeval(raw, EmpathyEvalOptions(model=str(tmp_path / "no-such-model")), progress=False)
+    assert os.listdir(out) == [MANIFEST]
+
+
 def _resumable(tmp_path, seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 2)
