@@ -39,6 +39,17 @@ class SamplingConfig(BaseModel):
     seed: Seed = 0
 
 
+SAMPLING_CHAIN: dict[str, tuple[str, str, float]] = {
+    "repetition_penalty": ("repetition-penalty", "penalty", 1.0),
+    "temperature": ("temperature", "value", 1.0),
+    "top_k": ("top-k", "k", 0),
+    "top_p": ("top-p", "p", 1.0),
+}
+"""``[sampling]`` key → (the processor it adds, that processor's option, the value that adds none), in
+transformers' order. The processor's option model decides the bounds; :func:`validate_plugins`
+reports a value it refuses under the key the user set (``sampling.temperature``)."""
+
+
 class DecodeSettings(BaseModel):
     """``[decode]``: the question, the budget, and how the KV cache is kept."""
 
@@ -322,6 +333,26 @@ def validate_plugins(cfg: DecodeConfig, registry: Registry) -> None:
     registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
     for proc in cfg.processors:
         registry.validate("processor", proc.name, proc.options)
+    if not cfg.sampling.greedy:
+        validate_sampling(cfg, registry)
+
+
+def validate_sampling(cfg: DecodeConfig, registry: Registry) -> None:
+    """Check each ``[sampling]`` value the config sets against the option model of the processor it becomes.
+
+    An error names the key the user wrote (``sampling.temperature``), not the processor.
+    """
+    where = f"config file {cfg.source!r}" if cfg.source else "config"
+    for key, (name, option, off) in SAMPLING_CHAIN.items():
+        value = getattr(cfg.sampling, key)
+        if value is None or value == off:
+            continue
+        try:
+            registry.get("processor", name).config_model.model_validate({option: value})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{where}: sampling.{key}: {msg} (got {toml_value(value)})") from None
 
 
 __all__ = [
@@ -329,6 +360,8 @@ __all__ = [
     "ComponentConfig",
     "load_config",
     "SamplingConfig",
+    "SAMPLING_CHAIN",
+    "validate_sampling",
     "DecodeSettings",
     "apply_overrides",
     "read_toml",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from reempathy.backbones.base import Backbone, PromptInputs, Turn
-from reempathy.config import DecodeConfig
+from reempathy.config import SAMPLING_CHAIN, DecodeConfig
 from reempathy.decoding.failures import remember_name
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.decoding.registry import Registry
@@ -55,14 +55,9 @@ def sampling_chain(cfg: DecodeConfig, backbone: Backbone) -> list[tuple[str, dic
         return d.get(name) if value is None else value
 
     chain: list[tuple[str, dict[str, Any]]] = []
-    if (rp := pick("repetition_penalty")) not in (None, 1.0):
-        chain.append(("repetition-penalty", {"penalty": rp}))
-    if (t := pick("temperature")) not in (None, 1.0):
-        chain.append(("temperature", {"value": t}))
-    if (k := pick("top_k")) not in (None, 0):
-        chain.append(("top-k", {"k": k}))
-    if (p := pick("top_p")) not in (None, 1.0):
-        chain.append(("top-p", {"p": p}))
+    for key, (name, option, off) in SAMPLING_CHAIN.items():
+        if (value := pick(key)) not in (None, off):
+            chain.append((name, {option: value}))
     return chain
 
 

@@ -61,7 +61,25 @@ def qwen_prompt(qwen):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print how many generated inputs each hypothesis property of tests/test_fuzz.py tried (issue 16)."""
+    """Print the fuzz counts of tests/test_fuzz.py and the crash-safety kill points with their seed (issue 16)."""
+    _crash_summary(terminalreporter)
+    _fuzz_summary(terminalreporter)
+
+
+def _crash_summary(terminalreporter):
+    import sys
+
+    module = sys.modules.get("crash_points")
+    if module is None or not module.DRAWN:
+        return
+    terminalreporter.write_sep(
+        "-", f"crash safety: kill points from REEMPATHY_CRASH_SEED={module.SEED} (set it to repeat them)"
+    )
+    for label, (points, count) in module.DRAWN.items():
+        terminalreporter.write_line(f"{label}: {points} of {count} points")
+
+
+def _fuzz_summary(terminalreporter):
     from fuzz_support import COUNTS, EXITS
 
     if COUNTS:

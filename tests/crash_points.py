@@ -21,6 +21,20 @@ import signal
 import sys
 from contextlib import contextmanager
 
+SEED_ENV = "REEMPATHY_CRASH_SEED"
+DRAWN: dict[str, tuple[list[int], int]] = {}  # per command: the kill points drawn and the count; conftest prints them
+
+
+def crash_seed() -> int:
+    """``REEMPATHY_CRASH_SEED`` when set (to repeat a run's kill points), else a fresh random seed for this run."""
+    given = os.environ.get(SEED_ENV, "").strip()
+    if given:
+        return int(given)
+    return int.from_bytes(os.urandom(4), "big")
+
+
+SEED = crash_seed()  # one per pytest run (this module is imported once)
+
 
 class Points:
     """Counts points; kills the process at ``kill_at`` (1-based; 0 or None never)."""

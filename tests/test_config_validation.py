@@ -50,6 +50,54 @@ def test_an_integer_is_accepted_where_a_float_is_expected(registry):
     assert load_config(None, ["sampling.temperature=2"], None, registry).sampling.temperature == 2.0
 
 
+@pytest.mark.parametrize(
+    "processor, option, value, message",
+    [
+        ("attention-reweight", "factor", "true", "valid number"),  # true is not a float
+        ("attention-reweight", "factor", '"1.2"', "valid number"),
+        ("attention-reweight", "factor", "nan", "finite number"),
+        ("attention-reweight", "heads", "[true]", "valid integer"),
+        ("attention-reweight", "layers", "[false]", "'layers' takes str | list[int | str] | None"),
+        ("temperature", "value", "true", "valid number"),
+        ("top-k", "k", "true", "valid integer"),
+        ("top-k", "k", "5.0", "valid integer"),  # 5.0 is not an integer
+        ("top-p", "p", '"0.9"', "valid number"),
+        ("repetition-penalty", "penalty", "inf", "finite number"),
+    ],
+)
+def test_built_in_processor_options_are_strict_and_the_error_names_the_option(capsys, processor, option, value, message):
+    line = error_line(capsys, "decode", "--set", f'processors=[{{name="{processor}", {option}={value}}}]', "--set", "decode.prompt=hi")
+    assert f"processor {processor!r}: option '{option}" in line and message in line
+
+
+def test_every_built_in_processor_option_model_is_strict(registry):
+    for name in ("attention-reweight", "temperature", "top-k", "top-p", "repetition-penalty"):
+        config = registry.get("processor", name).config_model.model_config
+        assert (config.get("strict"), config.get("extra"), config.get("allow_inf_nan")) == (True, "forbid", False), name
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.temperature=1e-9", "sampling.temperature: Input should be greater than or equal to 0.001 (got 1e-09)"),
+        ("sampling.temperature=5000", "sampling.temperature: Input should be less than or equal to 1000 (got 5000"),
+        ("sampling.repetition_penalty=1000", "sampling.repetition_penalty: Input should be less than or equal to 100"),
+        ("sampling.top_p=1e-9", "sampling.top_p: Input should be greater than or equal to 0.000001 (got 1e-09)"),
+    ],
+)
+def test_a_sampling_value_out_of_its_processors_bounds_names_the_sampling_key(capsys, override, message):
+    line = error_line(capsys, "decode", "--set", override, "--set", "decode.prompt=hi")
+    assert message in line and "processor" not in line
+
+
+def test_a_sampling_value_that_adds_no_processor_is_not_checked_against_one(registry):
+    cfg = load_config(None, ["sampling.top_k=0", "sampling.temperature=1.0", "sampling.greedy=true"], None, registry)
+    assert cfg.sampling.top_k == 0
+    # Out-of-range values are refused by the [sampling] field itself, greedy or not: one place for the bounds.
+    with pytest.raises(ConfigError, match="sampling.temperature"):
+        load_config(None, ["sampling.greedy=true", "sampling.temperature=1e-9"], None, registry)
+
+
 @pytest.mark.parametrize("override", [f"sampling.seed={2**63}", "sampling.seed=-1", f"backbone.seed={2**63}"])
 def test_seeds_outside_0_to_2_63_are_refused(registry, override):
     with pytest.raises(ConfigError, match="seed"):

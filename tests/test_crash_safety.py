@@ -2,8 +2,10 @@
 
 Each command first runs to the end in this process, counting its file-system writes
 (tests/crash_points.py); then it runs again in a subprocess that kills itself with SIGKILL at a
-point drawn from that count (one in the first half, one in the second, from a seeded RNG:
-REEMPATHY_CRASH_SEED). Afterwards the previous complete output is intact or the new one is
+point drawn from that count (one in the first half, one in the second). The points come from a
+seed drawn afresh for every pytest run, so each CI run tries other points; the seed is printed
+in the summary and in every assertion message, and ``REEMPATHY_CRASH_SEED=N`` repeats a run's
+points. Afterwards the previous complete output is intact or the new one is
 complete — nothing incomplete looks complete — and the next ordinary run resumes or cleans up
 and finishes.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crash_points import DRAWN, SEED
 from glm4voice_fixture import make_tiny_glm4voice_dir
 from safetensors.torch import load_file
 
@@ -32,7 +35,6 @@ from reempathy.training.checkpoint import checkpoint_dirs, checkpoint_step
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SEED = int(os.environ.get("REEMPATHY_CRASH_SEED", "16"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,16 +69,24 @@ def count_points(args: list[str], cwd: Path) -> int:
 
 
 def kill_points(count: int, label: str) -> list[int]:
-    """One point in the first half of the run, one in the second."""
+    """One point in the first half of the run, one in the second (recorded for the run's summary)."""
     rng = random.Random(f"{SEED}:{label}")
     half = max(1, count // 2)
-    return [rng.randint(1, half), rng.randint(half + 1, max(half + 1, count))]
+    points = [rng.randint(1, half), rng.randint(half + 1, max(half + 1, count))]
+    DRAWN[label] = (points, count)
+    print(f"{label}: kill points {points} of {count} (REEMPATHY_CRASH_SEED={SEED})")
+    return points
+
+
+def at(k: int) -> str:
+    """How an assertion names a kill point: with the seed that repeats it."""
+    return f"{at(k)} (rerun with REEMPATHY_CRASH_SEED={SEED})"
 
 
 def killed(kill_at: int, args: list[str], cwd: Path) -> None:
     """Run the command in a subprocess that SIGKILLs itself at point ``kill_at``."""
     proc, _ = run_with_points(kill_at, args, cwd)
-    assert proc.returncode == -9, f"not killed at {kill_at}: exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert proc.returncode == -9, f"not killed at {kill_at} (REEMPATHY_CRASH_SEED={SEED}): exit {proc.returncode}: {proc.stderr[-3000:]}"
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -120,23 +130,23 @@ def test_train_killed_anywhere_resumes_to_the_same_adapter(train_setup):
         try:
             manifest = read_manifest(out)
         except CheckpointError as exc:
-            assert "incomplete" in str(exc) or "not found" in str(exc), f"kill at {k}: {exc}"
+            assert "incomplete" in str(exc) or "not found" in str(exc), f"{at(k)}: {exc}"
         else:  # complete-looking: it must be the finished checkpoint, and load
-            assert manifest.steps == 3, f"kill at {k}"
+            assert manifest.steps == 3, f"{at(k)}"
             apply_checkpoint(load_tiny(TinyOptions()), out)
         for ckpt in checkpoint_dirs(out) if out.exists() else []:
-            assert checkpoint_step(ckpt) in (None, int(ckpt.name.split("-")[1])), f"kill at {k}: {ckpt}"
+            assert checkpoint_step(ckpt) in (None, int(ckpt.name.split("-")[1])), f"{at(k)}: {ckpt}"
         cwd = os.getcwd()
         os.chdir(root)
         try:
-            assert main(["train", "--config", cfg.name, "--quiet", "--resume"]) == 0, f"resume after kill at {k}"
+            assert main(["train", "--config", cfg.name, "--quiet", "--resume"]) == 0, f"resume after {at(k)}"
         finally:
             os.chdir(cwd)
         assert read_manifest(out).steps == 3
         got = load_file(out / "adapter_model.safetensors")
         assert got.keys() == want.keys()
         for key in want:
-            assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-5), f"kill at {k}: {key} differs after resume"
+            assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-5), f"{at(k)}: {key} differs after resume"
         assert not (out / ".adapter.partial").exists()
 
 
@@ -158,15 +168,15 @@ def test_convert_killed_anywhere_leaves_the_old_or_the_new_destination(tmp_path)
         assert old != new
         killed(k, ["convert", "glm-4-voice", str(new_src), str(dst), "--overwrite"], work)
         if dst.exists():
-            assert digest(dst) in (old, new), f"kill at {k}: DST is neither the old nor the new conversion"
+            assert digest(dst) in (old, new), f"{at(k)}: DST is neither the old nor the new conversion"
         else:  # killed between the two renames of the swap: the old one waits beside, whole
             aside = [p for p in work.iterdir() if p.name.startswith(".native.replaced-")]
-            assert len(aside) == 1 and digest(aside[0]) == old, f"kill at {k}"
+            assert len(aside) == 1 and digest(aside[0]) == old, f"{at(k)}"
         visible = [p.name for p in work.iterdir() if not p.name.startswith(".")]
-        assert visible in ([], ["native"]), f"kill at {k}: {visible}"
+        assert visible in ([], ["native"]), f"{at(k)}: {visible}"
         assert main(["convert", "glm-4-voice", str(new_src), str(dst), "--overwrite"]) == 0
         assert digest(dst) == new
-        assert [p.name for p in work.iterdir()] == ["native"], f"kill at {k}: leftovers not cleaned"
+        assert [p.name for p in work.iterdir()] == ["native"], f"{at(k)}: leftovers not cleaned"
 
 
 # --- speech synthesize ----------------------------------------------------------------------------
@@ -190,10 +200,10 @@ def test_synthesize_killed_anywhere_leaves_the_old_or_the_new_wav(tmp_path):
         killed(k, args, tmp_path)
         after = out.read_bytes()
         # the old file, or a complete new one (same length; its samples may differ by thread count)
-        assert after == old or (len(after) == new_size and read_wav(out).sample_rate == 22050), f"kill at {k}"
+        assert after == old or (len(after) == new_size and read_wav(out).sample_rate == 22050), f"{at(k)}"
         assert main(args) == 0
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-        assert leftovers == [], f"kill at {k}: {leftovers} not cleaned by the next run"
+        assert leftovers == [], f"{at(k)}: {leftovers} not cleaned by the next run"
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -217,14 +227,14 @@ def test_run_killed_anywhere_resumes_to_the_same_results(tmp_path):
         if results.exists():
             text = results.read_text()
             complete = text.split("\n")[:-1]  # the piece after the last newline may be a torn line
-            assert all(json.loads(line)["schema"] == "reempathy.run-record/1" for line in complete), f"kill at {k}"
+            assert all(json.loads(line)["schema"] == "reempathy.run-record/1" for line in complete), f"{at(k)}"
         if (out / "manifest.json").exists():
             json.loads((out / "manifest.json").read_text())  # written whole, never half
         before = os.getcwd()
         os.chdir(tmp_path)
         try:
-            assert main(args(out.name)) == 0, f"rerun after kill at {k}"
+            assert main(args(out.name)) == 0, f"rerun after {at(k)}"
         finally:
             os.chdir(before)
         got = {doc["id"]: doc["result"]["ids"] for doc in map(json.loads, results.read_text().splitlines())}
-        assert got == want, f"kill at {k}: the resumed run's answers differ"
+        assert got == want, f"{at(k)}: the resumed run's answers differ"

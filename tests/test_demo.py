@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+import pytest
 
 from reempathy.decoding.result import HiddenSegment, SpokenChunk
 from reempathy.training.cli import add_demo_parser
-from reempathy.training.demo import DemoRow, format_rows, run_demo
+from reempathy.cli import main
+from reempathy.training.demo import DemoRow, cache_key, format_rows, project_root, run_demo, units_path
+from reempathy.training.demo_base import BASE_SETTINGS
 
 
 def test_demo_trains_a_base_and_each_strategy_then_reuses_the_cache(tmp_path):
@@ -56,3 +61,22 @@ def test_demo_parser_takes_cache_force_and_heldout():
     add_demo_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo", "--cache", "somewhere", "--force", "--heldout"])
     assert (args.cache, args.force, args.heldout, args.command) == ("somewhere", True, True, "demo")
+
+
+@pytest.mark.parametrize("kind, message", [("directory", "is a directory"), ("fifo", "is a named pipe")])
+def test_a_units_path_that_is_not_a_file_is_refused_before_any_training(tmp_path, capsys, kind, message):
+    directory = tmp_path / cache_key(project_root(), None, BASE_SETTINGS)
+    directory.mkdir()
+    units = units_path(directory)
+    units.mkdir() if kind == "directory" else os.mkfifo(units)
+    assert main(["demo", "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "units file" in err and message in err
+    assert os.listdir(directory) == [units.name]  # no base, no checkpoint trained
+
+
+def test_a_cache_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "cache").write_text("a file")
+    assert main(["demo", "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "demo cache directory" in err

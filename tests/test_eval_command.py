@@ -141,6 +141,41 @@ def test_eval_refuses_to_resume_with_other_options(with_length_evaluator, run_di
     assert "with other options" in capsys.readouterr().err
 
 
+def _occupy(path, kind):
+    """Put a directory or a named pipe where a file is to be written."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+
+
+@pytest.mark.parametrize("kind, message", [("directory", "is a directory"), ("fifo", "is a named pipe")])
+@pytest.mark.parametrize("name", ["length.jsonl", "length.summary.json", "length.options.json"])
+def test_eval_refuses_a_score_path_that_is_not_a_file_before_scoring(
+    with_length_evaluator, run_dir, tmp_path, capsys, name, kind, message
+):
+    import shutil
+
+    d = shutil.copytree(run_dir, tmp_path / "run")
+    _occupy(d / "scores" / name, kind)
+    assert main(["eval", str(d), "--evaluator", "length", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and name in err
+    assert LengthEvaluator.calls == []  # refused before the evaluator ran
+    assert sorted(p.name for p in (d / "scores").iterdir()) == [name]  # nothing written beside it
+
+
+def test_eval_refuses_a_scores_folder_that_is_a_file(with_length_evaluator, run_dir, tmp_path, capsys):
+    import shutil
+
+    d = shutil.copytree(run_dir, tmp_path / "run")
+    (d / "scores").write_text("not a folder")
+    assert main(["eval", str(d), "--evaluator", "length", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "score directory" in err
+    assert (d / "scores").read_text() == "not a folder" and LengthEvaluator.calls == []
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

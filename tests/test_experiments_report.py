@@ -118,6 +118,19 @@ def test_report_prints_markdown_and_writes_csv_and_a_plot(sweep, tmp_path, capsy
     assert [p[0] for p in points] == [1.0, 1.5]
 
 
+@pytest.mark.parametrize("kind, message", [("directory", "is a directory"), ("fifo", "is a named pipe")])
+def test_a_plot_path_that_is_not_a_file_is_refused_before_the_csv_is_written(sweep, tmp_path, capsys, kind, message):
+    import os
+
+    csv_path, png = tmp_path / "table.csv", tmp_path / "alpha.png"
+    png.mkdir() if kind == "directory" else os.mkfifo(png)
+    assert main(["report", str(sweep), "--csv", str(csv_path), "--plot", str(png),
+                 "--x", "processors.0.factor", "--y", "judge.need_support"]) == 2  # fmt: skip
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "--plot" in err and message in err
+    assert out == "" and sorted(os.listdir(tmp_path)) == ["alpha.png"]  # no table printed, no CSV
+
+
 def test_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

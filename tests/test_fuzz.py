@@ -31,13 +31,23 @@ from hypothesis import strategies as st
 from reempathy.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
+# Explicit, so that no profile changes them: hypothesis's CI profile would derandomize (the same
+# inputs in every CI run); here each run draws new ones, and a failure prints the blob that
+# reproduces it (@reproduce_failure). No example database: nothing is written into the checkout.
+SETTINGS = dict(deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck), print_blob=True)
 # REEMPATHY_FUZZ_SCALE=10 tries ten times as many inputs per property (a deeper local run; CI uses 1).
 SCALE = max(1, int(os.environ.get("REEMPATHY_FUZZ_SCALE", "1") or 1))
+MIN_TOTAL = 1000  # generated inputs per CI run (issue 16), checked by the last test of this module when every property ran
+PROPERTIES = (
+    "test_fuzz_toml_configs", "test_fuzz_command_lines", "test_fuzz_training_records", "test_fuzz_units_files",
+    "test_fuzz_wav_files_read", "test_fuzz_wav_files_tokenize",
+)
+RAN: set[str] = set()  # the properties that ran to their end in this session
 
 
 def examples(n: int) -> int:
     return n * SCALE
+
 
 # --- shared fixtures ------------------------------------------------------------------------------
 
@@ -53,6 +63,13 @@ def world(tmp_path_factory):
     yield sandbox, outside
     assert snapshot(outside) == before_outside
     assert subprocess.run(git, capture_output=True, text=True).stdout == before_repo, "the fuzz wrote into the repository"
+
+
+@pytest.fixture(autouse=True)
+def record_property(request):
+    """Note each property that ran, so the total is checked only when all of them did (not under ``-k``)."""
+    yield
+    RAN.add(request.node.originalname)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -468,3 +485,17 @@ def test_fuzz_wav_files_tokenize(world, tokenizer_dir, data):
     (cwd / "in.wav").write_bytes(data)
     argv = ["speech", "tokenize", "--tokenizer", str(tokenizer_dir), "--device", "cpu", "in.wav"]
     checked("wav -> speech tokenize", world, argv, cwd)
+
+
+# --- the total ------------------------------------------------------------------------------------
+
+
+def test_fuzz_tried_at_least_1000_generated_inputs_in_total():
+    """Hypothesis can stop a property short of max_examples (a small space, inputs filtered out): the sum is checked."""
+    missing = [name for name in PROPERTIES if name not in RAN]
+    if missing:
+        pytest.skip(f"{len(missing)} fuzz properties did not run in this session (e.g. {missing[0]}): the total is checked "
+                    "when all of them run")
+    total = sum(COUNTS.values())
+    counts = ", ".join(f"{name}: {n}" for name, n in sorted(COUNTS.items()))
+    assert total >= MIN_TOTAL * SCALE, f"only {total} generated inputs were tried ({counts}); the suite promises {MIN_TOTAL * SCALE}"

@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -181,10 +182,22 @@ class Registry:
         return obj
 
 
+# pydantic puts the member of a union it tried into an error's location (``heads.list[int].0``);
+# these parts are type names, not keys a user wrote, so messages leave them out.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|tuple|set|literal)$|[\[\]\-,<>]", re.IGNORECASE)
+
+
 def describe_validation_error(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
     """One line from a pydantic error: the option, what is wrong, and the valid options when unknown."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(options)"
+    parts = [str(p) for p in err["loc"]]
+    keys = [p for p in parts if not _UNION_MEMBER.search(p)]
+    loc = ".".join(keys) or "(options)"
+    if len(keys) < len(parts) and keys and keys[0] in model.model_fields:
+        # A value that fits none of a union's forms: say which forms the option takes.
+        forms = _annotation_text(model.model_fields[keys[0]].annotation)
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{where}: option {loc!r}: {msg} (got {err.get('input')!r}); {keys[0]!r} takes {forms}"
     if err["type"] == "extra_forbidden":
         valid = ", ".join(sorted(model.model_fields)) or "(none)"
         return f"{where}: unknown option {loc!r}; valid options: {valid}"
@@ -195,6 +208,11 @@ def describe_validation_error(exc: ValidationError, where: str, model: type[Base
     if err["type"] in ("value_error", "assertion_error"):  # the model's own check: its message names the values
         return f"{where}: {msg}{more}" if loc == "(options)" else f"{where}: option {loc!r}: {msg}{more}"
     return f"{where}: option {loc!r}: {msg} (got {err.get('input')!r}){more}"
+
+
+def _annotation_text(annotation: Any) -> str:
+    """``list[int] | dict[str, list[int]] | None`` as written in the option model."""
+    return str(annotation).replace("typing.", "")
 
 
 @dataclass

@@ -9,8 +9,10 @@ Where decisions are made:
 - ``ScoreFile.open`` decides what is already done: every complete line counts once (a record
   scored twice keeps its first line); a trailing partial line, left by a killed process, is cut
   off before anything is appended, so resuming never duplicates or mixes lines.
-- Each line is written with one ``write`` on a file opened for appending, then flushed and
-  fsynced: a line is on disk whole or not at all (as far as the file system allows).
+- Every path is checked before any work (``ScoreFile.check``): a directory, a pipe or a link
+  where a score file goes is refused with one line, and nothing is written.
+- Each line is appended by :func:`reempathy.safe_write.append_line` (one ``write``, then
+  ``fsync``): a line is on disk whole or not at all (as far as the file system allows).
 - The options a score file was made with are kept beside it (``<name>.options.json``); resuming
   with other options is refused instead of mixing two evaluators' scores in one file.
 - Summaries are written through a temporary sibling and a rename.
@@ -19,14 +21,18 @@ Where decisions are made:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
 from reempathy.evaluation.metrics import summarize_scores
-from reempathy.safe_write import write_text
+from reempathy.safe_write import (
+    append_line,
+    check_output_dir,
+    check_output_file,
+    write_text,
+)
 
 RUN_RECORD_SCHEMA = "reempathy.run-record/1"
 SCORE_SCHEMA = "reempathy.score/1"
@@ -148,12 +154,20 @@ class ScoreFile:
         self.summary_path = self.dir / f"{name}.summary.json"
         self.options_path = self.dir / f"{name}.options.json"
 
+    def check(self) -> None:
+        """Refuse (``InputError``, one line) a score directory or file that cannot be written; writes nothing."""
+        check_output_dir(self.dir, "score directory")
+        if self.dir.is_dir():
+            for path in (self.path, self.options_path, self.summary_path):
+                check_output_file(path, "score file")
+
     def open(self, evaluator: str, options: dict[str, Any], retry_failed: bool = False) -> dict[str, dict[str, Any]]:
-        """Prepare for appending and return the lines already written, by id.
+        """Check every path, prepare for appending and return the lines already written, by id.
 
         Cuts a partial last line; with ``retry_failed`` drops failed lines (rewriting the file
         atomically) so that those records are scored again.
         """
+        self.check()
         self.dir.mkdir(parents=True, exist_ok=True)
         identity = {"evaluator": evaluator, "options": options}
         if self.options_path.is_file() and self.path.is_file():
@@ -183,12 +197,9 @@ class ScoreFile:
                 fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, lines: Sequence[dict[str, Any]]) -> None:
-        """Append each line with one write, then flush and fsync."""
-        with self.path.open("ab") as fh:
-            for line in lines:
-                fh.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
-                fh.flush()
-            os.fsync(fh.fileno())
+        """Append each line whole (:func:`reempathy.safe_write.append_line`: one write, then fsync)."""
+        for line in lines:
+            append_line(self.path, json.dumps(line, ensure_ascii=False), "score file")
 
     def rows(self) -> list[dict[str, Any]]:
         """Every line, first per id."""

@@ -63,11 +63,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from reempathy.experiments.report import build_report, write_csv, write_plot
+    from reempathy.safe_write import check_output_file
 
     if (args.x is None or args.y is None) and args.plot:
         raise ConfigError("--plot needs --x KEY (a swept key, e.g. processors.0.factor) and --y METRIC (a column)")
     if (args.x is not None or args.y is not None) and not args.plot:
         raise ConfigError("--x and --y choose the axes of --plot OUT.png; give --plot too")
+    # Every output is checked before the report is built: a refused --plot leaves no --csv behind.
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
     report = build_report(args.dirs)
     print(report.markdown())
     if args.csv:

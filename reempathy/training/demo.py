@@ -36,6 +36,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from reempathy.errors import InputError, ReempathyError
+from reempathy.safe_write import check_output_dir, check_output_file, write_text
 from reempathy.training.demo_base import BASE_SETTINGS, BaseSettings, settings_key, train_base
 
 DEFAULT_CACHE = ".cache/demo"
@@ -79,6 +80,11 @@ def cache_key(root: Path, max_steps: int | None = None, base: BaseSettings = BAS
     return h.hexdigest()[:16]
 
 
+def units_path(directory: Path, heldout: bool = False) -> Path:
+    """Where the demo writes the units of the prompt it decodes."""
+    return directory / ("heldout-units.json" if heldout else "prompt-units.json")
+
+
 def demo_prompt(root: Path, directory: Path, heldout: bool = False) -> tuple[str, Path]:
     """The user transcript of the first training record (or, with ``heldout``, of the first held-out one) and a
     units file of its speech: what the model hears."""
@@ -90,8 +96,8 @@ def demo_prompt(root: Path, directory: Path, heldout: bool = False) -> tuple[str
     user = context[-1]
     if not user.units:
         raise InputError(f"{records.records[0].where}: the demo's user message needs units")
-    path = directory / ("heldout-units.json" if heldout else "prompt-units.json")
-    path.write_text(json.dumps(user.units), encoding="utf-8")
+    path = units_path(directory, heldout)
+    write_text(path, json.dumps(user.units), "the demo's units file")
     return user.text or "(speech)", path
 
 
@@ -242,6 +248,9 @@ def run_demo(
     root = project_root()
     settings = BASE_SETTINGS if base_steps is None else dataclasses.replace(BASE_SETTINGS, steps=base_steps)
     directory = Path(cache_dir) / cache_key(root, max_steps, settings)
+    check_output_dir(directory, "demo cache directory")  # before any training: a refused path costs nothing
+    if directory.is_dir():
+        check_output_file(units_path(directory, heldout), "the demo's units file")
     if force and directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -259,4 +268,4 @@ def run_demo(
     return list(rows.values())
 
 
-__all__ = ["run_demo", "DEFAULT_CACHE", "DemoRow", "format_rows", "cache_key", "prepare_base", "demo_prompt"]
+__all__ = ["run_demo", "DEFAULT_CACHE", "DemoRow", "format_rows", "cache_key", "prepare_base", "demo_prompt", "units_path"]

@@ -1,7 +1,16 @@
 """EmpathyEval checkpoints: the LoRA adapter (peft, safetensors), ``heads.safetensors`` and ``evaluator.json``.
 
-The manifest is written last, through a temporary file and a rename: a directory is complete
-only when it is there. Reading checks every part and names the missing one.
+Where decisions are made:
+
+- :func:`check_evaluator_output` checks, before any work, that every file a checkpoint puts in
+  ``output_dir`` may be written there (a directory or a pipe in its place is refused).
+- :func:`write_evaluator_checkpoint` saves the adapter and heads into a temporary sibling folder
+  first; only when both are saved does the old manifest go (from then on the directory reads
+  as incomplete), each file is synced and renamed into place, and the new manifest is written
+  last by :mod:`reempathy.safe_write`. A crash while saving leaves the previous complete
+  checkpoint as it was; a crash after that leaves a directory without a manifest, which
+  reading refuses. A directory is complete only when its manifest is there.
+- :func:`read_evaluator_checkpoint` checks every part and names the missing one.
 """
 
 from __future__ import annotations
@@ -16,10 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.checkpoints import ADAPTER_FILES, now_iso
 from reempathy.errors import CheckpointError
+from reempathy.safe_write import (
+    check_output_dir,
+    check_output_file,
+    fsync_path,
+    remove_stale,
+    write_json,
+)
 
 MANIFEST = "evaluator.json"
 HEADS = "heads.safetensors"
 SCHEMA = "reempathy.evaluator-checkpoint/1"
+_PARTIAL = "partial"  # the save folder beside the files: .evaluator.json.partial-PID-RANDOM
 
 
 class EvaluatorManifest(BaseModel):
@@ -42,26 +59,42 @@ class EvaluatorManifest(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+def check_evaluator_output(output_dir: str | Path, what: str = "evaluator checkpoint directory") -> Path:
+    """``output_dir`` if a checkpoint may be written there (each of its files too); ``CheckpointError`` otherwise."""
+    out = check_output_dir(output_dir, what, CheckpointError)
+    if out.is_dir():
+        for name in (*ADAPTER_FILES, HEADS, MANIFEST, "README.md"):
+            check_output_file(out / name, f"{what} file", CheckpointError)
+    return out
+
+
 def write_evaluator_checkpoint(peft_model: Any, heads_state: dict[str, Any], output_dir: str | Path, manifest: EvaluatorManifest) -> Path:
-    """Adapter (peft ``save_pretrained``), heads, then the manifest — each moved into place."""
+    """Adapter (peft ``save_pretrained``) and heads saved beside, then moved into place; the manifest last."""
     from safetensors.torch import save_file
 
-    out = Path(output_dir)
+    out = check_evaluator_output(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    partial = out / ".evaluator.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    peft_model.save_pretrained(str(partial), safe_serialization=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads_state.items()}, str(partial / HEADS))
-    for item in partial.iterdir():
-        os.replace(item, out / item.name)
-    partial.rmdir()
-    tmp = out / (MANIFEST + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(manifest.to_json(), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / MANIFEST)
+    anchor = out / MANIFEST
+    remove_stale(anchor, _PARTIAL)  # the save folder of a killed run
+    partial = anchor.with_name(f".{MANIFEST}.{_PARTIAL}-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        peft_model.save_pretrained(str(partial), safe_serialization=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads_state.items()}, str(partial / HEADS))
+        missing = [name for name in (*ADAPTER_FILES, HEADS) if not (partial / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{out}: saving the evaluator wrote no {missing[0]}; the checkpoint is incomplete")
+        names = sorted(p.name for p in partial.iterdir() if p.is_file())
+        for name in names:
+            check_output_file(out / name, "evaluator checkpoint file", CheckpointError)
+            fsync_path(partial / name)
+        (out / MANIFEST).unlink(missing_ok=True)  # from here until the new manifest the directory reads as incomplete
+        fsync_path(out)
+        for name in names:
+            os.replace(partial / name, out / name)
+        fsync_path(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    write_json(out / MANIFEST, manifest.to_json(), "evaluator checkpoint manifest", CheckpointError)
     return out
 
 
@@ -90,4 +123,7 @@ def read_evaluator_checkpoint(directory: str | Path) -> EvaluatorManifest:
     return manifest
 
 
-__all__ = ["EvaluatorManifest", "MANIFEST", "HEADS", "SCHEMA", "write_evaluator_checkpoint", "read_evaluator_checkpoint", "now_iso"]
+__all__ = [
+    "EvaluatorManifest", "MANIFEST", "HEADS", "SCHEMA", "check_evaluator_output", "write_evaluator_checkpoint",
+    "read_evaluator_checkpoint", "now_iso",
+]

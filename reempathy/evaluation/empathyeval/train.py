@@ -28,13 +28,16 @@ from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EMPATHY_SCORES
 from reempathy.evaluation.data import Labelled, load_labelled
 from reempathy.evaluation.empathyeval.audio import AudioSource
-from reempathy.evaluation.empathyeval.checkpoint import EvaluatorManifest, now_iso, write_evaluator_checkpoint
+from reempathy.evaluation.empathyeval.checkpoint import (
+    EvaluatorManifest, check_evaluator_output, now_iso, write_evaluator_checkpoint,
+)
 from reempathy.evaluation.empathyeval.evaluator import make_example, predict
 from reempathy.evaluation.empathyeval.model import EmpathyEvalModel, ScoreHeads, clip_score
 from reempathy.evaluation.empathyeval.omni import load_omni
 from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
 from reempathy.evaluation.empathyeval.prompt import Example, collate
 from reempathy.evaluation.metrics import Agreement, agreement_table, format_agreement
+from reempathy.safe_write import replacing_dir
 from reempathy.training.checkpoint import begin_run, checkpoint_dirs, plan_run
 from reempathy.training.config import TrainSettings
 
@@ -185,6 +188,16 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
     if options.checkpoint:
         raise ConfigError(f"{where}: [evaluator] checkpoint is for scoring; to train, give model (the base) and output_dir")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.gradient_accumulation_steps)
+    out_dir = Path(t.output_dir)
+    plan = None
+    if accelerator.is_main_process:
+        # Decided before any work (reading only): a refused output_dir has cost nothing and lost nothing.
+        check_evaluator_output(out_dir, "[train] output_dir")
+        info = {"evaluator": cfg.evaluator, "data": cfg.data.model_dump(), "lora": t.lora_rank, "seed": t.seed,
+                "batch_size": t.batch_size}
+        info = json.loads(json.dumps(info, default=str))
+        # checkpoint-N folders are swapped into place whole (_save_resumable): any one found is complete
+        plan = plan_run(out_dir, info, t.resume, t.overwrite, None, step_of=lambda p: int(p.name.split("-", 1)[1]))
     set_seed(t.seed)
     omni = load_omni(options.model, "cpu", options.dtype)
     audio = AudioSource(omni.sampling_rate, options.speech_decoder, options.seed)
@@ -210,13 +223,8 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    out_dir = Path(t.output_dir)
     resume_from = None
-    if accelerator.is_main_process:
-        info = {"evaluator": cfg.evaluator, "data": cfg.data.model_dump(), "lora": lora.r, "seed": t.seed, "batch_size": t.batch_size}
-        info = json.loads(json.dumps(info, default=str))
-        # checkpoint-N folders are renamed into place whole (_save_resumable): any one found is complete
-        plan = plan_run(out_dir, info, t.resume, t.overwrite, None, step_of=lambda p: int(p.name.split("-", 1)[1]))
+    if plan is not None:
         resume_from = begin_run(plan, info)
     accelerator.wait_for_everyone()
     if t.resume and resume_from is None:
@@ -298,23 +306,21 @@ def train_empathyeval(raw: dict[str, Any], options: EmpathyEvalOptions, progress
 
 
 def _save_resumable(model: EmpathyEvalModel, optimizer: Any, out_dir: Path, step: int, keep: int | None) -> None:
-    """``checkpoint-N``: trainable weights, optimizer state and the step, written then moved into place."""
+    """``checkpoint-N``: trainable weights, optimizer state and the step, written beside and swapped in whole.
+
+    :func:`reempathy.safe_write.replacing_dir` syncs every file before the rename and keeps an
+    earlier ``checkpoint-N`` of the same step until the new one has replaced it.
+    """
     from safetensors.torch import save_file
 
-    target = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".checkpoint-{step}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / TRAINABLE))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with replacing_dir(out_dir / f"checkpoint-{step}") as tmp:
+        save_file(trainable, str(tmp / TRAINABLE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / "state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
     if keep:
         for old in checkpoint_dirs(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-
 
 
 __all__ = [

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.attention import KeyBias
 from reempathy.decoding.session import DecodeSession
 from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
+from reempathy.options import STRICT
 
 NAME = "attention-reweight"
 
@@ -27,7 +28,7 @@ NAME = "attention-reweight"
 class AttentionReweightOptions(BaseModel):
     """Options of ``attention-reweight`` (the paper: α 1.1–1.2 best, above 1.5 harmful; middle layers)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     factor: float = Field(
         1.15,

@@ -12,11 +12,12 @@ an option that can only produce that is refused where it is read.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.session import DecodeSession
 from reempathy.hooks import hookimpl
+from reempathy.options import STRICT
 from reempathy.options import RepetitionPenalty as RepetitionPenaltyValue
 from reempathy.options import Temperature as TemperatureValue
 from reempathy.options import TopP as TopPValue
@@ -25,28 +26,28 @@ from reempathy.options import TopP as TopPValue
 class TemperatureOptions(BaseModel):
     """``temperature``: divide the logits by ``value``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     value: TemperatureValue = 1.0
 
 
 class TopKOptions(BaseModel):
     """``top-k``: keep the ``k`` highest logits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     k: int = Field(50, ge=1, lt=2**31)
 
 
 class TopPOptions(BaseModel):
     """``top-p``: keep the smallest set of tokens whose probability reaches ``p``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     p: TopPValue = 0.9
 
 
 class RepetitionPenaltyOptions(BaseModel):
     """``repetition-penalty``: make tokens already in the sequence less likely (CTRL-style, as in transformers)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     penalty: RepetitionPenaltyValue = 1.1
 
 
