@@ -99,3 +99,14 @@ def test_a_manifest_with_a_device_the_machine_lacks_does_not_leak_into_decoding(
     monkeypatch.setattr(checkpoints, "read_manifest", lambda d: manifest)
     cfg = load_config(None, [f"decode.checkpoint={json.dumps(str(tmp_path))}"], None, registry)
     assert cfg.backbone.options.get("device", "cpu") == "cpu"
+
+
+def test_every_backbone_pins_the_system_prompt_its_checkpoints_were_trained_with():
+    """Training writes the system prompt into every sequence: decoding a checkpoint under another one is refused."""
+    from reempathy.backbones.glm4voice.loader import Glm4VoiceOptions
+    from reempathy.backbones.interleaved import InterleavedOptions
+    from reempathy.backbones.qwen25omni.loader import Qwen25OmniOptions
+    from reempathy.checkpoints import runtime_options
+
+    for model in (Glm4VoiceOptions, Qwen25OmniOptions, InterleavedOptions):
+        assert "path" in runtime_options(model) and "system_prompt" not in runtime_options(model), model.__name__

@@ -39,11 +39,10 @@ class Glm4VoiceOptions(BaseModel):
 
     model_config = STRICT
     # Options that do not change the weights: the same model may sit in another directory (published
-    # or converted), run in another dtype, on another device, with another system prompt or speech
-    # parts; a checkpoint trained on it decodes with any of these (delimiter ids and shapes are still checked).
-    runtime_options: ClassVar[frozenset[str]] = frozenset(
-        {"path", "dtype", "device", "system_prompt", "tokenizer_path", "decoder_path"}
-    )
+    # or converted), run in another dtype, on another device, with other speech parts; a checkpoint
+    # trained on it decodes with any of these (delimiter ids and shapes are still checked). Not the
+    # system prompt: training writes it into every sequence, so the adapter learnt it (as on qwen2.5-omni).
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"path", "dtype", "device", "tokenizer_path", "decoder_path"})
 
     path: str = Field(min_length=1, description="local glm-4-voice-9b directory, published (chatglm) or converted (glm)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
