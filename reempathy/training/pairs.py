@@ -44,7 +44,6 @@ Where it decides:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ from reempathy.experiments.records import DataSet, RunRecord, check_records, rea
 from reempathy.training.builders import build_dpo, prompt_ids, sequence_length, spoken_chunks, stream_layout
 from reempathy.training.data import BadRecord, SourcedRecord, bad_records_message
 from reempathy.training.evaluator_calls import call_evaluator
-from reempathy.training.resumable import ResumableJsonl
+from reempathy.training.resumable import ResumableJsonl, progress_bar
 from reempathy.training.schema import SCORE_NAMES, Message, Record
 
 #: ``--set`` keys that go to the decode config (everything else is an evaluator option).
@@ -312,7 +311,7 @@ def make_pairs(
     made = unusable = 0
     try:
         if todo:
-            bar = _progress_bar(len(data.records), len(data.records) - len(todo), opts.progress)
+            bar = progress_bar(len(data.records), len(data.records) - len(todo), "prompt", "pairs", opts.progress)
 
             def requests() -> Iterator[RowRequest]:
                 for record in todo:
@@ -434,13 +433,6 @@ def trainable_prompts(data: DataSet, backbone: Backbone, system_prompt: str | No
         raise InputError(bad_records_message(data.path, bad, "fix them and run again"))
     return ready
 
-
-def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = None if enabled is None else not enabled
-    return tqdm(total=total, initial=initial, unit="prompt", desc="pairs", disable=disable, dynamic_ncols=True,
-                file=sys.stderr)
 
 
 __all__ = [

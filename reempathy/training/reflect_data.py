@@ -35,7 +35,6 @@ import hashlib
 import json
 import re
 import string
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, ChunkLayo
 from reempathy.training.builders import encode_text, split_record, spoken_chunks
 from reempathy.training.data import BadRecord, SourcedRecord, bad_records_message, describe_record_error
 from reempathy.training.evaluator_calls import call_evaluator
-from reempathy.training.resumable import ResumableJsonl
+from reempathy.training.resumable import ResumableJsonl, progress_bar
 from reempathy.training.schema import Record
 
 #: What the evaluator is asked for each prefix (``EvalItem.instruction``). The evaluator shows the
@@ -378,7 +377,7 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
     written = reflections = 0
     try:
         if todo:
-            bar = _progress_bar(len(data.entries), len(data.entries) - len(todo), opts.progress)
+            bar = progress_bar(len(data.entries), len(data.entries) - len(todo), "record", "reflect-data", opts.progress)
             try:
                 for entry in todo:
                     texts: list[str] = []
@@ -410,13 +409,6 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
         say(summary.line())
     return summary
 
-
-def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = None if enabled is None else not enabled
-    return tqdm(total=total, initial=initial, unit="record", desc="reflect-data", disable=disable, dynamic_ncols=True,
-                file=sys.stderr)
 
 
 __all__ = [

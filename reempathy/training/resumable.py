@@ -28,6 +28,7 @@ Where it decides:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -177,4 +178,12 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-__all__ = ["ResumableJsonl", "PROGRESS_SCHEMA", "flatten", "unfinished_message"]
+def progress_bar(total: int, initial: int, unit: str, desc: str, enabled: bool | None) -> Any:
+    """The tqdm bar on stderr of a resumable command: ``initial`` items already done; ``enabled=None`` lets tqdm decide (a terminal)."""
+    from tqdm.auto import tqdm
+
+    disable = None if enabled is None else not enabled
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr)
+
+
+__all__ = ["progress_bar", "ResumableJsonl", "PROGRESS_SCHEMA", "flatten", "unfinished_message"]
