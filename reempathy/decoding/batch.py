@@ -222,8 +222,8 @@ class _BatchLoop:
             self.plans[row] = row.plan()
         return row, cache
 
-    def _recompose(self, kept: list[int], new: list[tuple[Row, DynamicCache]]) -> None:
-        """Rebuild the batch cache from the kept rows and the new rows' caches, right-aligned and trimmed."""
+    def _take_rows(self, kept: list[int], new: list[tuple[Row, DynamicCache]]) -> list[Row]:
+        """The kept rows first, then the new ones, as ``self.rows``; finished rows' logits and plans are let go."""
         rows = [self.rows[i] for i in kept] + [row for row, _ in new]
         for row in self.rows:
             if row.done:
@@ -231,6 +231,11 @@ class _BatchLoop:
                 self.plans.pop(row, None)
         self.rows = rows
         self._last = None
+        return rows
+
+    def _recompose(self, kept: list[int], new: list[tuple[Row, DynamicCache]]) -> None:
+        """Rebuild the batch cache from the kept rows and the new rows' caches, right-aligned and trimmed."""
+        rows = self._take_rows(kept, new)
         if not rows:
             self.cache, self.length, self.pads, self.positions = None, 0, None, None
             return

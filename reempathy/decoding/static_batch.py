@@ -95,13 +95,7 @@ class _StaticBatchLoop(_BatchLoop):
 
     def _recompose(self, kept: list[int], new: list[tuple[Row, DynamicCache]]) -> None:
         """Kept rows to the first slots and new rows after them, every row's keys ending at the new head."""
-        rows = [self.rows[i] for i in kept] + [row for row, _ in new]
-        for row in self.rows:
-            if row.done:
-                self.ready.pop(row, None)
-                self.plans.pop(row, None)
-        self.rows = rows
-        self._last = None
+        rows = self._take_rows(kept, new)
         if not rows:
             self.length = 0
             return
