@@ -219,3 +219,31 @@ def test_training_resumes_from_its_last_saved_step(parts, capsys):
     assert main(["train", "--config", str(cfg), "--quiet", "--resume", "--max-steps", "6"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert json.loads((out / "evaluator.json").read_text())["steps"] == 6
+
+
+def test_training_hears_wav_user_turns_and_unit_answers(parts, tmp_path, monkeypatch):
+    """Spoken dialogues train as heard: the user's WAV and the answer's units (through the speech decoder) are clips."""
+    from reempathy.evaluation.empathyeval import train as train_module
+    from reempathy.speech.audio import write_wav
+
+    (tmp_path / "clips").mkdir()
+    write_wav(tmp_path / "clips" / "user.wav", 0.3 * np.sin(np.linspace(0, 800, 22050)), 22050)  # 1 s
+    rows = []
+    for row in dialogues(4):
+        row["messages"] = [{"role": "user", "audio": "clips/user.wav"},
+                           {"role": "assistant", "units": list(range(3, 16))}]  # fmt: skip
+        rows.append(row)
+    data = write_jsonl(tmp_path / "spoken.jsonl", rows)
+    built = []
+    real = train_module.make_example
+    monkeypatch.setattr(train_module, "make_example", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    out = tmp_path / "ckpt"
+    cfg = train_config(tmp_path / "train.toml", parts["qwen2.5-omni"], parts["decoder"], data, None, out, 2)
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 0
+    assert json.loads((out / "evaluator.json").read_text())["steps"] == 2
+    assert len(built) == 4
+    for example in built:
+        user_clip, answer_clip = example.waves  # both turns heard, in order
+        assert abs(len(user_clip) - 16000) < 400  # the 22.05 kHz WAV resampled to 16 kHz
+        assert abs(len(answer_clip) - 16640) < 1600  # 13 units at 12.5 Hz through the speech decoder
+        assert example.scores is not None and example.target_ids
