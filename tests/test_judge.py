@@ -156,9 +156,15 @@ def test_endpoint_http_500_is_a_per_record_failure_and_other_records_are_scored(
 def test_endpoint_timeout_is_a_per_record_failure(client):
     if client == "openai":
         pytest.importorskip("openai")
-    with ChatServer(lambda body: (0, "")) as server:
-        [ev] = LlmJudge(options(endpoint=server.url, client=client, timeout_s=0.2, retries=0)).evaluate([item()])
-    assert not ev.ok and "did not answer within 0.2 s" in ev.error and ev.scores == {}
+    def reply(body):
+        return (0, "") if "record two" in user_text(body) else (200, SCORES_JSON)
+
+    with ChatServer(reply) as server:
+        evs = LlmJudge(options(endpoint=server.url, client=client, timeout_s=0.2, retries=0)).evaluate(
+            [item(1, "record one"), item(2, "record two"), item(3, "record three")]
+        )
+    assert [e.ok for e in evs] == [True, False, True] and evs[0].scores and evs[2].scores
+    assert "did not answer within 0.2 s" in evs[1].error and evs[1].scores == {}
 
 
 @pytest.mark.parametrize("client", ["http", "openai"])
@@ -168,8 +174,10 @@ def test_endpoint_refused_connection_is_a_per_record_failure(client):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    [ev] = LlmJudge(options(endpoint=f"http://127.0.0.1:{port}/v1", client=client, retries=0)).evaluate([item()])
-    assert not ev.ok and "cannot reach" in ev.error and ev.scores == {}
+    evs = LlmJudge(options(endpoint=f"http://127.0.0.1:{port}/v1", client=client, retries=0)).evaluate(
+        [item(1, "record one"), item(2, "record two")]
+    )
+    assert len(evs) == 2 and all(not e.ok and "cannot reach" in e.error and e.scores == {} for e in evs)
 
 
 def test_endpoint_needs_the_key_variable_it_names(monkeypatch):
