@@ -252,3 +252,13 @@ def test_eval_check_reports_lcc_srcc_mse_against_human_scores(with_length_evalua
     assert out["agreement"]["length"]["lcc"] == pytest.approx(lcc(pred, human))
     assert out["agreement"]["length"]["srcc"] == pytest.approx(srcc(pred, human))
     assert out["agreement"]["overall"]["mse"] == pytest.approx(mse(pred, human))
+
+
+def test_the_ab_paragraph_prints_counts_preference_and_its_interval():
+    from reempathy.evaluation.commands import format_ab
+
+    text = format_ab({"a": "runs/a", "b": "runs/b", "judge": "llm-judge", "pairs": 4, "win": 2, "tie": 1, "loss": 1,
+                      "preference": 0.625, "preference_ci95": [0.25, 1.0], "position_consistent": 3,
+                      "failures": 1, "unmatched": 0})  # fmt: skip
+    assert "A win 2 (50%)  tie 1 (25%)  loss 1 (25%)" in text
+    assert "0.625  95% CI [0.250, 1.000]" in text and "3 of 4" in text and "failures: 1 pair(s)" in text
