@@ -331,8 +331,8 @@ def validate_plugins(cfg: DecodeConfig, registry: Registry) -> None:
     """Check every plugin name and its options against what the plugins registered."""
     registry.validate("backbone", cfg.backbone.name, cfg.backbone.options)
     registry.validate("strategy", cfg.strategy.name, cfg.strategy.options)
-    for proc in cfg.processors:
-        registry.validate("processor", proc.name, proc.options)
+    for i, proc in enumerate(cfg.processors):
+        registry.validate("processor", proc.name, proc.options, place=f"processors.{i}")
     if not cfg.sampling.greedy:
         validate_sampling(cfg, registry)
 

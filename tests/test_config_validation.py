@@ -67,7 +67,9 @@ def test_an_integer_is_accepted_where_a_float_is_expected(registry):
 )
 def test_built_in_processor_options_are_strict_and_the_error_names_the_option(capsys, processor, option, value, message):
     line = error_line(capsys, "decode", "--set", f'processors=[{{name="{processor}", {option}={value}}}]', "--set", "decode.prompt=hi")
-    assert f"processor {processor!r}: option '{option}" in line and message in line
+    assert f"processor {processor!r} (processors.0): option '{option}" in line and message in line
+    if value == "true":
+        assert "(got true)" in line  # the value as it was written in TOML, not Python's True
 
 
 def test_every_built_in_processor_option_model_is_strict(registry):

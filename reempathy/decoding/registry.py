@@ -145,13 +145,14 @@ class Registry:
                 f"unknown {kind} {name!r}; available: {', '.join(self.names(kind)) or '(none)'}"
             ) from None
 
-    def validate(self, kind: str, name: str, options: dict[str, Any]) -> BaseModel:
-        """Validate ``options`` with the registered config model; errors name the option."""
+    def validate(self, kind: str, name: str, options: dict[str, Any], place: str | None = None) -> BaseModel:
+        """Validate ``options`` with the registered config model; errors name the option (and ``place``, e.g. ``processors.1``)."""
         reg = self.get(kind, name)
         try:
             return reg.config_model.model_validate(options)
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, f"{kind} {name!r}", reg.config_model)) from None
+            where = f"{kind} {name!r}" + (f" ({place})" if place else "")
+            raise ConfigError(describe_validation_error(exc, where, reg.config_model)) from None
 
     def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel, *args: Any) -> Any:
         """Validate ``options`` and call the factory: ``factory(options, *args)``.
@@ -187,6 +188,11 @@ class Registry:
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict|tuple|set|literal)$|[\[\]\-,<>]", re.IGNORECASE)
 
 
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in TOML: ``true``/``false`` for booleans, Python's repr otherwise."""
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+
+
 def describe_validation_error(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
     """One line from a pydantic error: the option, what is wrong, and the valid options when unknown."""
     err = exc.errors()[0]
@@ -197,7 +203,7 @@ def describe_validation_error(exc: ValidationError, where: str, model: type[Base
         # A value that fits none of a union's forms: say which forms the option takes.
         forms = _annotation_text(model.model_fields[keys[0]].annotation)
         msg = err["msg"].removeprefix("Value error, ")
-        return f"{where}: option {loc!r}: {msg} (got {err.get('input')!r}); {keys[0]!r} takes {forms}"
+        return f"{where}: option {loc!r}: {msg} (got {_shown(err.get('input'))}); {keys[0]!r} takes {forms}"
     if err["type"] == "extra_forbidden":
         valid = ", ".join(sorted(model.model_fields)) or "(none)"
         return f"{where}: unknown option {loc!r}; valid options: {valid}"
@@ -207,7 +213,7 @@ def describe_validation_error(exc: ValidationError, where: str, model: type[Base
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] in ("value_error", "assertion_error"):  # the model's own check: its message names the values
         return f"{where}: {msg}{more}" if loc == "(options)" else f"{where}: option {loc!r}: {msg}{more}"
-    return f"{where}: option {loc!r}: {msg} (got {err.get('input')!r}){more}"
+    return f"{where}: option {loc!r}: {msg} (got {_shown(err.get('input'))}){more}"
 
 
 def _annotation_text(annotation: Any) -> str:
