@@ -9,14 +9,12 @@ interrupted run leaves nothing half-written.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from reempathy.errors import InputError
+from reempathy.safe_write import replacing_dir
 
 KINDS = ("strategy", "processor", "observer", "backbone")
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
@@ -424,18 +422,13 @@ def write_package(name: str, kind: str, parent: str | Path = ".") -> Path:
         raise InputError(f"{str(target)!r} already exists; choose another name or --dir")
     if not parent.is_dir():
         raise InputError(f"--dir {str(parent)!r} is not a directory")
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent))
-    try:
+    # Written beside the target, synced and renamed into place (the shared write discipline):
+    # an interrupted `plugin new` leaves no half package.
+    with replacing_dir(target, "new") as staging:
         for rel, text in files.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        if target.is_dir():
-            target.rmdir()  # empty: checked above
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
