@@ -58,3 +58,13 @@ def test_docs_site_builds_strict_without_warnings(tmp_path):
     for name in api.__all__:
         assert f'id="reempathy.api.{name}"' in reference, f"{name} is missing from the API reference page"
     assert 'id="reempathy.decoding.hookspecs.reempathy_token_appended"' in reference
+
+
+def test_every_testing_helper_has_a_docstring():
+    """reempathy.testing is under the API promise too: each exported helper and fixture is documented."""
+    import inspect
+
+    import reempathy.testing as testing
+
+    undocumented = [n for n in testing.__all__ if not (inspect.getdoc(getattr(testing, n)) or "").strip()]
+    assert testing.__all__ and undocumented == []
