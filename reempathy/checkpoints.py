@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone
+from reempathy.backbones.quiet import no_loading_bar
 from reempathy.errors import CheckpointError, ConfigError, ReempathyError, ReempathyWarning
 from reempathy.paths import check_name, describe_kind, resolved_kind
 
@@ -278,7 +279,8 @@ def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = Tr
             f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint is damaged, train it again"
         ) from None
     try:
-        model = PeftModel.from_pretrained(backbone.model, str(directory), config=adapter_config, is_trainable=False)
+        with no_loading_bar():
+            model = PeftModel.from_pretrained(backbone.model, str(directory), config=adapter_config, is_trainable=False)
     except SafetensorError as exc:
         raise CheckpointError(f"{directory}: the adapter weights cannot be read ({exc}); the checkpoint is damaged") from None
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:

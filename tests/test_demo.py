@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 import pytest
 
+from reempathy.cli import main
 from reempathy.decoding.result import HiddenSegment, SpokenChunk
 from reempathy.training.cli import add_demo_parser
-from reempathy.cli import main
 from reempathy.training.demo import DemoRow, cache_key, format_rows, project_root, run_demo, units_path
 from reempathy.training.demo_base import BASE_SETTINGS
 
 
-def test_demo_trains_a_base_and_each_strategy_then_reuses_the_cache(tmp_path):
+def test_demo_trains_a_base_and_each_strategy_then_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative cache folder, as the CLI's default .cache/demo is
     lines: list[str] = []
-    rows = run_demo(tmp_path, say=lines.append, max_steps=1, base_steps=1)
+    rows = run_demo("cache", say=lines.append, max_steps=1, base_steps=1)
     assert [r.name for r in rows] == ["sft", "cotbs", "reempathy", "dpo"]
     assert [r.strategy for r in rows] == ["sft", "cotbs", "reempathy", "sft"]
     assert all(r.result is not None and not r.cached for r in rows), [r.error for r in rows]
@@ -24,8 +27,12 @@ def test_demo_trains_a_base_and_each_strategy_then_reuses_the_cache(tmp_path):
     report = lines[-1]
     assert "prompt of the first training record" in report and "ms/token" in report
     assert "'I failed my driving test today and I feel so stupid.'" in report
+    # The checkpoints name their base by an absolute path: a sweep or decode from another folder finds it.
+    (manifest,) = (tmp_path / "cache").glob("*/sft/reempathy.json")
+    base_path = json.loads(manifest.read_text())["backbone"]["options"]["path"]
+    assert Path(base_path).is_absolute() and Path(base_path).is_dir()
     again: list[str] = []
-    rows = run_demo(tmp_path, say=again.append, max_steps=1, base_steps=1)
+    rows = run_demo("cache", say=again.append, max_steps=1, base_steps=1)
     assert all(r.cached for r in rows)
     assert sum("cached in" in line for line in again) == 5  # the base and four checkpoints
 

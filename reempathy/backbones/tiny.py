@@ -17,8 +17,9 @@ from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, VocabLayout
 from reempathy.backbones.glm4voice.prompt import GLM4_VOICE_STREAM, Glm4VoicePrompt
-from reempathy.devices import DeviceName, resolve_device
 from reempathy.backbones.quantize import Quantize, quantize_weights
+from reempathy.backbones.quiet import no_loading_bar
+from reempathy.devices import DeviceName, resolve_device
 from reempathy.errors import CheckpointError
 from reempathy.options import STRICT, Seed
 from reempathy.paths import check_name, describe_kind, resolved_kind
@@ -225,8 +226,9 @@ def _load_saved(directory: str, dtype: torch.dtype) -> tuple[PreTrainedTokenizer
     if not isinstance(raw, dict) or raw.get("model_type") != "glm":
         raise CheckpointError(f"{config}: not the config of a tiny (GLM) model; save the model again")
     try:
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-        model = GlmForCausalLM.from_pretrained(path, dtype=dtype)
+        with no_loading_bar():
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+            model = GlmForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: the saved tiny model cannot be loaded ({reason}); save it again") from None

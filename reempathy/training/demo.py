@@ -154,7 +154,8 @@ def train_checkpoints(
                 "train.overwrite=true",
                 "train.resume=false",
                 *([f"train.max_steps={max_steps}"] if max_steps else []),
-                *([f"backbone.path={json.dumps(str(base))}"] if base is not None else []),
+                # Absolute: the checkpoint's manifest pins the base's path, and a sweep or decode may run elsewhere.
+                *([f"backbone.path={json.dumps(str(base.resolve()))}"] if base is not None else []),
             ],
         )
         started = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from reempathy.backbones.quiet import no_loading_bar
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EMPATHY_SCORES, EvalItem, Evaluation
 from reempathy.evaluation.empathyeval.audio import AudioSource
@@ -97,7 +98,9 @@ class EmpathyEval:
                 f"{self.omni.family.name}; give the base model it was trained on"
             )
         try:
-            thinker = PeftModel.from_pretrained(self.omni.thinker, options.checkpoint, is_trainable=False).merge_and_unload()
+            with no_loading_bar():
+                adapted = PeftModel.from_pretrained(self.omni.thinker, options.checkpoint, is_trainable=False)
+            thinker = adapted.merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ConfigError(f"{options.checkpoint}: the adapter does not fit model {self.omni.path!r} ({type(exc).__name__})") from None
         self.omni.thinker = thinker.eval()

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from reempathy.backbones.quiet import no_loading_bar
 from reempathy.errors import CheckpointError
 
 
@@ -124,12 +125,13 @@ def load_omni(path: str | Path, device: str = "cpu", dtype: str = "float32") -> 
     config = AutoConfig.from_pretrained(p)
     torch_dtype = getattr(torch, dtype)
     try:
-        if config.model_type == family.full_type:
-            thinker = thinker_cls.from_pretrained(
-                p, config=config.thinker_config, key_mapping={r"^thinker\.": ""}, dtype=torch_dtype, use_safetensors=True
-            )
-        else:
-            thinker = thinker_cls.from_pretrained(p, dtype=torch_dtype, use_safetensors=True)
+        with no_loading_bar():
+            if config.model_type == family.full_type:
+                thinker = thinker_cls.from_pretrained(
+                    p, config=config.thinker_config, key_mapping={r"^thinker\.": ""}, dtype=torch_dtype, use_safetensors=True
+                )
+            else:
+                thinker = thinker_cls.from_pretrained(p, dtype=torch_dtype, use_safetensors=True)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot load the thinker weights ({str(exc).splitlines()[0]})") from None
     if not (p / "preprocessor_config.json").is_file():

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Protocol
 
+from reempathy.backbones.quiet import no_loading_bar
 from reempathy.errors import CheckpointError, ConfigError, NotAvailableError
 from reempathy.evaluation.judge.options import JudgeOptions
 
@@ -151,7 +152,9 @@ class LocalChatBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if not getattr(self.tokenizer, "chat_template", None):
             raise CheckpointError(f"llm-judge path {str(path)!r}: its tokenizer has no chat template; use an instruct model")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.dtype)).to(options.device).eval()
+        with no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.dtype))
+        self.model = model.to(options.device).eval()
         self.options = options
         self.torch = torch
 
