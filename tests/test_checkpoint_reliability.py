@@ -99,6 +99,18 @@ def test_resume_after_a_kill_between_the_last_save_and_the_manifest_installs_tha
     assert not (out / "checkpoint-3").exists()
 
 
+def test_resume_after_a_kill_while_writing_the_final_adapter_leaves_no_leftovers(run_copy):
+    """Killed inside write_checkpoint (its staging folder half written, a copy half done): --resume cleans up."""
+    out, data = run_copy
+    (out / MANIFEST).unlink()
+    (out / ".adapter.partial").mkdir()
+    (out / ".adapter.partial" / "adapter_model.safetensors").write_bytes(b"half")
+    (out / ".adapter_model.safetensors.copy").write_bytes(b"half")
+    result = train(train_config(out, data, resume=True), progress=False)
+    assert result.steps == 2 and read_manifest(out).steps == 2
+    assert not (out / ".adapter.partial").exists() and not (out / ".adapter_model.safetensors.copy").exists()
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_resume_skips_an_incomplete_last_checkpoint_and_says_so(run_copy, damage):
     out, data = run_copy

@@ -194,11 +194,20 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def remove_leftovers(output_dir: Path, keep: Path | None = None) -> None:
+    """What a killed :func:`write_checkpoint` / :func:`install_adapter` left: the staging folder and half-copied files."""
+    partial = output_dir / _PARTIAL
+    if keep is None or partial.resolve() != Path(keep).resolve():
+        shutil.rmtree(partial, ignore_errors=True)
+    for leftover in output_dir.glob(".*.copy"):
+        leftover.unlink(missing_ok=True)
+
+
 def begin_run(plan: RunPlan, run_info: dict[str, Any]) -> str | None:
     """Carry out ``plan`` (remove what it names, record the run's settings); return the checkpoint to resume from."""
     out = plan.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / _PARTIAL, ignore_errors=True)
+    remove_leftovers(out)
     for path in plan.remove:
         shutil.rmtree(path, ignore_errors=True)
     write_json(out / RUN_FILE, run_info, "[train] output_dir file", ConfigError)
@@ -224,6 +233,7 @@ def install_adapter(source: Path, output_dir: Path, manifest: Manifest, move: bo
     missing = [name for name in ADAPTER_FILES if not (source / name).is_file()]
     if missing:
         raise CheckpointError(f"{source}: saving the adapter wrote no {missing[0]}; the checkpoint is incomplete")
+    remove_leftovers(output_dir, keep=source)
     names = [p.name for p in source.iterdir() if p.is_file() and (move or p.name in (*ADAPTER_FILES, "README.md"))]
     for name in names:
         check_output_file(output_dir / name, "checkpoint file", CheckpointError)
