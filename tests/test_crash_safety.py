@@ -69,10 +69,15 @@ def count_points(args: list[str], cwd: Path) -> int:
 
 
 def kill_points(count: int, label: str) -> list[int]:
-    """One point in the first half of the run, one in the second (recorded for the run's summary)."""
+    """One point in the first half of the run, one in the second (recorded for the run's summary).
+
+    ``REEMPATHY_CRASH_ALL=1`` takes every point instead (minutes per command: a sweep to run by hand).
+    """
     rng = random.Random(f"{SEED}:{label}")
     half = max(1, count // 2)
     points = [rng.randint(1, half), rng.randint(half + 1, max(half + 1, count))]
+    if os.environ.get("REEMPATHY_CRASH_ALL", "") not in ("", "0"):
+        points = list(range(1, count + 1))
     DRAWN[label] = (points, count)
     print(f"{label}: kill points {points} of {count} (REEMPATHY_CRASH_SEED={SEED})")
     return points
@@ -80,7 +85,7 @@ def kill_points(count: int, label: str) -> list[int]:
 
 def at(k: int) -> str:
     """How an assertion names a kill point: with the seed that repeats it."""
-    return f"{at(k)} (rerun with REEMPATHY_CRASH_SEED={SEED})"
+    return f"kill point {k} (rerun with REEMPATHY_CRASH_SEED={SEED})"
 
 
 def killed(kill_at: int, args: list[str], cwd: Path) -> None:
