@@ -84,6 +84,31 @@ class DoneEvent:
 SpeechEvent = TextEvent | AudioEvent | ReflectionEvent | DoneEvent
 
 
+class _SpokenText:
+    """The spoken text as its tokens arrive: each call gives what is new and final (never half a character)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def add(self, token_id: int) -> str:
+        """Take one text token; the text it completes ("" while a character is still cut short)."""
+        self.ids.append(token_id)
+        return self._new(final=False)
+
+    def rest(self) -> str:
+        """At the end: what was held back waiting for the rest of a character."""
+        return self._new(final=True) if self.ids else ""
+
+    def _new(self, final: bool) -> str:
+        text = self.backbone.decode_text(self.ids)
+        if len(text) <= len(self.shown) or not text.startswith(self.shown) or (not final and text.endswith("\ufffd")):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
 def speech_parts(backbone: Backbone, need_tokenizer: bool = True, need_decoder: bool = True) -> tuple[Any, Any]:
     """The backbone's speech tokenizer and decoder; ``ConfigError`` saying how to attach a missing one."""
     if need_tokenizer and backbone.speech_tokenizer is None:
@@ -206,8 +231,7 @@ def stream_spoken_turn(
     pieces: list[torch.Tensor] = []
     first_audio: float | None = None
     synthesis_s = 0.0
-    text_ids: list[int] = []
-    shown = ""
+    spoken = _SpokenText(backbone)
 
     def audio(made: list[torch.Tensor], units_in_chunk: list[int]) -> Iterator[AudioEvent]:
         nonlocal first_audio
@@ -233,11 +257,9 @@ def stream_spoken_turn(
                 synth.add(payload)
             elif kind == "text":
                 token_id, segment = payload
-                text_ids.append(token_id)
-                text = backbone.decode_text(text_ids)
-                if len(text) > len(shown) and not text.endswith("\ufffd") and text.startswith(shown):
-                    yield TextEvent(text[len(shown) :], segment)
-                    shown = text
+                piece = spoken.add(token_id)
+                if piece:
+                    yield TextEvent(piece, segment)
             elif kind == "reflection":
                 yield ReflectionEvent(*payload)
             elif kind == "error":
@@ -245,10 +267,9 @@ def stream_spoken_turn(
             elif kind == "done":
                 result = payload
                 break
-        if text_ids:  # whatever was held back waiting for the rest of a character
-            text = backbone.decode_text(text_ids)
-            if text.startswith(shown) and len(text) > len(shown):
-                yield TextEvent(text[len(shown) :], segment)
+        piece = spoken.rest()  # whatever was held back waiting for the rest of a character
+        if piece:
+            yield TextEvent(piece, segment)
         made, sizes = synthesize(lambda: [p for p in [synth.finish()] if p is not None])
         yield from audio(made, sizes + [0] * (len(made) - len(sizes)))
     finally:
@@ -316,8 +337,7 @@ def _stream_talker_turn(
     worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
     worker.start()
     synthesis_s = 0.0
-    text_ids: list[int] = []
-    shown = ""
+    spoken = _SpokenText(backbone)
     segment = 0
     try:
         while True:
@@ -327,11 +347,9 @@ def _stream_talker_turn(
             synthesis_s += time.perf_counter() - t
             if kind == "text":
                 token_id, segment = payload
-                text_ids.append(token_id)
-                text = backbone.decode_text(text_ids)
-                if len(text) > len(shown) and not text.endswith("\ufffd") and text.startswith(shown):
-                    yield TextEvent(text[len(shown) :], segment)
-                    shown = text
+                piece = spoken.add(token_id)
+                if piece:
+                    yield TextEvent(piece, segment)
             elif kind == "reflection":
                 yield ReflectionEvent(*payload)
             elif kind == "error":
@@ -339,10 +357,9 @@ def _stream_talker_turn(
             elif kind == "done":
                 result = payload
                 break
-        if text_ids:
-            text = backbone.decode_text(text_ids)
-            if text.startswith(shown) and len(text) > len(shown):
-                yield TextEvent(text[len(shown) :], segment)
+        piece = spoken.rest()  # whatever was held back waiting for the rest of a character
+        if piece:
+            yield TextEvent(piece, segment)
         t = time.perf_counter()
         wave = turn.finish()
         synthesis_s += time.perf_counter() - t
