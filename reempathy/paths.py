@@ -54,15 +54,7 @@ def path_kind(path: str | os.PathLike[str], what: str, error: type[ReempathyErro
         raise error(f"{what} {str(p)!r}: a part of the path is a file, not a directory; check the path") from None
     except OSError as exc:
         raise error(f"{what} {str(p)!r}: cannot be looked at ({_reason(exc)})") from None
-    if stat.S_ISLNK(st.st_mode):
-        return "link"
-    if stat.S_ISREG(st.st_mode):
-        return "file"
-    if stat.S_ISDIR(st.st_mode):
-        return "dir"
-    if stat.S_ISFIFO(st.st_mode):
-        return "fifo"
-    return "other"
+    return "link" if stat.S_ISLNK(st.st_mode) else _kind_of(st.st_mode)
 
 
 def resolved_kind(path: str | os.PathLike[str], what: str, error: type[ReempathyError] = InputError) -> Kind:
@@ -76,11 +68,16 @@ def resolved_kind(path: str | os.PathLike[str], what: str, error: type[Reempathy
         raise error(f"{what} {os.fspath(path)!r} is a symbolic link to a path that does not exist") from None
     except OSError as exc:
         raise error(f"{what} {os.fspath(path)!r}: cannot be followed ({_reason(exc)})") from None
-    if stat.S_ISREG(st.st_mode):
+    return _kind_of(st.st_mode)
+
+
+def _kind_of(mode: int) -> Kind:
+    """The kind of a stat mode that is not a link."""
+    if stat.S_ISREG(mode):
         return "file"
-    if stat.S_ISDIR(st.st_mode):
+    if stat.S_ISDIR(mode):
         return "dir"
-    if stat.S_ISFIFO(st.st_mode):
+    if stat.S_ISFIFO(mode):
         return "fifo"
     return "other"
 
