@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from reempathy.decoding.registry import Registry, describe_validation_error
 from reempathy.errors import ConfigError
 from reempathy.options import STRICT, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP
-from reempathy.paths import check_name, describe_kind, resolved_kind
+from reempathy.paths import check_name, read_input_file
 
 TOP_LEVEL_KEYS = ("backbone", "strategy", "processors", "sampling", "decode")
 MAX_DEPTH = 16  # tables and arrays nest at most this deep in a config; real ones use 3
@@ -102,18 +102,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not str(path):
         raise ConfigError("--config: the path is empty; give a path to a TOML file such as configs/sft.toml")
     p = check_name(path, "config file", ConfigError)
-    kind = resolved_kind(p, "config file", ConfigError)
-    if kind == "missing":
-        raise ConfigError(f"config file {str(p)!r} not found; give a path to a TOML file such as configs/sft.toml")
-    if kind not in ("file", "fifo"):
-        raise ConfigError(f"config file {str(p)!r} is {describe_kind(kind)}; give a path to a TOML file")
-    try:
-        with p.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {str(p)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; it is not a config")
+    raw = read_input_file(p, "config file", MAX_CONFIG_BYTES, ConfigError, "give a path to a TOML file such as configs/sft.toml")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

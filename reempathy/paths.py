@@ -100,4 +100,27 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-__all__ = ["NAME_MAX", "PATH_MAX", "check_name", "path_kind", "resolved_kind", "describe_kind"]
+def read_input_file(
+    path: str | os.PathLike[str], what: str, limit: int, error: type[ReempathyError] = InputError, hint: str = ""
+) -> bytes:
+    """The bytes of an input file (a regular file, or a pipe), at most ``limit``; ``error`` naming ``what`` otherwise.
+
+    ``hint`` ends the messages of a missing path or a path of the wrong kind ("give a path to a TOML file").
+    """
+    p = check_name(path, what, error)
+    kind = resolved_kind(p, what, error)
+    tail = f"; {hint}" if hint else ""
+    if kind == "missing":
+        raise error(f"{what} {str(p)!r} not found{tail}")
+    if kind not in ("file", "fifo"):
+        raise error(f"{what} {str(p)!r} is {describe_kind(kind)}{tail}")
+    try:
+        with p.open("rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{what} {str(p)!r} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise error(f"{what} {str(p)!r} is larger than {limit // 2**20} MiB; it is not a {what}")
+    return raw
+
+__all__ = ["read_input_file", "NAME_MAX", "PATH_MAX", "check_name", "path_kind", "resolved_kind", "describe_kind"]

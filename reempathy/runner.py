@@ -15,7 +15,7 @@ from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError
 from reempathy.options import check_text
-from reempathy.paths import check_name, describe_kind, resolved_kind
+from reempathy.paths import check_name, read_input_file
 
 _AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
@@ -73,18 +73,7 @@ def read_units(path: str | Path) -> list[int]:
     not a whole number) is an InputError, so a file is never half read.
     """
     p = check_name(path, "units file")
-    kind = resolved_kind(p, "units file")
-    if kind == "missing":
-        raise InputError(f"units file {str(p)!r} not found")
-    if kind not in ("file", "fifo"):
-        raise InputError(f"units file {str(p)!r} is {describe_kind(kind)}; give a file of speech unit ids")
-    try:
-        with p.open("rb") as fh:
-            raw = fh.read(MAX_UNITS_BYTES + 1)
-    except OSError as exc:
-        raise InputError(f"units file {str(p)!r} cannot be read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_UNITS_BYTES:
-        raise InputError(f"units file {str(p)!r} is larger than {MAX_UNITS_BYTES // 2**20} MiB; it is not a units file")
+    raw = read_input_file(p, "units file", MAX_UNITS_BYTES, InputError, "give a file of speech unit ids")
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
