@@ -24,9 +24,7 @@ written to a temporary sibling and renamed, so a killed run leaves nothing that 
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +33,7 @@ import torch
 
 from reempathy.backbones.base import Backbone
 from reempathy.backbones.tiny import TinyOptions, load_tiny
+from reempathy.safe_write import replacing_dir
 from reempathy.training.builders import BUILDERS, IGNORE_INDEX, TrainingSequence, build_all
 from reempathy.training.data import RecordSet
 
@@ -119,15 +118,10 @@ def train_base(
         if progress is not None:
             progress(step + 1, losses[-1])
     model.eval()
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    backbone.tokenizer.save_pretrained(partial)
-    for name in os.listdir(partial):
-        with open(partial / name, "rb+") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+    # Saved beside, synced and swapped in (the shared write discipline): a kill leaves no base that looks trained.
+    with replacing_dir(out, "partial") as partial:
+        model.save_pretrained(partial)
+        backbone.tokenizer.save_pretrained(partial)
     return losses
 
 
