@@ -25,6 +25,7 @@ from reempathy.paths import check_name, read_input_file
 TOP_LEVEL_KEYS = ("backbone", "strategy", "processors", "sampling", "decode")
 MAX_DEPTH = 16  # tables and arrays nest at most this deep in a config; real ones use 3
 MAX_CONFIG_BYTES = 4 * 2**20  # a config is a page of TOML; anything this large is a mistake
+GUARD_PER_SPOKEN = 4  # max_new_tokens left out beside max_spoken_tokens: this many generated tokens per spoken one
 
 
 class SamplingConfig(BaseModel):
@@ -54,7 +55,19 @@ class DecodeSettings(BaseModel):
     """``[decode]``: the question, the budget, and how the KV cache is kept."""
 
     model_config = STRICT
-    max_new_tokens: int = Field(128, ge=1, lt=2**31)
+    max_new_tokens: int = Field(
+        128,
+        ge=1,
+        lt=2**31,
+        description="every generated token (spoken, hidden, control): the guard against runaway answers; "
+        f"default 128, or {GUARD_PER_SPOKEN} x max_spoken_tokens when that is set",
+    )
+    max_spoken_tokens: int | None = Field(
+        None, ge=1, lt=2**31, description="tokens of the spoken stream (text and audio): the budget comparisons share"
+    )
+    max_hidden_tokens: int | None = Field(
+        None, ge=1, lt=2**31, description="tokens of the hidden stream (reflections and thoughts, all together)"
+    )
     prompt: Text | None = None
     units: str | None = Field(None, min_length=1, description="file of speech unit ids (JSON list or whitespace-separated)")
     system_prompt: Text | None = None
@@ -70,6 +83,24 @@ class DecodeSettings(BaseModel):
     def _one_question(self) -> "DecodeSettings":
         if self.prompt is not None and self.units is not None:
             raise ValueError("set decode.prompt or decode.units, not both (the other would be ignored)")
+        return self
+
+    @model_validator(mode="after")
+    def _guard_above_budgets(self) -> "DecodeSettings":
+        if self.max_spoken_tokens is None:
+            return self
+        if "max_new_tokens" not in self.model_fields_set:
+            # Room for the hidden and control tokens between spoken ones: ReEmpathy at 3+6 with
+            # 12-token reflections writes about 1.5 per spoken token, CoT a thought once.
+            self.max_new_tokens = min(GUARD_PER_SPOKEN * self.max_spoken_tokens + (self.max_hidden_tokens or 0), 2**31 - 1)
+        need = self.max_spoken_tokens + (self.max_hidden_tokens or 0)
+        if self.max_new_tokens < need:
+            raise ValueError(
+                f"max_new_tokens = {self.max_new_tokens} is below max_spoken_tokens"
+                f"{' + max_hidden_tokens' if self.max_hidden_tokens else ''} = {need}: the overall guard would end "
+                f"answers before their budget; raise max_new_tokens (it counts hidden and control tokens too) or leave "
+                "it out"
+            )
         return self
 
 

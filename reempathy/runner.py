@@ -194,6 +194,8 @@ def loop_options(cfg: DecodeConfig) -> LoopOptions:
         raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
     return LoopOptions(
         max_new_tokens=cfg.decode.max_new_tokens,
+        max_spoken_tokens=cfg.decode.max_spoken_tokens,
+        max_hidden_tokens=cfg.decode.max_hidden_tokens,
         greedy=cfg.sampling.greedy,
         seed=cfg.sampling.seed,
         strategy_name=cfg.strategy.name,

@@ -349,3 +349,20 @@ def test_a_backbone_that_reads_audio_hears_the_wav_of_a_record(tmp_path, qwen, q
                    prefill_inputs=inputs.prefill_inputs)  # fmt: skip
     assert doc["result"]["prompt_ids"] == inputs.ids  # the audio placeholders: the WAV, not the units or the text
     assert doc["result"]["ids"] == alone.ids
+
+
+def test_a_run_made_before_a_config_key_existed_still_resumes(tmp_path, capsys):
+    # decode.max_spoken_tokens / max_hidden_tokens came later; an old manifest lacks them (null now).
+    data = write_data(tmp_path / "test.jsonl", 2)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), "--limit", "1", *FEW]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("max_spoken_tokens", "max_hidden_tokens"):
+        del manifest["config"]["decode"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), *FEW]) == 0
+    assert [d["id"] for d in results(out)] == ["1", "2"]
+    # A key that is set on one side and different on the other is still a different run.
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), *FEW,
+                 "--set", "decode.max_spoken_tokens=5"]) == 2
+    assert "config.decode.max_spoken_tokens: null there, 5 now" in capsys.readouterr().err

@@ -42,6 +42,9 @@ from reempathy.decoding.spans import SPEAK, SPOKEN_AUDIO
 from reempathy.errors import DecodeError, InputError, ReempathyError
 
 
+_UNBOUNDED = 2**62  # a budget left out: never reached
+
+
 class _SessionPluginManager(pluggy.PluginManager):
     """pluggy's manager, remembering per class which attributes are hook implementations.
 
@@ -116,6 +119,13 @@ class Row:
             )
         if options.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {options.max_new_tokens}")
+        for stream in ("spoken", "hidden"):
+            value = getattr(options, f"max_{stream}_tokens")
+            if value is not None and not 1 <= value <= backbone.max_context:
+                raise InputError(
+                    f"decode.max_{stream}_tokens = {value}: a budget must be at least 1 and at most the backbone's "
+                    f"context of {backbone.max_context} tokens; leave it out for no {stream} budget"
+                )
         self.key = key
         self.pm = session_plugin_manager(strategy, processors)
         hook = self.hook = self.pm.hook
@@ -125,6 +135,8 @@ class Row:
         self.options = options
         self.stop_ids = frozenset(backbone.layout.stop_ids)
         self.budget = min(options.max_new_tokens, backbone.max_context - len(prompt_ids))
+        self.max_spoken = options.max_spoken_tokens or _UNBOUNDED
+        self.max_hidden = options.max_hidden_tokens or _UNBOUNDED
         self.context_limit = backbone.max_context if context_limit is None else context_limit
         self.prefill_inputs = dict(prefill_inputs or {})
         self.wants_plan = bool(hook.reempathy_attention_plan.get_hookimpls())
@@ -235,7 +247,15 @@ class Row:
                 session._append_forced(directive.forced)
                 self._observe(directive.forced, "forced")
             self._enter(directive.phase, directive.hidden)
-        if session.generated >= self.budget:
+        # The experiment's budgets first: an answer that fills its spoken budget on the very token the
+        # guard is reached stopped on its budget, as every comparable answer does.
+        if session.spoken_tokens >= self.max_spoken:
+            self.stop_reason = "max_spoken_tokens"
+            self.done = True
+        elif session.hidden_tokens >= self.max_hidden:
+            self.stop_reason = "max_hidden_tokens"
+            self.done = True
+        elif session.generated >= self.budget:
             self.stop_reason = (
                 "max_new_tokens" if session.generated >= self.options.max_new_tokens else "max_context"
             )

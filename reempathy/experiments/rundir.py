@@ -222,7 +222,9 @@ def check_same_run(directory: str | Path, old: dict[str, Any], new: dict[str, An
     """``ConfigError`` naming the first difference when ``old`` (on disk) and ``new`` describe different runs."""
     a, b = _flatten(run_identity(old)), _flatten(run_identity(new))
     for key in sorted(set(a) | set(b)):
-        if a.get(key, _MISSING) != b.get(key, _MISSING):
+        # A key absent on one side and null on the other is the same setting: a config key added
+        # later (with no value, the old behaviour) must not make earlier runs unresumable.
+        if a.get(key) != b.get(key):
             there = json.dumps(a.get(key)) if key in a else "unset"
             here = json.dumps(b.get(key)) if key in b else "unset"
             raise ConfigError(
@@ -231,7 +233,6 @@ def check_same_run(directory: str | Path, old: dict[str, Any], new: dict[str, An
             )
 
 
-_MISSING = object()
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
