@@ -73,7 +73,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
-    report = build_report(args.dirs)
+    report = build_report(args.dirs, baseline=args.baseline)
     print(report.markdown())
     if args.csv:
         write_csv(report, args.csv)
@@ -116,6 +116,9 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="plot --y against --x (one line per other setting)")
     p.add_argument("--x", metavar="KEY", help="a swept key or config key, e.g. processors.0.factor")
     p.add_argument("--y", metavar="COLUMN", help="a column, e.g. hidden_per_spoken or empathyeval.emotional_support")
+    p.add_argument("--baseline", metavar="RUN",
+                   help="compare every run with this one record by record: mean difference with a paired 95%% "
+                   "interval, win/tie/loss, Wilcoxon p (e.g. --baseline sft)")
     p.set_defaults(func=cmd_report)
     return p
 
