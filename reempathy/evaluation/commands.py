@@ -56,36 +56,60 @@ def _with_run_decoder(registry: Any, name: str, options: dict[str, Any], manifes
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``reempathy eval DIR --evaluator NAME [--set K=V]… [--name LABEL] [--batch-size N] [--retry-failed]``."""
+    from reempathy.evaluation.registry import parse_sets
+
+    summary, path = score_run(
+        args.dir, args.evaluator, parse_sets(args.overrides), name=args.name, batch_size=args.batch_size,
+        retry_failed=args.retry_failed, progress=not args.quiet,
+    )
+    print(format_summary(summary, path))
+    return 0
+
+
+def score_run(
+    run_dir: str | Path,
+    evaluator_name: str,
+    options: dict[str, Any],
+    *,
+    name: str | None = None,
+    batch_size: int = 8,
+    retry_failed: bool = False,
+    progress: bool = True,
+    registry: Any = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score every record of ``run_dir`` not scored yet into ``scores/<name>.jsonl``; the summary and the file.
+
+    The work of ``reempathy eval`` (module docstring): everything cheap is checked before the
+    evaluator is built; each batch is appended as it is scored, so a kill loses at most one batch.
+    """
     from tqdm import tqdm
 
-    from reempathy.evaluation.registry import build_evaluator, evaluator_options, parse_sets
+    from reempathy.evaluation.registry import build_evaluator, evaluator_options
     from reempathy.evaluation.runs import ScoreFile, evaluation_line, read_run, run_manifest
 
-    registry = _registry()
-    registry.get("evaluator", args.evaluator)
-    items = read_run(args.dir)
-    options = _with_run_decoder(registry, args.evaluator, parse_sets(args.overrides), run_manifest(args.dir))
-    validated = evaluator_options(registry, args.evaluator, options).model_dump(mode="json")
-    scores = ScoreFile(args.dir, args.name or args.evaluator)
-    done = scores.open(args.evaluator, validated, retry_failed=args.retry_failed)
+    registry = registry or _registry()
+    registry.get("evaluator", evaluator_name)
+    items = read_run(run_dir)
+    options = _with_run_decoder(registry, evaluator_name, options, run_manifest(run_dir))
+    validated = evaluator_options(registry, evaluator_name, options).model_dump(mode="json")
+    scores = ScoreFile(run_dir, name or evaluator_name)
+    done = scores.open(evaluator_name, validated, retry_failed=retry_failed)
     todo = [item for item in items if item.id not in done]
     names: Sequence[str] = ()
     if todo:
-        evaluator = build_evaluator(registry, args.evaluator, options)
+        evaluator = build_evaluator(registry, evaluator_name, options)
         names = evaluator.score_names
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {args.evaluator}", unit="record",
-                  disable=args.quiet) as bar:
-            for batch in _batches(todo, args.batch_size):
-                results = _call(evaluator, args.evaluator, "evaluate", batch)
-                scores.append([evaluation_line(r, args.evaluator) for r in results])
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {evaluator_name}", unit="record",
+                  disable=not progress) as bar:
+            for batch in _batches(todo, batch_size):
+                results = _call(evaluator, evaluator_name, "evaluate", batch)
+                scores.append([evaluation_line(r, evaluator_name) for r in results])
                 bar.update(len(batch))
     else:
         from reempathy.evaluation.base import EMPATHY_SCORES
 
         names = sorted({k for row in done.values() for k in (row.get("scores") or {})}) or EMPATHY_SCORES
-    summary = scores.write_summary(args.evaluator, names, len(items))
-    print(format_summary(summary, scores.path))
-    return 0
+    return scores.write_summary(evaluator_name, names, len(items)), scores.path
 
 
 def format_summary(summary: dict[str, Any], path: Path) -> str:
@@ -255,4 +279,4 @@ def add_eval_parser(subparsers: Any) -> None:
     p.set_defaults(func=cmd_eval_check)
 
 
-__all__ = ["add_eval_parser", "cmd_eval", "cmd_ab", "cmd_eval_check", "format_summary", "format_ab"]
+__all__ = ["add_eval_parser", "cmd_eval", "score_run", "cmd_ab", "cmd_eval_check", "format_summary", "format_ab"]

@@ -51,7 +51,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from reempathy.experiments.sweep import plan_sweep, run_sweep
 
     registry = default_discovery().registry
-    plan = plan_sweep(args.config, args.grid, args.overrides, checkpoints=args.checkpoints, registry=registry)
+    plan = plan_sweep(args.config, args.grid, args.overrides, checkpoints=args.checkpoints, registry=registry, out=args.out)
     opts = RunOptions(data=args.data, out=args.out, batch_size=args.batch_size, limit=args.limit,
                       speech=args.speech, force=args.force)
     try:
@@ -123,11 +123,37 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from reempathy.decoding.registry import default_discovery
+    from reempathy.experiments.shard import release_group
+    from reempathy.experiments.study import read_study, run_study
+
+    registry = default_discovery().registry
+    study = read_study(args.file, args.overrides)
+    try:
+        run_study(study, registry, out=args.out, say=print)
+    finally:
+        release_group()
+    return 0
+
+
+def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``reempathy study``: train what is missing, sweep, score and report, from one file."""
+    p = subparsers.add_parser("study", help="a whole comparison from one file: train what is missing, sweep, eval, report")
+    p.add_argument("file", metavar="FILE", help="a study file (a sweep file with a [study] table), e.g. configs/study-table5.toml")
+    p.add_argument("--out", metavar="DIR", help="the study's directory (default: study.out in the file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the sweep, e.g. --set decode.max_spoken_tokens=80 (repeatable)")
+    p.set_defaults(func=cmd_study)
+    return p
+
+
 def add_experiment_parsers(subparsers: Any) -> None:
-    """Add ``run``, ``sweep`` and ``report`` to the ``reempathy`` command."""
+    """Add ``run``, ``sweep``, ``report`` and ``study`` to the ``reempathy`` command."""
     add_run_parser(subparsers)
     add_sweep_parser(subparsers)
     add_report_parser(subparsers)
+    add_study_parser(subparsers)
 
 
-__all__ = ["add_run_parser", "add_sweep_parser", "add_report_parser", "add_experiment_parsers"]
+__all__ = ["add_run_parser", "add_sweep_parser", "add_report_parser", "add_study_parser", "add_experiment_parsers"]
