@@ -98,9 +98,12 @@ def _train_config(tmp: Path) -> Path:
     return path
 
 
-def _sweep_file(tmp: Path) -> Path:
+def _sweep_file(tmp: Path, small: bool = False) -> Path:
+    text = SWEEP.format(train=_train_config(tmp))
+    if small:  # two runs, one checkpoint: what the kill tests repeat
+        text = text[: text.index('[[sweep.runs]]\nname = "3+6-reflect-off"')].replace("\n\"5+10\" = {", "\n# \"5+10\" = {")
     path = tmp / "sweep.toml"
-    path.write_text(SWEEP.format(train=_train_config(tmp)), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -143,8 +146,8 @@ def test_a_training_config_that_fails_is_named_by_its_key_and_nothing_is_decoded
     assert not out.exists()
 
 
-def _study_file(tmp: Path, **study) -> Path:
-    sweep = _sweep_file(tmp)
+def _study_file(tmp: Path, small: bool = False, **study) -> Path:
+    sweep = _sweep_file(tmp, small)
     settings = {"sweep": sweep.name, "data": str(_data(tmp)), "baseline": "untuned", "base": "tiny-demo",
                 "base_steps": 2, "evaluators": [{"name": "spoken-length"}], **study}  # fmt: skip
     lines = ["[study]"]
@@ -206,15 +209,15 @@ def test_a_study_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, p
 
     from crash_points import SEED
 
-    study = _study_file(tmp_path)
-    clean = tmp_path / "clean"
-    assert main(["study", str(study), "--out", str(clean)]) == 0
-    expected = _answers(clean)
+    study = _study_file(tmp_path, small=True)
     env = {**os.environ, "REEMPATHY_PLUGINS_DIR": str(plugin_dir), "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    # The uninterrupted study, counting its kill points as it goes (kill point 0: none).
     count = subprocess.run([sys.executable, str(HERE / "crash_points.py"), "0", "study", str(study), "--out",
-                            str(tmp_path / "count")], env=env, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+                            str(tmp_path / "clean")], env=env, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert count.returncode == 0, count.stderr[-2000:]
     points = int(count.stderr.rsplit("points: ", 1)[1])
+    expected = _answers(tmp_path / "clean")
+    assert set(expected) == {"untuned", "3+6"}
     for k in sorted(random.Random(SEED).sample(range(1, points + 1), 2)):
         out = tmp_path / f"killed-{k}"
         killed = subprocess.run([sys.executable, str(HERE / "crash_points.py"), str(k), "study", str(study), "--out",
