@@ -1,5 +1,5 @@
 """Built-in evaluators: ``empathyeval`` (audio-in model, assessment + four scores), ``llm-judge`` (rubric judge, A/B),
-``audio-stats`` and ``asr-wer`` (speech quality).
+``audio-stats`` and ``asr-wer`` (speech quality), and ``keyword-empathy`` (a word-list heuristic for offline runs).
 
 Only the option models are imported here; the models themselves (and jiwer) load when an evaluator is built.
 """
@@ -45,10 +45,17 @@ def _asr_wer(options: Any) -> Any:
     return AsrWer(options)
 
 
+def _keyword_empathy(options: Any) -> Any:
+    from reempathy.evaluation.keywords import KeywordEmpathy
+
+    return KeywordEmpathy(options)
+
+
 @hookimpl
 def reempathy_register_evaluators(register: Register) -> None:
     from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
     from reempathy.evaluation.judge.options import JudgeOptions
+    from reempathy.evaluation.keywords import KeywordEmpathyOptions
     from reempathy.evaluation.speech.options import AsrWerOptions, AudioStatsOptions
 
     register(
@@ -66,4 +73,8 @@ def reempathy_register_evaluators(register: Register) -> None:
     register(
         "asr-wer", _asr_wer, AsrWerOptions,
         "speech quality: a local Whisper transcribes each answer's WAV; WER and CER against its spoken text (jiwer)",
+    )
+    register(
+        "keyword-empathy", _keyword_empathy, KeywordEmpathyOptions,
+        "HEURISTIC, NOT the paper's EmpathyEval: four 1-5 scores from cue words in the spoken text (offline pipeline runs)",
     )
