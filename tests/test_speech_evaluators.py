@@ -282,3 +282,13 @@ def test_registering_the_evaluators_loads_neither_whisper_nor_jiwer():
             "'reempathy.evaluation.speech.asr', 'reempathy.evaluation.speech.stats'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_option_has_a_description_and_a_row_in_the_docs():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    for model in (AudioStatsOptions, AsrWerOptions):
+        for name, field in model.model_fields.items():
+            assert field.description, (model.__name__, name)
+            assert f"| `{name}` |" in docs, (model.__name__, name)
