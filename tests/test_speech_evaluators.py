@@ -292,3 +292,15 @@ def test_every_option_has_a_description_and_a_row_in_the_docs():
         for name, field in model.model_fields.items():
             assert field.description, (model.__name__, name)
             assert f"| `{name}` |" in docs, (model.__name__, name)
+
+
+def test_an_english_only_model_is_not_given_a_task_and_refuses_a_language(whisper_dir, tmp_path):
+    from reempathy.errors import ConfigError
+    from reempathy.evaluation.speech.asr import load_whisper
+
+    english = shutil.copytree(whisper_dir, tmp_path / "whisper-en")
+    config = json.loads((english / "generation_config.json").read_text())
+    (english / "generation_config.json").write_text(json.dumps(dict(config, is_multilingual=False)))
+    assert load_whisper(AsrWerOptions(path=str(english), max_new_tokens=8)).generate_kwargs == {"max_new_tokens": 8}
+    with pytest.raises(ConfigError, match="English-only"):
+        load_whisper(AsrWerOptions(path=str(english), language="en", max_new_tokens=8))

@@ -139,16 +139,10 @@ def _check_directory(p: Path) -> dict[str, Any]:
     return config
 
 
-def _language(options: AsrWerOptions, generation_config: Any, where: str) -> str | None:
-    """The language code for ``generate`` (None: detect), checked against the model's language tokens."""
+def _language(options: AsrWerOptions, lang_to_id: dict[str, int], where: str) -> str | None:
+    """The language code for ``generate`` (None: the model detects it), checked against the model's language tokens."""
     if options.language is None:
         return None
-    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
-    if not lang_to_id:
-        raise ConfigError(
-            f"asr-wer language = {options.language!r}: {where} is an English-only model (its generation config has no "
-            "language tokens); leave language unset"
-        )
     from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
     given = options.language.strip().lower().removeprefix("<|").removesuffix("|>")
@@ -190,13 +184,17 @@ def load_whisper(options: AsrWerOptions) -> Whisper:
     # from the config, and samples only when given a temperature, which is never passed here.
     gc.num_beams, gc.do_sample = 1, False
     kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens}
-    if getattr(gc, "lang_to_id", None) and getattr(gc, "is_multilingual", True) is not False:
+    lang_to_id = getattr(gc, "lang_to_id", None) or {}
+    if lang_to_id and getattr(gc, "is_multilingual", True) is not False:
         kwargs["task"] = "transcribe"  # never translate: the reference is in the answer's language
-        language = _language(options, gc, repr(str(p)))
+        language = _language(options, lang_to_id, repr(str(p)))
         if language is not None:
             kwargs["language"] = language
-    else:
-        _language(options, gc, repr(str(p)))  # refuses a language for an English-only model
+    elif options.language is not None:
+        raise ConfigError(
+            f"asr-wer language = {options.language!r}: the model at {str(p)!r} is English-only (its generation config "
+            "has no language tokens, or is_multilingual = false); leave language unset"
+        )
     return Whisper(model, processor.feature_extractor, processor.tokenizer, device, dtype, kwargs)
 
 
