@@ -93,3 +93,44 @@ class ChatServer:
 def user_text(body: dict) -> str:
     """The user message of a chat request."""
     return next(m["content"] for m in body["messages"] if m["role"] == "user")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tiny(directory: Path, prompts: list[str], max_new_tokens: int = 24) -> Path:
+    """``reempathy run`` on the tiny backbone (configs/reempathy.toml, no speech): a run whose records have no WAV."""
+    from reempathy.cli import main
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "test.jsonl"
+    data.write_text("".join(json.dumps({"id": f"rec{n}", "messages": [{"role": "user", "text": p}]}) + "\n"
+                            for n, p in enumerate(prompts, 1)), encoding="utf-8")
+    out = directory / "run"
+    assert main(["run", "--config", str(ROOT / "configs" / "reempathy.toml"), "--data", str(data), "--out", str(out),
+                 "--set", f"decode.max_new_tokens={max_new_tokens}", "--set", "sampling.greedy=true"]) == 0
+    return out
+
+
+def run_speech(directory: Path, prompts: list[str], max_new_tokens: int = 16) -> Path:
+    """``reempathy run --speech`` on a tiny GLM-4-Voice with a tiny speech tokenizer and decoder: answers written as WAVs."""
+    from glm4voice_fixture import make_tiny_glm4voice_dir
+
+    from reempathy.cli import main
+    from reempathy.speech.tiny import make_tiny_decoder_dir, make_tiny_tokenizer_dir
+
+    directory.mkdir(parents=True, exist_ok=True)
+    glm = make_tiny_glm4voice_dir(directory / "glm")
+    tok, dec = make_tiny_tokenizer_dir(directory / "tok"), make_tiny_decoder_dir(directory / "dec")
+    config = directory / "glm.toml"
+    config.write_text(
+        f'[backbone]\nname = "glm-4-voice"\npath = "{glm}"\ntokenizer_path = "{tok}"\ndecoder_path = "{dec}"\n'
+        'device = "cpu"\n[strategy]\nname = "reempathy"\ntext_tokens = 3\naudio_tokens = 5\nreflect = false\n'
+        f"[sampling]\ngreedy = true\n[decode]\nmax_new_tokens = {max_new_tokens}\n"
+    )  # reempathy's chunks make audio slots: every answer has spoken text and units to synthesise
+    data = directory / "test.jsonl"
+    data.write_text("".join(json.dumps({"id": f"rec{n}", "messages": [{"role": "user", "text": p}]}) + "\n"
+                            for n, p in enumerate(prompts, 1)), encoding="utf-8")
+    out = directory / "run"
+    assert main(["run", "--config", str(config), "--data", str(data), "--out", str(out), "--speech"]) == 0
+    return out

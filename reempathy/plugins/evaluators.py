@@ -1,6 +1,7 @@
-"""Built-in evaluators: ``empathyeval`` (audio-in model, assessment + four scores) and ``llm-judge`` (rubric judge, A/B).
+"""Built-in evaluators: ``empathyeval`` (audio-in model, assessment + four scores), ``llm-judge`` (rubric judge, A/B),
+``audio-stats`` and ``asr-wer`` (speech quality), and ``keyword-empathy`` (a word-list heuristic for offline runs).
 
-Only the option models are imported here; the models themselves load when an evaluator is built.
+Only the option models are imported here; the models themselves (and jiwer) load when an evaluator is built.
 """
 
 from __future__ import annotations
@@ -32,10 +33,30 @@ def _llm_judge(options: Any) -> Any:
     return LlmJudge(options)
 
 
+def _audio_stats(options: Any) -> Any:
+    from reempathy.evaluation.speech.stats import AudioStatsEvaluator
+
+    return AudioStatsEvaluator(options)
+
+
+def _asr_wer(options: Any) -> Any:
+    from reempathy.evaluation.speech.asr import AsrWer
+
+    return AsrWer(options)
+
+
+def _keyword_empathy(options: Any) -> Any:
+    from reempathy.evaluation.keywords import KeywordEmpathy
+
+    return KeywordEmpathy(options)
+
+
 @hookimpl
 def reempathy_register_evaluators(register: Register) -> None:
     from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
     from reempathy.evaluation.judge.options import JudgeOptions
+    from reempathy.evaluation.keywords import KeywordEmpathyOptions
+    from reempathy.evaluation.speech.options import AsrWerOptions, AudioStatsOptions
 
     register(
         "empathyeval", _empathyeval, EmpathyEvalOptions,
@@ -44,4 +65,16 @@ def reempathy_register_evaluators(register: Register) -> None:
     register(
         "llm-judge", _llm_judge, JudgeOptions,
         "rubric judge over the transcript (local instruct model or chat-completions endpoint); pairwise A/B",
+    )
+    register(
+        "audio-stats", _audio_stats, AudioStatsOptions,
+        "speech quality without a model: duration, silence share, clipping share and RMS loudness of each answer's WAV",
+    )
+    register(
+        "asr-wer", _asr_wer, AsrWerOptions,
+        "speech quality: a local Whisper transcribes each answer's WAV; WER and CER against its spoken text (jiwer)",
+    )
+    register(
+        "keyword-empathy", _keyword_empathy, KeywordEmpathyOptions,
+        "HEURISTIC, NOT the paper's EmpathyEval: four 1-5 scores from cue words in the spoken text (offline pipeline runs)",
     )
