@@ -279,6 +279,7 @@ class _BatchLoop:
                     new.append(self._prefill(request, stack))
                 except ReempathyError as exc:
                     self._failed.append((None, request.key, exc))
+                    break  # its outcome is yielded before the source is asked again
             else:
                 new.append(self._prefill(request, stack))
         if control is not None:
