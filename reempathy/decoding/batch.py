@@ -227,6 +227,8 @@ class _BatchLoop:
         while not finished:
             if control is not None:
                 self._cancel(control, finished)
+                if finished:
+                    break  # their results go out before the source is asked again (it may block while nothing runs)
             self._refill(requests, stack)
             if self._failed:
                 finished.extend((_Failed(key), error) for _, key, error in self._failed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 API_KEY_ENV = "REEMPATHY_API_KEY"
@@ -68,6 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reempathy.serve.config import load_serve_config
     from reempathy.serve.server import Server
 
+    # uvicorn's `websockets` implementation (the one that can answer a refused handshake with 401/403/429)
+    # is marked deprecated in favour of a sans-I/O one that cannot yet; it works, so say nothing at startup.
+    warnings.filterwarnings("ignore", message=".*`websockets` implementation is deprecated")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"websockets\..*")
     registry = default_discovery().registry
     config = load_serve_config(args.config, registry, {"max_sessions": args.max_sessions}, device=args.device)
     server = Server(config, registry, api_key=api_key)

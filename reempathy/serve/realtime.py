@@ -93,7 +93,7 @@ class SessionConfig:
     model: str
     output_modalities: list[str]
     instructions: str | None = None
-    max_output_tokens: Any = "inf"
+    max_output_tokens: Any = None  # None: the model's decode.max_new_tokens (within the server's cap)
     reflections: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -506,7 +506,8 @@ class RealtimeSession:
         return {
             "type": "realtime", "object": "realtime.session", "id": self.id, "model": cfg.model,
             "output_modalities": cfg.output_modalities, "instructions": cfg.instructions or "",
-            "max_output_tokens": cfg.max_output_tokens, "tools": [],
+            "max_output_tokens": cfg.max_output_tokens if cfg.max_output_tokens is not None else self.server.budget(None, self.server.model(cfg.model)),
+            "tools": [],
             "audio": {
                 "input": {"format": PCM, "turn_detection": None, "transcription": None},
                 "output": {"format": PCM},

@@ -163,10 +163,15 @@ class Server:
         except ValidationError as exc:
             raise InputError(describe_config_error(exc, "sampling", {}, SamplingConfig)) from None
 
-    def budget(self, requested: Any) -> int:
-        """A response's token budget: ``requested`` (None or "inf": the cap) within ``max_output_tokens``."""
+    def budget(self, requested: Any, model: Model | None = None) -> int:
+        """A response's token budget: ``requested``, or the model's ``max_new_tokens`` (None), or the cap ("inf").
+
+        Never above ``max_output_tokens``: an explicit larger request is refused, the model's default is cut.
+        """
         cap = self.settings.max_output_tokens
-        if requested is None or requested == "inf":
+        if requested is None:
+            return min(cap, model.cfg.decode.max_new_tokens) if model is not None else cap
+        if requested == "inf":
             return cap
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise InputError(f"max_output_tokens must be a whole number of at least 1 or \"inf\", got {requested!r}")
@@ -209,7 +214,7 @@ class Server:
         cfg = model.cfg.model_copy(update={"sampling": self.sampling(model, sampling)})
         strategy, processors = build_plugins(cfg, backbone, self.registry)
         options: LoopOptions = loop_options(cfg)
-        options.max_new_tokens = self.budget(max_tokens)
+        options.max_new_tokens = self.budget(max_tokens, model)
         return ResponseSpec(prompt_ids, strategy, processors, options, cfg.sampling.seed, audio=audio, hidden_text=hidden_text)
 
     def units(self, samples: torch.Tensor, sample_rate: int) -> list[int]:
