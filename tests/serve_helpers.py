@@ -65,13 +65,40 @@ class NoStop:
         logits[self.ids] = float("-inf")
 
 
+class ScriptedOptions(pydantic.BaseModel):
+    text: int = 6
+
+
+class Scripted:
+    """The first ``text`` tokens text only, then audio only, never a stop: an answer with both, whatever was heard."""
+
+    def __init__(self, options: ScriptedOptions, backbone: Any) -> None:
+        self.text = options.text
+        self.layout = backbone.layout
+        self.masks: dict = {}
+
+    @hookimpl
+    def reempathy_logits(self, session, logits):
+        kind = "text" if session.generated < self.text else "audio"
+        if kind not in self.masks:
+            banned = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            layout = self.layout
+            if kind == "text":
+                banned[: layout.text_end] = False
+            else:
+                banned[layout.audio_offset : layout.audio_offset + layout.audio_count] = False
+            self.masks[kind] = banned
+        logits[self.masks[kind]] = float("-inf")
+
+
 class TestPlugins:
-    """Registers the two test processors."""
+    """Registers the test processors."""
 
     @hookimpl
     def reempathy_register_processors(self, register):
         register("explode", Explode, ExplodeOptions)
         register("no-stop", NoStop, NoStopOptions)
+        register("scripted", Scripted, ScriptedOptions)
 
 
 def registry():
@@ -88,6 +115,7 @@ MODELS = {
     ),
     "long": "[strategy]\nname = \"sft\"\n\n[[processors]]\nname = \"no-stop\"\n",
     "broken": "[strategy]\nname = \"sft\"\n\n[[processors]]\nname = \"explode\"\nat = 3\n",
+    "scripted": "[strategy]\nname = \"sft\"\n\n[[processors]]\nname = \"scripted\"\ntext = 6\n",
 }
 
 

@@ -141,7 +141,7 @@ def test_models_lists_one_model_per_configured_strategy(served):
     status, _, raw = request(served, "GET", "/v1/models")
     data = json.loads(raw)["data"]
     assert status == 200
-    assert [m["id"] for m in data] == ["sft", "cotbs", "reempathy", "long", "broken"]
+    assert [m["id"] for m in data] == ["sft", "cotbs", "reempathy", "long", "broken", "scripted"]
     assert {m["id"]: m["reempathy"]["strategy"] for m in data}["reempathy"] == "reempathy"
 
 
