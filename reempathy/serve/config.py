@@ -60,6 +60,10 @@ class ServeSettings(BaseModel):
         None, min_length=1, description="a glm-4-voice-decoder folder to attach, or 'tiny' (random, for tests and demos)"
     )
     speech_threads: int = Field(1, ge=1, le=64, description="threads that tokenize and synthesise speech beside the model")
+    speech_blocks: list[Annotated[int, Field(ge=6, le=10000)]] = Field(
+        default_factory=lambda: [25, 50, 100, 150, 200], min_length=1, max_length=32,
+        description="units per synthesised block, the first block first (the published demo's; smaller first blocks speak sooner)",
+    )
 
 
 @dataclass

@@ -192,6 +192,9 @@ class RealtimeSession:
             await self.error("invalid_value" if isinstance(exc, InputError) else "not_available", str(exc), event_id)
         except ReempathyError as exc:  # a plugin's factory failed, say: this request fails, the session lives
             await self.error(type(exc).__name__.lower(), str(exc), event_id, kind="server_error")
+        except Exception as exc:  # a bug: reported and logged; the session goes on
+            log.exception("handling %s failed", kind)
+            await self.error("server_error", f"the server failed on this event ({type(exc).__name__}); it was logged", event_id, kind="server_error")
 
     async def on_session_update(self, event: dict[str, Any]) -> None:
         session = _table(event.get("session"), "session")

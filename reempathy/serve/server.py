@@ -215,7 +215,10 @@ class Server:
         strategy, processors = build_plugins(cfg, backbone, self.registry)
         options: LoopOptions = loop_options(cfg)
         options.max_new_tokens = self.budget(max_tokens, model)
-        return ResponseSpec(prompt_ids, strategy, processors, options, cfg.sampling.seed, audio=audio, hidden_text=hidden_text)
+        return ResponseSpec(
+            prompt_ids, strategy, processors, options, cfg.sampling.seed, audio=audio, hidden_text=hidden_text,
+            block_sizes=tuple(self.settings.speech_blocks),
+        )
 
     def units(self, samples: torch.Tensor, sample_rate: int) -> list[int]:
         """Speech units of a spoken turn (run in a speech thread); ``InputError`` if too long or silent of units."""

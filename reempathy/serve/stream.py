@@ -35,6 +35,7 @@ from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ReempathyError
 from reempathy.hooks import hookimpl
 from reempathy.serve.scheduler import CANCELLED, Job, Scheduler
+from reempathy.speech.decoder.streaming import BLOCK_SIZES
 from reempathy.speech.pipeline import AudioEvent, SpeechEvent, SpokenStream, TokenEvents
 
 _keys = itertools.count(1)
@@ -119,6 +120,7 @@ class ResponseSpec:
     prefill_inputs: dict[str, Any] = field(default_factory=dict)
     audio: bool = True
     hidden_text: bool = False
+    block_sizes: tuple[int, ...] = BLOCK_SIZES
 
 
 @dataclass
@@ -158,7 +160,9 @@ class ResponseRun:
         self.key = next(_keys)
         self.outbox = Outbox(asyncio.get_running_loop())
         self.observer = RowObserver(self.outbox, backbone, count)
-        self.stream_ = SpokenStream(backbone, decoder if spec.audio else None, started=self.started, hidden_text=spec.hidden_text)
+        self.stream_ = SpokenStream(
+            backbone, decoder if spec.audio else None, block_sizes=spec.block_sizes, started=self.started, hidden_text=spec.hidden_text
+        )
 
     def start(self) -> None:
         """Queue the row for the next step boundary (``ServerBusy`` when the batch is full)."""
