@@ -219,7 +219,7 @@ class ResponseRun:
             reason = final.stop_reason
             if reason == "cancelled":
                 status = "cancelled"
-            elif reason in ("max_new_tokens", "max_context"):
+            elif reason.startswith("max_"):  # a budget or the context (max_new_tokens, max_context, max_spoken_tokens, …)
                 status = "incomplete"
             else:
                 status = "completed"
