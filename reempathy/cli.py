@@ -26,6 +26,7 @@ from reempathy.evaluation.commands import add_eval_parser
 from reempathy.experiments.cli import add_experiment_parsers
 from reempathy.options import count_arg, seed_arg
 from reempathy.plugin_commands import add_plugins_dir_option, add_plugins_parser
+from reempathy.serve.cli import add_serve_parser
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 from reempathy.training.data_cli import add_pairs_parser, add_reflect_data_parser
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parsers(sub)
     add_eval_parser(sub)
     add_plugins_parser(sub)
+    add_serve_parser(sub)
     add_plugins_dir_option(parser, sub)  # it adds --plugins-dir to every command
     _add_debug_everywhere(parser)
     return parser

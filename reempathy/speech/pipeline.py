@@ -4,7 +4,9 @@
   (the published offline path) and writes the WAV atomically.
 - ``stream_spoken_turn`` yields events while the answer is decoded: spoken text as it arrives,
   audio pieces synthesised chunk by chunk with the published demo's growing blocks
-  (``StreamingSynthesizer``), and each reflection or thought once it is complete.
+  (``StreamingSynthesizer``), and each reflection or thought once it is complete. Its two halves
+  are reusable: :class:`TokenEvents` reads tokens off a decoding session, :class:`SpokenStream`
+  turns them into these events (the server, :mod:`reempathy.serve`, runs them on the batched loop).
 
 Only ``DecodeResult.audio_units`` is synthesised: the units of the spoken chunks. Reflections and
 thoughts are never heard. Speech facts (seconds, synthesis time, time to first audio, real-time
@@ -36,7 +38,7 @@ from reempathy.backbones.base import Backbone
 from reempathy.config import DecodeConfig
 from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
-from reempathy.decoding.spans import SPOKEN_AUDIO, SPOKEN_TEXT
+from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
 from reempathy.runner import load_backbone, run_decode
@@ -75,17 +77,29 @@ class ReflectionEvent:
 
 
 @dataclass
+class HiddenTextEvent:
+    """New text of hidden segment ``index`` of phase ``kind`` as it is written (only when asked for); never spoken."""
+
+    kind: str
+    index: int
+    text: str
+
+
+@dataclass
 class DoneEvent:
     """The answer is complete; ``result.extra["speech"]`` holds the speech timings."""
 
     result: DecodeResult
 
 
-SpeechEvent = TextEvent | AudioEvent | ReflectionEvent | DoneEvent
+SpeechEvent = TextEvent | AudioEvent | ReflectionEvent | HiddenTextEvent | DoneEvent
 
 
-class _SpokenText:
-    """The spoken text as its tokens arrive: each call gives what is new and final (never half a character)."""
+class SpokenText:
+    """Text as its tokens arrive: each call gives what is new and final (never half a character).
+
+    Used for the spoken text, and (by the server) for each hidden segment's text as it is written.
+    """
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
@@ -107,6 +121,97 @@ class _SpokenText:
             return ""
         piece, self.shown = text[len(self.shown) :], text
         return piece
+
+
+class SpokenStream:
+    """The consumer side of a streamed answer: token events in (from :class:`TokenEvents`), speech events out.
+
+    Spoken text as it completes, audio synthesised per block of units as soon as the block is full
+    (``StreamingSynthesizer``; no decoder: no audio), finished reflections, and with
+    ``hidden_text`` each hidden segment's text as it is written. Reflections never reach the
+    synthesiser. ``stream_spoken_turn`` and the server (:mod:`reempathy.serve`) both drive it.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        decoder: Any | None,
+        seed: int = DEFAULT_SEED,
+        block_sizes: Sequence[int] = BLOCK_SIZES,
+        started: float | None = None,
+        hidden_text: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.synth = StreamingSynthesizer(decoder, seed=seed, block_sizes=block_sizes) if decoder is not None else None
+        self.sample_rate = decoder.sample_rate if decoder is not None else 0
+        self.started = time.perf_counter() if started is None else started
+        self.spoken = SpokenText(backbone)
+        self.hidden_text = hidden_text
+        self._hidden: dict[tuple[str, int], SpokenText] = {}
+        self.segment = 0
+        self.pieces: list[torch.Tensor] = []
+        self.first_audio: float | None = None
+        self.synthesis_s = 0.0
+
+    def feed(self, kind: str, payload: Any) -> list[SpeechEvent]:
+        """The events one token event makes (synthesis runs here, in the caller's thread)."""
+        out: list[SpeechEvent] = []
+        synth = self.synth
+        if synth is not None and kind in ("token", "text", "audio", "hidden"):
+            out.extend(self._audio(*self._synthesize(synth.tick)))
+        if kind == "audio":
+            if synth is not None:
+                synth.add(payload)
+        elif kind == "text":
+            token_id, self.segment = payload
+            piece = self.spoken.add(token_id)
+            if piece:
+                out.append(TextEvent(piece, self.segment))
+        elif kind == "hidden":
+            if self.hidden_text:
+                token_id, phase, index = payload
+                text = self._hidden.setdefault((phase, index), SpokenText(self.backbone))
+                piece = text.add(token_id)
+                if piece:
+                    out.append(HiddenTextEvent(phase, index, piece))
+        elif kind == "reflection":
+            if self.hidden_text:
+                phase, index, _ = payload
+                held = self._hidden.pop((phase, index), None)
+                piece = held.rest() if held is not None else ""
+                if piece:
+                    out.append(HiddenTextEvent(phase, index, piece))
+            out.append(ReflectionEvent(*payload))
+        return out
+
+    def end(self) -> list[SpeechEvent]:
+        """What is left when the answer is complete: text held back for a cut character, the last audio."""
+        out: list[SpeechEvent] = []
+        piece = self.spoken.rest()
+        if piece:
+            out.append(TextEvent(piece, self.segment))
+        if self.synth is not None:
+            synth = self.synth
+            made, sizes = self._synthesize(lambda: [p for p in [synth.finish()] if p is not None])
+            out.extend(self._audio(made, sizes + [0] * (len(made) - len(sizes))))
+        return out
+
+    def _audio(self, made: list[torch.Tensor], units_in_chunk: list[int]) -> list[AudioEvent]:
+        out = []
+        for piece, n in zip(made, units_in_chunk, strict=False):
+            elapsed = time.perf_counter() - self.started
+            self.first_audio = elapsed if self.first_audio is None else self.first_audio
+            self.pieces.append(piece)
+            out.append(AudioEvent(piece, self.sample_rate, len(self.pieces) - 1, n, elapsed))
+        return out
+
+    def _synthesize(self, step: Any) -> tuple[list[torch.Tensor], list[int]]:
+        synth = self.synth
+        assert synth is not None
+        before, t = len(synth.chunk_sizes), time.perf_counter()
+        made = step()
+        self.synthesis_s += time.perf_counter() - t
+        return made, synth.chunk_sizes[before:]
 
 
 def speech_parts(backbone: Backbone, need_tokenizer: bool = True, need_decoder: bool = True) -> tuple[Any, Any]:
@@ -208,7 +313,6 @@ def stream_spoken_turn(
         return
     tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
     out = check_output_file(out_path, "--out") if out_path is not None else None
-    synth = StreamingSynthesizer(decoder, seed=seed, block_sizes=block_sizes)
     t0 = time.perf_counter()
     prompt_units = list(units) if units is not None else tokenizer.tokenize(audio_path)
     tokenize_s = time.perf_counter() - t0
@@ -228,62 +332,31 @@ def stream_spoken_turn(
 
     worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
     worker.start()
-    pieces: list[torch.Tensor] = []
-    first_audio: float | None = None
-    synthesis_s = 0.0
-    spoken = _SpokenText(backbone)
-
-    def audio(made: list[torch.Tensor], units_in_chunk: list[int]) -> Iterator[AudioEvent]:
-        nonlocal first_audio
-        for piece, n in zip(made, units_in_chunk, strict=False):
-            elapsed = time.perf_counter() - started
-            first_audio = elapsed if first_audio is None else first_audio
-            pieces.append(piece)
-            yield AudioEvent(piece, decoder.sample_rate, len(pieces) - 1, n, elapsed)
-
-    def synthesize(step: Any) -> tuple[list[torch.Tensor], list[int]]:
-        nonlocal synthesis_s
-        before, t = len(synth.chunk_sizes), time.perf_counter()
-        made = step()
-        synthesis_s += time.perf_counter() - t
-        return made, synth.chunk_sizes[before:]
-
+    stream = SpokenStream(backbone, decoder, seed=seed, block_sizes=block_sizes, started=started)
     try:
         while True:
             kind, payload = events.get()
-            if kind in ("token", "text", "audio"):
-                yield from audio(*synthesize(synth.tick))
-            if kind == "audio":
-                synth.add(payload)
-            elif kind == "text":
-                token_id, segment = payload
-                piece = spoken.add(token_id)
-                if piece:
-                    yield TextEvent(piece, segment)
-            elif kind == "reflection":
-                yield ReflectionEvent(*payload)
-            elif kind == "error":
+            if kind == "error":
                 raise payload
-            elif kind == "done":
+            if kind == "done":
                 result = payload
                 break
-        piece = spoken.rest()  # whatever was held back waiting for the rest of a character
-        if piece:
-            yield TextEvent(piece, segment)
-        made, sizes = synthesize(lambda: [p for p in [synth.finish()] if p is not None])
-        yield from audio(made, sizes + [0] * (len(made) - len(sizes)))
+            yield from stream.feed(kind, payload)
+        yield from stream.end()
     finally:
         cancel.set()
         worker.join()
-    wave = torch.cat(pieces) if pieces else torch.zeros(0)
+    synth = stream.synth
+    assert synth is not None
+    wave = torch.cat(stream.pieces) if stream.pieces else torch.zeros(0)
     if out is not None:
         write_wav(out, wave, decoder.sample_rate)
     facts = _speech_facts(
-        audio_path, len(prompt_units), tokenize_s, synthesis_s, wave.shape[0], decoder.sample_rate, out, seed, result
+        audio_path, len(prompt_units), tokenize_s, stream.synthesis_s, wave.shape[0], decoder.sample_rate, out, seed, result
     )
-    facts.update(first_audio_s=first_audio, chunks=list(synth.chunk_sizes), streamed=True)
+    facts.update(first_audio_s=stream.first_audio, chunks=list(synth.chunk_sizes), streamed=True)
     result.extra["speech"] = facts
-    result.timings.time_to_first_speech_s = first_audio
+    result.timings.time_to_first_speech_s = stream.first_audio
     yield DoneEvent(result)
 
 
@@ -337,7 +410,7 @@ def _stream_talker_turn(
     worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
     worker.start()
     synthesis_s = 0.0
-    spoken = _SpokenText(backbone)
+    spoken = SpokenText(backbone)
     segment = 0
     try:
         while True:
@@ -422,7 +495,47 @@ class _Cancelled(Exception):
     """The consumer closed the stream; raised inside the decode loop to stop it."""
 
 
-class _TokenFeed:
+class TokenEvents:
+    """Hands each new position of an answer on as ``(kind, payload)``, read from the session (read-only).
+
+    Kinds: ``text`` ``(token_id, spoken segment)``, ``audio`` (the unit), ``hidden``
+    ``(token_id, phase, segment index)`` for a hidden segment's text, ``token`` (anything else), and
+    ``reflection`` ``(phase, index, text)`` once a hidden segment is finished. ``emit`` is called in
+    the decoding thread. Subclasses choose the hooks that call :meth:`scan`.
+    """
+
+    def __init__(self, emit: Any, backbone: Backbone) -> None:
+        self.emit = emit
+        self.backbone = backbone
+        self.seen: int | None = None
+        self.reflections = 0
+
+    def scan(self, session: Any, finished: bool) -> None:
+        """Emit every position appended since the last scan, then every hidden segment finished since."""
+        if self.seen is None:
+            self.seen = session.prompt_len
+        layout = session.layout
+        emit = self.emit
+        labels = session.labels
+        for i in range(self.seen, len(session.ids)):
+            label = labels[i]
+            if label == SPOKEN_TEXT:
+                emit("text", (session.ids[i], _segment_index(session, i)))
+            elif label == SPOKEN_AUDIO:
+                emit("audio", layout.token_to_unit(session.ids[i]))
+            elif label in (CONTROL, PROMPT):
+                emit("token", None)
+            else:  # a hidden phase's text (its label is the phase)
+                emit("hidden", (session.ids[i], label, _segment_index(session, i)))
+        self.seen = len(session.ids)
+        done = session.segments if finished else session.segments[:-1]
+        hidden = [seg for seg in done if seg.hidden]
+        for seg in hidden[self.reflections :]:
+            emit("reflection", (seg.phase, seg.index, self.backbone.decode_text(session.segment_ids(seg))))
+        self.reflections = len(hidden)
+
+
+class _TokenFeed(TokenEvents):
     """Read-only observer: hands each new position of the answer to the consuming thread.
 
     It looks at the session before every sampling step (``reempathy_logits``) and once at the
@@ -431,37 +544,15 @@ class _TokenFeed:
     """
 
     def __init__(self, events: queue.Queue, cancel: threading.Event, backbone: Backbone):
-        self.events = events
+        super().__init__(lambda kind, payload: events.put((kind, payload)), backbone)
         self.cancel = cancel
-        self.backbone = backbone
-        self.seen: int | None = None
-        self.reflections = 0
 
     @hookimpl
     def reempathy_logits(self, session: Any, logits: torch.Tensor) -> None:
         if self.cancel.is_set():
             raise _Cancelled()
-        self._scan(session, finished=False)
+        self.scan(session, finished=False)
 
     @hookimpl
     def reempathy_decode_end(self, session: Any, result: DecodeResult) -> None:
-        self._scan(session, finished=True)
-
-    def _scan(self, session: Any, finished: bool) -> None:
-        if self.seen is None:
-            self.seen = session.prompt_len
-        layout = session.layout
-        for i in range(self.seen, len(session.ids)):
-            label = session.labels[i]
-            if label == SPOKEN_TEXT:
-                self.events.put(("text", (session.ids[i], _segment_index(session, i))))
-            elif label == SPOKEN_AUDIO:
-                self.events.put(("audio", layout.token_to_unit(session.ids[i])))
-            else:
-                self.events.put(("token", None))
-        self.seen = len(session.ids)
-        done = session.segments if finished else session.segments[:-1]
-        hidden = [seg for seg in done if seg.hidden]
-        for seg in hidden[self.reflections :]:
-            self.events.put(("reflection", (seg.phase, seg.index, self.backbone.decode_text(session.segment_ids(seg)))))
-        self.reflections = len(hidden)
+        self.scan(session, finished=True)
