@@ -219,7 +219,7 @@ class Backbone:
 
     name: str
     model: Any  # a transformers PreTrainedModel
-    tokenizer: Any  # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer; plugins use encode_text / decode_text
     layout: VocabLayout
     stream: StreamPolicy
     max_context: int
@@ -272,6 +272,30 @@ class Backbone:
                 "build it with build_prompt_inputs and pass prefill_inputs to the decoder"
             )
         return built.ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text-token ids of ``text`` as the model reads it inside an answer: no special tokens added.
+
+        The typed way for a plugin to turn text into ids, e.g. text forced into a phase as part of it
+        (``Switch("reflection", forced=(open_id,), hidden=True, prefix=tuple(backbone.encode_text("Thinking:")))``).
+        Text is tokenized on its own: a word may split differently than it would after other text.
+        Text that spells a special token (``<|user|>``, a delimiter) is an :class:`InputError`: forced
+        into an answer, it would act as that control token; force such tokens by id
+        (``layout.token_id(name)``) instead.
+        """
+        ids = [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+        special = [i for i in ids if not self.layout.is_text(i)]
+        if special:
+            first = special[0]
+            names = {v: k for k, v in self.layout.special.items()}
+            shown = names.get(first) or (
+                f"audio unit {self.layout.token_to_unit(first)}" if self.layout.is_audio(first) else f"token id {first}"
+            )
+            raise InputError(
+                f"backbone {self.name!r}: the text {text[:60]!r} encodes the special token {shown}, not text; "
+                "force special tokens by id (backbone.layout.token_id(NAME)) and give only plain text here"
+            )
+        return ids
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text of text-token ids (non-text ids are dropped)."""

@@ -82,4 +82,17 @@ def hook_failure(pm: Any, hook_name: str, error: Exception) -> PluginFailure:
     return PluginFailure(name, hook_name, error)
 
 
-__all__ = ["culprit", "hook_failure", "plugin_name", "remember_name"]
+def answer_failure(pm: Any, hook_name: str, error: Exception) -> PluginFailure:
+    """A ``PluginFailure`` for an answer of ``hook_name`` that the loop cannot use (``error`` says why).
+
+    pluggy hands the loop the answers, not who gave them: the plugin is named when one
+    implementation of the hook could have given it (the usual case: the strategy alone answers
+    ``reempathy_token``), else the candidates are listed in call order. Nothing is called again.
+    """
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    names = list(dict.fromkeys(plugin_name(impl.plugin) for impl in reversed(impls)))  # pluggy calls the last first
+    name = names[0] if len(names) == 1 else ("one of " + ", ".join(names) if names else "unknown")
+    return PluginFailure(name, hook_name, error)
+
+
+__all__ = ["answer_failure", "culprit", "hook_failure", "plugin_name", "remember_name"]
