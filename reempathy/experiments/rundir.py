@@ -145,7 +145,7 @@ def scan_results(path: str | Path, required: Iterable[str] = ("id", "line")) -> 
             continue
         try:
             doc = json.loads(line.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             doc = None
         if not isinstance(doc, dict) or any(k not in doc for k in required):
             raise InputError(
@@ -201,6 +201,8 @@ def read_run_manifest(directory: str | Path) -> dict[str, Any] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); the run directory is damaged") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a run manifest; the run directory is damaged") from None
     if not isinstance(doc, dict) or doc.get("schema") != RUN_SCHEMA:
         raise InputError(f"{path}: not a run manifest (schema {RUN_SCHEMA!r}); is {str(directory)!r} a run directory?")
     return doc
