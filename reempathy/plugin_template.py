@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reempathy.errors import InputError
+from reempathy.paths import check_name
 from reempathy.safe_write import replacing_dir
 
 KINDS = ("strategy", "processor", "observer", "backbone")
@@ -415,7 +416,7 @@ def render(name: str, kind: str) -> dict[str, str]:
 def write_package(name: str, kind: str, parent: str | Path = ".") -> Path:
     """Write the package into ``parent/name``; refuses an existing non-empty folder or a file there."""
     files = render(name, kind)
-    parent = Path(parent)
+    parent = check_name(parent, "--dir")  # '' would be the current folder without saying so
     target = parent / name
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{str(target)!r} already exists; choose another name or --dir")

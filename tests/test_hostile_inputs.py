@@ -228,3 +228,42 @@ def test_plugin_new_refuses_an_empty_dir(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = _fails(capsys, ["plugin", "new", "my-notes", "--kind", "strategy", "--dir", ""])
     assert "--dir" in err and "empty" in err and list(tmp_path.iterdir()) == []
+
+
+def test_reflect_data_refuses_to_write_over_its_own_data_even_with_force(tmp_path, capsys):
+    data = _data(tmp_path / "train.jsonl", _examples(2))
+    before = data.read_bytes()
+    err = _fails(capsys, ["reflect-data", "--data", str(data), "--evaluator", "llm-judge", "--out", str(data), "--force",
+                          "--set", "endpoint=http://127.0.0.1:9/v1", "--set", "model=m"])
+    assert "--out" in err and "also --data" in err and data.read_bytes() == before
+
+
+def test_reflect_data_refuses_an_output_among_a_runs_own_files(run_copy, tmp_path, capsys):
+    data = _data(tmp_path / "train.jsonl", _examples(2))
+    target = run_copy / "results.jsonl"
+    before = target.read_bytes()
+    err = _fails(capsys, ["reflect-data", "--data", str(data), "--evaluator", "llm-judge", "--out", str(target), "--force",
+                          "--set", "endpoint=http://127.0.0.1:9/v1", "--set", "model=m"])
+    assert "run directory" in err and target.read_bytes() == before
+
+
+def test_ab_refuses_to_write_its_verdicts_over_a_runs_results(run_copy, run_dir, capsys):
+    target = run_copy / "results.jsonl"
+    before = target.read_bytes()
+    err = _fails(capsys, ["ab", str(run_dir), str(run_copy), "--judge", "llm-judge", "--out", str(target),
+                          "--set", "endpoint=http://127.0.0.1:9/v1", "--set", "model=m"])
+    assert "--out" in err and "run directory" in err and target.read_bytes() == before
+
+
+def test_decode_refuses_to_write_the_spoken_answer_over_the_input_wav(tmp_path, capsys):
+    wav = tmp_path / "in.wav"
+    wav.write_bytes(b"RIFF")
+    err = _fails(capsys, ["decode", "--audio", str(wav), "--out", str(wav)])
+    assert "also --audio" in err and wav.read_bytes() == b"RIFF"
+
+
+def test_speech_synthesize_refuses_to_write_over_its_units_file(tmp_path, capsys):
+    units = tmp_path / "units.txt"
+    units.write_text("1 2 3\n")
+    err = _fails(capsys, ["speech", "synthesize", "--decoder", str(tmp_path / "none"), "--units", str(units), "--out", str(units)])
+    assert "also --units" in err and units.read_text() == "1 2 3\n"

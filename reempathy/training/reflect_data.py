@@ -368,7 +368,7 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
         "layout": layout_name(layout),
         "template": template,
     }
-    output = ResumableJsonl(opts.out, identity, "reflect-data")
+    output = ResumableJsonl(opts.out, identity, "reflect-data", [("--data", opts.data), ("--config", opts.config)])
     output.check(opts.force)
     done = output.done_ids(opts.force)
     todo = [e for e in data.entries if str(e.line) not in done]
