@@ -19,9 +19,8 @@ Where it decides: :meth:`Row.accept` turns a sampled token and the strategy's di
 appended, forced and observed tokens, a phase change, and the stop; :func:`choose` picks the
 token and refuses logits that allow none (all ``-inf``, NaN, ``+inf``). A plugin's hook that
 raises becomes ``PluginFailure`` naming the plugin and the hook (:mod:`failures`), and so does an
-answer the loop cannot use — not a directive, or a ``Switch`` whose token ids are not in the
-vocabulary — checked where it enters the loop (:meth:`Row.begin`, :meth:`Row.accept`): the type
-check is the identity test the loop makes anyway, the ids are checked only at a switch.
+answer the loop cannot use (not a directive, a ``Switch`` whose token ids are not in the
+vocabulary), checked where it enters the loop: :meth:`Row.begin` and :meth:`Row.accept`.
 """
 
 from __future__ import annotations
@@ -38,11 +37,19 @@ import torch
 from reempathy.backbones.base import Backbone
 from reempathy.decoding import hookspecs
 from reempathy.decoding.directives import CONTINUE, Continue, Stop, Switch
-from reempathy.decoding.failures import answer_failure, hook_failure, plugin_name
+from reempathy.decoding.failures import (
+    DIRECTIVE_TYPES,
+    answer_failure,
+    hook_failure,
+    not_a_directive,
+    plugin_name,
+    register_checked,
+    switch_ids,
+)
 from reempathy.decoding.result import DecodeResult, Timings, build_result
 from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK, SPOKEN_AUDIO
-from reempathy.errors import DecodeError, InputError, PluginError, ReempathyError
+from reempathy.errors import DecodeError, InputError, ReempathyError
 
 
 class _SessionPluginManager(pluggy.PluginManager):
@@ -88,21 +95,9 @@ def session_plugin_manager(strategy: object, processors: Sequence[object] = ()) 
     pm = _SessionPluginManager("reempathy")
     pm.add_hookspecs(hookspecs)
     for i, proc in enumerate(reversed(list(processors))):
-        _register(pm, proc, f"processor-{len(processors) - 1 - i}-{type(proc).__name__}")
-    _register(pm, strategy, f"strategy-{type(strategy).__name__}")
+        register_checked(pm, proc, f"processor-{len(processors) - 1 - i}-{type(proc).__name__}")
+    register_checked(pm, strategy, f"strategy-{type(strategy).__name__}")
     return pm
-
-
-def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
-    """Register one session plugin; pluggy's refusal (a wrapper that is not a generator, an argument
-    not in the hookspec) becomes one line naming the plugin, as the registry words it."""
-    try:
-        pm.register(plugin, name=name)
-    except pluggy.PluginValidationError as exc:
-        from reempathy.decoding.registry import check_hooks
-
-        problems = check_hooks(plugin)[0] or [" ".join(str(exc).split())]
-        raise PluginError(f"plugin {plugin_name(plugin)!r}: {'; '.join(problems)}") from None
 
 
 class Row:
@@ -181,11 +176,11 @@ class Row:
         except Exception as exc:
             raise hook_failure(self.pm, "reempathy_decode_start", exc) from exc
         for answer in answers:
-            if type(answer) not in _DIRECTIVES:
+            if type(answer) not in DIRECTIVE_TYPES:
                 raise answer_failure(self.pm, "reempathy_decode_start", not_a_directive(answer))
         first = next((d for d in answers if type(d) is Switch), None)
         if first is not None:
-            forced, prefix = self._switch_ids(first, "reempathy_decode_start")
+            forced, prefix = switch_ids(self.pm, first, "reempathy_decode_start", self.session.backbone)
             self.session._append_forced(forced)
             self._observe(forced, "forced")
             self._enter(first.phase, first.hidden, prefix)
@@ -252,7 +247,7 @@ class Row:
                 timings.time_to_first_audio_s = now - self.t_start
         changed = kind is Switch
         if changed:
-            forced, prefix = self._switch_ids(directive, "reempathy_token")
+            forced, prefix = switch_ids(self.pm, directive, "reempathy_token", self.session.backbone)
             if forced:
                 session._append_forced(forced)
                 self._observe(forced, "forced")
@@ -346,30 +341,6 @@ class Row:
         except Exception as exc:
             raise hook_failure(self.pm, "reempathy_token_appended", exc) from exc
 
-    def _switch_ids(self, switch: Switch, hook_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(forced, prefix)`` of a ``Switch`` as token ids of the vocabulary; ``PluginFailure`` naming the hook otherwise."""
-        if not isinstance(switch.phase, str) or not switch.phase:
-            raise answer_failure(self.pm, hook_name, TypeError(
-                f"{_shown(switch)}: phase must be a non-empty string (SPEAK, or a hidden phase such as 'reflection'), "
-                f"got {_shown(switch.phase)}"
-            ))
-        vocab = self.session.layout.vocab_size
-        out = []
-        for field in ("forced", "prefix"):
-            values = getattr(switch, field)
-            if type(values) is tuple and all(type(t) is int and 0 <= t < vocab for t in values):
-                out.append(values)
-                continue
-            problem = _bad_ids(values, vocab)
-            if problem is None:  # numpy or 0-d tensor integers: kept as plain ints
-                out.append(tuple(int(t.__index__()) for t in values))
-                continue
-            raise answer_failure(self.pm, hook_name, ValueError(
-                f"{_shown(switch)}: {field} {problem} of backbone {self.session.backbone.name!r}; look ids up with "
-                "backbone.layout.token_id(NAME) or backbone.encode_text(TEXT)"
-            ))
-        return out[0], out[1]
-
     def _enter(self, phase: str, hidden: bool, prefix: tuple[int, ...] = ()) -> None:
         session = self.session
         old = session.phase
@@ -383,39 +354,6 @@ class Row:
             raise
         except Exception as exc:
             raise hook_failure(self.pm, "reempathy_phase_change", exc) from exc
-
-
-_DIRECTIVES = frozenset({Continue, Switch, Stop, type(None)})
-
-
-def _shown(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def not_a_directive(value: Any) -> TypeError:
-    """The error for a hook answer that is not ``None`` or a directive (a subclass of one included)."""
-    what = f"a subclass of {type(value).__mro__[1].__name__}" if isinstance(value, (Continue, Switch, Stop)) else f"a {type(value).__name__}"
-    return TypeError(
-        f"answered {_shown(value)} ({what}), which is not a directive; return None, Continue(), "
-        "Switch(phase, forced=…, hidden=…, prefix=…) or Stop(reason) (from reempathy.api)"
-    )
-
-
-def _bad_ids(values: Any, vocab: int) -> str | None:
-    """What is wrong with ``values`` as token ids (None: nothing, given as integers of another type)."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
-        return f"must be a tuple of token ids, got {_shown(values)}"
-    for t in values:
-        try:
-            value = None if isinstance(t, bool) else int(t.__index__())
-        except (AttributeError, TypeError, ValueError, RuntimeError):
-            value = None
-        if value is None:
-            return f"holds {_shown(t)} (a {type(t).__name__}), not a token id"
-        if not 0 <= value < vocab:
-            return f"token id {value} is outside the vocabulary 0..{vocab - 1}"
-    return None
 
 
 def choose(rows: Sequence[Row], scores: torch.Tensor, greedy: bool) -> list[int]:
