@@ -366,3 +366,15 @@ def test_encode_text_gives_text_token_ids_that_decode_back(tiny):
 def test_encode_text_refuses_special_token_text(tiny):
     with pytest.raises(InputError, match="special token"):
         tiny.encode_text("<|begin_of_reflection|> hi")
+
+
+def test_a_prefix_decodes_the_same_on_the_static_cache(tiny, tiny_prompt):
+    """Prefix tokens are forced tokens: on the static path they go through its step widths like any others."""
+    prefix = tiny.encode_text("Thinking about it:")
+    runs = []
+    for cache in ("dynamic", "static"):
+        options = LoopOptions(max_new_tokens=12, greedy=True, seed=0, cache=cache)
+        runs.append(decode(tiny, tiny_prompt, Reflects(tiny, prefix), [BanStop(tiny)], options))
+    dynamic, static = runs
+    assert static.ids == dynamic.ids and static.spans == dynamic.spans
+    assert static.hidden[0].ids[: len(prefix)] == prefix
