@@ -68,12 +68,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_decode(args: argparse.Namespace) -> int:
     from reempathy.config import load_config
     from reempathy.runner import run_decode
-    from reempathy.safe_write import check_output_file
+    from reempathy.safe_write import check_not_input, check_output_file
 
     if args.out and not args.audio:
         raise InputError("--out writes the spoken answer of a spoken turn; give --audio IN.wav too")
     if args.out:
         check_output_file(args.out, "--out")  # before any model is loaded
+        check_not_input(args.out, "--out", [("--audio", args.audio), ("--units", args.units), ("--config", args.config)])
 
     overrides = list(args.overrides)
     if args.seed is not None:

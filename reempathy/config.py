@@ -192,33 +192,59 @@ def _component_names(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     return names, rest
 
 
+LIST_KEYS = ("processors",)
+"""Top-level keys that hold an array of tables: ``--set processors.N.KEY=…`` creates entry N when N is the next index."""
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set single keys in the raw config dict (``processors.0.factor=1.2`` indexes the list).
 
     ``backbone.name`` and ``strategy.name`` are applied first and the way ``--backbone`` and
     ``--strategy`` are (:func:`set_component`), so ``--set strategy.name=cotbs`` drops the file's
     reempathy options while ``--set strategy.max_thought_tokens=8`` still applies to cotbs.
+    In a list of :data:`LIST_KEYS`, index N is an existing entry or the next one, which is created
+    (``--set processors.0.name=top-k`` on a config without ``[[processors]]``).
     """
     names, rest = _component_names(list(overrides))
     for kind, name in names.items():
         data = set_component(data, kind, name, f"--set {kind}.name")
     for item in rest:
         path, value = parse_override(item)
+        growable = path[0] in LIST_KEYS
+        if growable and len(path) > 1 and path[0] not in data and path[1].isdigit():
+            data[path[0]] = []
         node: Any = data
         for i, key in enumerate(path[:-1]):
             if isinstance(node, list):
-                try:
-                    node = node[int(key)]
-                except (ValueError, IndexError):
-                    raise ConfigError(f"--set {item!r}: no list item {key!r} in {'.'.join(path[:i])}") from None
+                node = node[_list_index(node, key, item, path[:i], growable)]
             else:
                 node = node.setdefault(key, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a table")
         if isinstance(node, list):
-            raise ConfigError(f"--set {item!r}: give an index into {'.'.join(path[:-1])}")
+            if not (growable and path[-1].isdigit()):
+                raise ConfigError(f"--set {item!r}: give an index into {'.'.join(path[:-1])}")
+            index = _list_index(node, path[-1], item, path[:-1], growable)
+            node[index] = value
+            continue
         node[path[-1]] = value
     return data
+
+
+def _list_index(node: list[Any], key: str, item: str, where: list[str], growable: bool) -> int:
+    """The index ``key`` names in ``node`` (appending an empty table when it is the next one of a growable list)."""
+    name = ".".join(where)
+    try:
+        index = int(key)
+    except ValueError:
+        raise ConfigError(f"--set {item!r}: no list item {key!r} in {name}; give an index such as {name}.0") from None
+    if growable and index == len(node):
+        node.append({})
+    if not 0 <= index < len(node):
+        count = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+        nxt = f"; --set {name}.{len(node)}.name=NAME adds the next one" if growable else ""
+        raise ConfigError(f"--set {item!r}: {name} has {count}, so there is no {name}.{key}{nxt}")
+    return index
 
 
 def set_component(data: dict[str, Any], kind: str, name: Any, flag: str) -> dict[str, Any]:
@@ -259,6 +285,12 @@ def describe_config_error(exc: ValidationError, where: str, sections: dict[str, 
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if err["type"] in ("model_type", "dict_type") and loc and "." not in loc:
         return f"{where}: {loc} must be a table, e.g. [{loc}]{tail}"
+    if err["type"] == "list_type" and loc in LIST_KEYS:
+        return (
+            f"{where}: {loc} must be an array of tables, one per entry: write [[{loc}]] (two brackets) and "
+            f'name = "..." under it in the file, or --set {loc}.0.name=NAME on the command line '
+            f"(got {toml_value(err.get('input'))}){tail}"
+        )
     if err["type"] in ("value_error", "assertion_error"):  # a model's own check: its message says it all
         return f"{where}: {loc or 'config'}: {msg}{tail}"
     return f"{where}: {loc or 'config'}: {msg} (got {toml_value(err.get('input'))}){tail}"
@@ -384,6 +416,7 @@ __all__ = [
     "validate_sampling",
     "DecodeSettings",
     "apply_overrides",
+    "LIST_KEYS",
     "read_toml",
     "describe_config_error",
     "describe_validation_error",

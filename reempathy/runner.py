@@ -145,6 +145,7 @@ def build_prompt_inputs(
         turns.append(Turn("system", text=system_prompt))
     heard = units is not None or audio is not None
     turns.append(Turn("user", text=None if heard else prompt, units=units, audio=audio))
+    backbone.check_text_fits(sum(len(t.text or "") for t in turns))  # before a huge text is tokenized
     return backbone.build_prompt_inputs(turns)
 
 

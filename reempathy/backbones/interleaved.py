@@ -29,7 +29,7 @@ from reempathy.backbones.quantize import Quantize, quantize_weights
 from reempathy.backbones.quiet import no_loading_bar
 from reempathy.devices import DeviceName
 from reempathy.errors import CheckpointError, ConfigError, InputError
-from reempathy.options import MAX_SEGMENT, STRICT, RepetitionPenalty, Temperature, Text, TopK, TopP
+from reempathy.options import MAX_SEGMENT, STRICT, PluginOptions, RepetitionPenalty, Temperature, Text, TopK, TopP
 
 NAME = "hf-interleaved"
 
@@ -67,7 +67,7 @@ class InterleavedSampling(BaseModel):
     repetition_penalty: RepetitionPenalty | None = None
 
 
-class InterleavedOptions(BaseModel):
+class InterleavedOptions(PluginOptions):
     """Options of ``hf-interleaved``: the declaration of a local interleaved text+audio causal LM."""
 
     model_config = STRICT

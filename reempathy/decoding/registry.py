@@ -21,6 +21,7 @@ kind is one entry there and one hookspec.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import inspect
@@ -286,10 +287,13 @@ def check_hooks(plugin: object) -> tuple[list[str], list[str]]:
         )
         if not callable(fn):
             continue
-        marked = getattr(fn, "reempathy_impl", None) is not None
+        opts = getattr(fn, "reempathy_impl", None)
+        marked = opts is not None
         if attr not in known:
             if marked:
-                errors.append(f"@hookimpl {attr} is not a reempathy hook (known: {', '.join(sorted(known))})")
+                close = difflib.get_close_matches(attr, known, n=1, cutoff=0.8)
+                hint = f"did you mean {close[0]}? " if close else ""
+                errors.append(f"@hookimpl {attr} is not a reempathy hook ({hint}known: {', '.join(sorted(known))})")
             continue
         if not marked:
             errors.append(f"{attr} is defined without @hookimpl (from reempathy.api import hookimpl) and would never be called")
@@ -302,6 +306,13 @@ def check_hooks(plugin: object) -> tuple[list[str], list[str]]:
             errors.append(
                 f"hook {_signature(attr, params)}: argument {extra[0]!r} is not in the hookspec "
                 f"{_signature(attr, known[attr])}"
+            )
+            continue
+        if (opts.get("wrapper") or opts.get("hookwrapper")) and not inspect.isgeneratorfunction(inspect.unwrap(fn)):
+            errors.append(
+                f"hook {attr} is marked @hookimpl(wrapper=True) but is not a generator: a wrapper must `yield` "
+                "once to get the other implementations' result (docs/plugins.md, wrappers); drop wrapper=True "
+                "for an ordinary hook"
             )
             continue
         if attr in hookspecs.RUN_HOOKS:
@@ -470,6 +481,7 @@ class _Discovery:
                 self.broken(row, exc.args[0] if isinstance(exc, PluginError) else _one_line(exc))
                 continue
             clashes = []
+            lost = []
             for reg in mine:
                 if registry.add(reg):
                     row.provides.append(f"{reg.kind}:{reg.name}")
@@ -477,11 +489,12 @@ class _Discovery:
                 kept = registry.items[reg.kind][reg.name]
                 row.lost.append(f"{reg.kind}:{reg.name} (kept from {kept.plugin!r})")
                 clashes.append(f"{reg.kind} {reg.name!r} (already registered by {kept.plugin!r})")
+                lost.append(f"{reg.kind} {reg.name!r}")
             if clashes:
                 _problem(
                     f"clash:{name}",
-                    f"plugin {name!r} registers {', '.join(clashes)}",
-                    f"the earlier registration is kept (give {name!r}'s another name)",
+                    f"plugin {name!r} registers {', '.join(clashes)}: give {', '.join(lost)} another name in plugin {name!r}",
+                    "until then the earlier registration is kept",
                 )
 
     @staticmethod

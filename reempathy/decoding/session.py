@@ -115,6 +115,20 @@ class DecodeSession:
         self.labels.extend([CONTROL] * len(tokens))
         self.forced += len(tokens)
 
+    def _append_prefix(self, tokens: tuple[int, ...]) -> None:
+        """Forced tokens that open the current segment (``Switch.prefix``): labelled, and in the segment, as if sampled."""
+        seg = self.segments[-1]
+        for token_id in tokens:
+            label = self._label_sampled(token_id)
+            pos = len(self.ids)
+            self.ids.append(token_id)
+            self.labels.append(label)
+            if label != CONTROL:
+                if seg.start == seg.end:
+                    seg.start = pos
+                seg.end = pos + 1
+        self.forced += len(tokens)
+
     def _enter(self, phase: str, hidden: bool) -> Segment:
         n = self._phase_counts.get(phase, 0) + 1
         self._phase_counts[phase] = n

@@ -139,6 +139,12 @@ def cmd_ab(args: argparse.Namespace) -> int:
     registry.get("evaluator", args.judge)
     options = parse_sets(args.overrides)
     evaluator_options(registry, args.judge, options)
+    if args.out:  # checked before any pair is judged; never over a run's own files
+        from reempathy.experiments.rundir import check_not_run_file
+        from reempathy.safe_write import check_output_file
+
+        check_output_file(args.out, "--out")
+        check_not_run_file(args.out, "--out", "ab")
     a_items = read_run(args.dir_a)
     b_by_id = {i.id: i for i in read_run(args.dir_b)}
     pairs = [PairItem(a.id, a, b_by_id[a.id]) for a in a_items if a.id in b_by_id]

@@ -53,6 +53,8 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 if not line.endswith("\n"):
                     return  # a partial last line: the writer was interrupted
                 raise InputError(f"{what} {str(path)!r} line {n}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InputError(f"{what} {str(path)!r} line {n}: JSON nested too deeply to be a record") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{what} {str(path)!r} line {n}: expected a JSON object")
             yield n, obj
@@ -81,6 +83,8 @@ def run_manifest(run_dir: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a run manifest") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -171,7 +175,14 @@ class ScoreFile:
         self.dir.mkdir(parents=True, exist_ok=True)
         identity = {"evaluator": evaluator, "options": options}
         if self.options_path.is_file() and self.path.is_file():
-            before = json.loads(self.options_path.read_text(encoding="utf-8"))
+            try:
+                before = json.loads(self.options_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                before = None
+            if not isinstance(before, dict):
+                raise InputError(
+                    f"{self.options_path}: not the options file reempathy wrote; delete it (and {self.path.name}) to start over"
+                )
             if before != identity:
                 raise ConfigError(
                     f"{self.path} was written by evaluator {before.get('evaluator')!r} with other options "

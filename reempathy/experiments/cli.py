@@ -62,8 +62,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from reempathy.experiments import rundir
     from reempathy.experiments.report import build_report, write_csv, write_plot
-    from reempathy.safe_write import check_output_file
+    from reempathy.safe_write import check_output_file, same_file
 
     if (args.x is None or args.y is None) and args.plot:
         raise ConfigError("--plot needs --x KEY (a swept key, e.g. processors.0.factor) and --y METRIC (a column)")
@@ -73,6 +74,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
+            rundir.check_not_run_file(path, flag, "report")  # never over a run's own files (its results)
+    if args.csv and args.plot and same_file(args.csv, args.plot):
+        raise ConfigError(f"--csv and --plot are the same file {args.csv!r}; give each its own path")
     report = build_report(args.dirs, baseline=args.baseline)
     print(report.markdown())
     if args.csv:

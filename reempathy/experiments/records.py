@@ -172,6 +172,8 @@ def _parse_line(line: str, lineno: int, where: str, folder: Path, index: int) ->
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to be a record") from None
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" not in obj:
@@ -275,6 +277,7 @@ def prompt_inputs(record: RunRecord, backbone: Backbone, system_prompt: str | No
             units = _tokenize(backbone, m.audio, record.where)
         turns.append(prompt_turn(Message(role=m.role, text=m.text, units=units), hears_units))
     try:
+        backbone.check_text_fits(sum(len(t.text or "") for t in turns))  # before a huge text is tokenized
         built = backbone.build_prompt_inputs(turns)
     except InputError as exc:
         raise InputError(f"{record.where}: {exc}") from None

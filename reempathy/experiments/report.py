@@ -278,7 +278,7 @@ def expand_dirs(dirs: list[str | Path]) -> tuple[list[tuple[str, Path]], list[st
             try:
                 sweep = json.loads((p / rundir.SWEEP_MANIFEST).read_text(encoding="utf-8"))
                 subs = [s["dir"] for s in sweep["runs"]]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
                 raise InputError(f"{p / rundir.SWEEP_MANIFEST}: not a sweep manifest; the sweep directory is damaged") from None
             for sub in subs:
                 if (p / sub / rundir.MANIFEST).is_file():

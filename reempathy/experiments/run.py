@@ -117,8 +117,9 @@ def run_experiment(
         raise ConfigError(f"--limit must be at least 1, got {opts.limit}")
     cfg = run_config(cfg)
     options = loop_options(cfg)
-    data = read_records(opts.data)
     out = rundir.check_out_dir(opts.out, "run")
+    rundir.check_data_outside(opts.data, out)
+    data = read_records(opts.data)
     manifest = new_manifest(cfg, data, opts.settings)
     old = rundir.read_run_manifest(out) if out.is_dir() else None
     if old is not None and not opts.force:

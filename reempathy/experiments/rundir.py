@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from reempathy.errors import ConfigError, InputError
+from reempathy.paths import check_name, describe_kind, resolved_kind
 from reempathy.safe_write import write_bytes
 
 RUN_SCHEMA = "reempathy.run/1"
@@ -145,7 +146,7 @@ def scan_results(path: str | Path, required: Iterable[str] = ("id", "line")) -> 
             continue
         try:
             doc = json.loads(line.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             doc = None
         if not isinstance(doc, dict) or any(k not in doc for k in required):
             raise InputError(
@@ -201,6 +202,8 @@ def read_run_manifest(directory: str | Path) -> dict[str, Any] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); the run directory is damaged") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a run manifest; the run directory is damaged") from None
     if not isinstance(doc, dict) or doc.get("schema") != RUN_SCHEMA:
         raise InputError(f"{path}: not a run manifest (schema {RUN_SCHEMA!r}); is {str(directory)!r} a run directory?")
     return doc
@@ -244,6 +247,50 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+def run_file(path: str | Path) -> tuple[Path, str] | None:
+    """``(directory, name)`` when ``path`` is one of the files a run or sweep directory keeps, else None.
+
+    A run directory (it holds ``manifest.json``) keeps :data:`RUN_OUTPUTS` (``results.jsonl``,
+    ``manifest.json`` and everything under ``shards/``, ``wav/``, ``scores/``); a sweep directory its
+    ``sweep.json``. Symbolic links are followed, so a link into a run directory is caught too.
+    """
+    p = Path(os.path.realpath(path))
+    for folder in p.parents:
+        first = p.relative_to(folder).parts[0]
+        if (first in RUN_OUTPUTS and (folder / MANIFEST).is_file()) or (
+            first == SWEEP_MANIFEST and (folder / SWEEP_MANIFEST).is_file()
+        ):
+            return folder, p.relative_to(folder).as_posix()
+    return None
+
+
+def check_not_run_file(path: str | Path, flag: str, command: str) -> None:
+    """``InputError`` when the output ``path`` of ``command`` is a file a run directory keeps (:func:`run_file`).
+
+    An output must never be a file of a run directory the command does not own: ``report D --csv
+    D/results.jsonl`` would replace the run's results with a table.
+    """
+    owner = run_file(path)
+    if owner is not None:
+        directory, name = owner
+        example = f" (e.g. {str(directory / 'table.csv')!r})" if command == "report" else ""
+        raise InputError(
+            f"{flag} {str(path)!r} is {name!r} of the run directory {str(directory)!r}, which `reempathy {command}` "
+            f"does not write; give a path outside that run's own files{example}"
+        )
+
+
+def check_data_outside(data: str | Path, directory: str | Path) -> None:
+    """``InputError`` when the data file a run reads is one of the files it writes (or ``--force`` clears) in ``directory``."""
+    p, d = Path(os.path.realpath(data)), Path(os.path.realpath(directory))
+    if d in p.parents and p.relative_to(d).parts[0] in RUN_OUTPUTS:
+        raise InputError(
+            f"--data {str(data)!r} is {p.relative_to(d).as_posix()!r} of the run directory --out {str(directory)!r}, "
+            "which the run writes (and --force clears): an output must not be an input of the same command; "
+            "copy the data elsewhere first"
+        )
+
+
 def clear_run(directory: str | Path) -> None:
     """Remove what a run wrote (``--force``); files we did not write are left alone."""
     d = Path(directory)
@@ -256,10 +303,21 @@ def clear_run(directory: str | Path) -> None:
 
 
 def check_out_dir(directory: str | Path, kind: str = "run") -> Path:
-    """``directory`` as a path a run (or sweep) may use: a folder or nothing; not the other kind's folder."""
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise InputError(f"--out {str(d)!r} is a file; give a directory")
+    """``directory`` as a path a run (or sweep) may use: a folder or nothing; not the other kind's folder.
+
+    An empty path is an error (it would be the current folder); a symbolic link must lead to a folder;
+    a folder among another run's own files (its ``wav/``, ``scores/``, …) is refused.
+    """
+    d = check_name(directory, "--out")
+    state = resolved_kind(d, "--out")  # a dangling link is one line here, not a FileExistsError from mkdir
+    if state not in ("missing", "dir"):
+        raise InputError(f"--out {str(d)!r} is {describe_kind(state)}; give a directory")
+    owner = run_file(d)
+    if owner is not None:
+        raise InputError(
+            f"--out {str(d)!r} is {owner[1]!r} of the run directory {str(owner[0])!r}, which belongs to that run; "
+            "give a directory of its own"
+        )
     if kind == "run" and (d / SWEEP_MANIFEST).is_file():
         raise InputError(f"--out {str(d)!r} is a sweep directory; give a directory of its own to a run")
     if kind == "sweep" and (d / MANIFEST).is_file():
@@ -288,6 +346,9 @@ __all__ = [
     "check_same_run",
     "clear_run",
     "check_out_dir",
+    "check_not_run_file",
+    "check_data_outside",
+    "run_file",
     "write_json_atomic",
     "write_bytes_atomic",
     "dumps_line",

@@ -288,7 +288,7 @@ def make_pairs(
     }
     if isinstance(opts.batch_size, bool) or not isinstance(opts.batch_size, int) or opts.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {opts.batch_size!r}")
-    output = ResumableJsonl(opts.out, identity, "pairs")
+    output = ResumableJsonl(opts.out, identity, "pairs", [("--data", opts.data)])
     output.check(opts.force)
 
     backbone = load_backbone(cfg, registry)

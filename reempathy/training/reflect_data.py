@@ -214,7 +214,7 @@ def read_data(path: str | Path, backbone: Backbone, layout: ChunkLayout) -> Data
         raise InputError(f"dataset {name!r} not found; give the path of a JSONL file of training records")
     raw_bytes = p.read_bytes()
     data = DataFile(name, hashlib.sha256(raw_bytes).hexdigest(), [], [])
-    context = {"audio_count": backbone.layout.audio_count or None}
+    context = {"audio_count": backbone.layout.audio_count or None, "max_text_chars": backbone.max_text_chars}
     for lineno, line in enumerate(raw_bytes.decode("utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
@@ -223,6 +223,9 @@ def read_data(path: str | Path, backbone: Backbone, layout: ChunkLayout) -> Data
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             data.bad.append(BadRecord(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except RecursionError:
+            data.bad.append(BadRecord(where, "JSON nested too deeply to be a record"))
             continue
         if not isinstance(obj, dict):
             data.bad.append(BadRecord(where, f"expected a JSON object, got {type(obj).__name__}"))
@@ -365,7 +368,7 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
         "layout": layout_name(layout),
         "template": template,
     }
-    output = ResumableJsonl(opts.out, identity, "reflect-data")
+    output = ResumableJsonl(opts.out, identity, "reflect-data", [("--data", opts.data), ("--config", opts.config)])
     output.check(opts.force)
     done = output.done_ids(opts.force)
     todo = [e for e in data.entries if str(e.line) not in done]

@@ -34,8 +34,15 @@ from typing import Any, Sequence
 
 from reempathy.checkpoints import now_iso
 from reempathy.errors import ConfigError, InputError
-from reempathy.experiments.rundir import LineAppender, dumps_line, scan_results, write_bytes_atomic, write_json_atomic
-from reempathy.safe_write import check_output_file
+from reempathy.experiments.rundir import (
+    LineAppender,
+    check_not_run_file,
+    dumps_line,
+    scan_results,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from reempathy.safe_write import check_not_input, check_output_file
 
 PROGRESS_SCHEMA = "reempathy.progress/1"
 
@@ -43,10 +50,13 @@ PROGRESS_SCHEMA = "reempathy.progress/1"
 class ResumableJsonl:
     """``OUT`` and its progress files (module docstring). ``kind`` names the command in messages."""
 
-    def __init__(self, out: str | Path, identity: dict[str, Any], kind: str) -> None:
+    def __init__(
+        self, out: str | Path, identity: dict[str, Any], kind: str, inputs: Sequence[tuple[str, str | Path | None]] = ()
+    ) -> None:
         self.out = Path(out)
         self.identity = identity
         self.kind = kind
+        self.inputs = list(inputs)  # (flag, path) of the files the command reads: never one of its outputs
         self.lines_path = self.out.with_name(self.out.name + ".partial")
         self.identity_path = self.out.with_name(self.out.name + ".partial.json")
         self.done: dict[str, dict[str, Any]] = {}
@@ -58,7 +68,10 @@ class ResumableJsonl:
         """Refuse what cannot be continued (another identity, a finished OUT) before anything is loaded or written."""
         # Each path must be a regular file or nothing, in a writable folder: the shared write discipline's check.
         for path in (self.out, self.lines_path, self.identity_path):
-            check_output_file(path, "--out" if path == self.out else "progress file")
+            what = "--out" if path == self.out else "progress file"
+            check_output_file(path, what)
+            check_not_input(path, what, self.inputs)
+            check_not_run_file(path, what, self.kind)
         if force:
             return
         if self.identity_path.is_file():

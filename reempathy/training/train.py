@@ -278,7 +278,7 @@ def train(
         )
     backbone, backbone_options = load_training_backbone(cfg, registry)
     # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
-    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad)
+    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad, backbone.max_text_chars)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     if plan.finish_from is not None:
         return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records, built, main)
