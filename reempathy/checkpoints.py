@@ -1,6 +1,6 @@
 """Reading a checkpoint: the ``reempathy.json`` manifest, the adapter it describes, and what it means for decoding.
 
-A checkpoint directory (written by ``reempathy train``, see :mod:`reempathy.training.checkpoint`)
+A checkpoint directory (written by ``reempathy train``, see :mod:`reempathy.jobs.trainrun`)
 holds a LoRA adapter (safetensors) and a manifest written last: a directory is complete only
 when its manifest is there. ``decode``, ``run`` and ``eval`` load checkpoints through this
 module, so decoding never imports training.

@@ -24,9 +24,9 @@ from reempathy.training.builders import (
     build_reempathy,
     build_sft,
 )
-from reempathy.training.data import SourcedRecord, load_records
+from reempathy.data.records import SourcedRecord, load_records
 from reempathy.training.reference import TeacherForcingMismatch, teacher_forced_sequence
-from reempathy.training.schema import Record
+from reempathy.data.schema import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = {"need_support": 4, "wording_appropriateness": 4, "emotion_understanding": 4, "emotional_support": 4}

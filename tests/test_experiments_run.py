@@ -11,7 +11,7 @@ from pathlib import Path
 
 from reempathy.backbones.base import Turn
 from reempathy.cli import main
-from reempathy.experiments import rundir
+from reempathy.jobs import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
@@ -89,7 +89,8 @@ def test_answers_do_not_depend_on_the_batch_size(tmp_path):
 
 KILLER = r"""
 import os, signal, sys
-from reempathy.experiments import run, rundir
+from reempathy.experiments import run
+from reempathy.jobs import rundir
 
 appended = 0
 real_append = rundir.LineAppender.append
@@ -301,7 +302,7 @@ def test_a_wav_prompt_for_a_backbone_without_a_speech_tokenizer_is_named_by_its_
 def test_a_backbone_without_audio_units_reads_the_transcript(tmp_path, tiny):
     import dataclasses
 
-    from reempathy.experiments.records import check_records, read_records
+    from reempathy.data.testset import check_records, read_records
 
     text_only = dataclasses.replace(tiny, layout=dataclasses.replace(tiny.layout, audio_count=0))
     data = write_data(tmp_path / "test.jsonl", 1)

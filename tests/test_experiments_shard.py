@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from reempathy.cli import main
-from reempathy.experiments.shard import Group
+from reempathy.jobs.shard import Group
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
@@ -62,7 +62,7 @@ class _RankZeroOfTwo(Group):
         super().__init__(rank=0, size=2)
 
     def gather(self, obj):
-        return [obj, {"rank": 1, "error": {"message": "boom", "exit_code": 1}, "decoded": 0, "tokens": 0, "stops": {}}]
+        return [obj, {"rank": 1, "error": {"message": "boom", "exit_code": 1}, "processed": 0, "failures": [], "tally": {}}]
 
     def broadcast(self, obj):
         return obj

@@ -362,7 +362,7 @@ def jsonl_files(draw) -> bytes:
 @given(content=jsonl_files(), strategy=st.sampled_from(["sft", "cotbs", "reempathy", "dpo"]), skip_bad=st.booleans())
 def test_fuzz_training_records(world, tiny, content, strategy, skip_bad):
     from reempathy.training.builders import BUILDERS, build_all
-    from reempathy.training.data import load_records
+    from reempathy.data.records import load_records
 
     cwd = example_dir(world[0])
     path = cwd / "d.jsonl"

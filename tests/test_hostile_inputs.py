@@ -65,7 +65,7 @@ def run_copy(run_dir, tmp_path) -> Path:
 
 
 def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(tiny, tmp_path):
-    from reempathy.experiments.records import prompt_inputs, read_records
+    from reempathy.data.testset import prompt_inputs, read_records
 
     def never(turns):
         raise AssertionError("the prompt was tokenized")
@@ -89,7 +89,7 @@ def test_run_refuses_a_huge_one_word_prompt_naming_its_line(tmp_path, capsys, ti
 
 
 def test_a_training_record_too_long_for_the_context_is_a_bad_record_before_tokenizing(tmp_path, tiny):
-    from reempathy.training.data import load_records
+    from reempathy.data.records import load_records
 
     long = {"messages": [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "y" * (tiny.max_text_chars + 1)}]}
     data = _data(tmp_path / "train.jsonl", [_examples(1)[0], json.dumps(long)])

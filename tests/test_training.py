@@ -17,7 +17,7 @@ from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, Samp
 from reempathy.decoding.registry import default_discovery
 from reempathy.errors import CheckpointError, ConfigError, InputError
 from reempathy.runner import run_decode
-from reempathy.training.checkpoint import MANIFEST, apply_checkpoint, begin_run, plan_run, read_manifest
+from reempathy.jobs.trainrun import MANIFEST, apply_checkpoint, begin_run, plan_run, read_manifest
 from reempathy.training.cli import add_train_parser
 from reempathy.training.config import load_train_config
 from reempathy.checkpoints import CapWarning, checkpoint_config_overrides

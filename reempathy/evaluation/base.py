@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from reempathy.training.schema import SCORE_NAMES
+from reempathy.data.schema import SCORE_NAMES
 
 EMPATHY_SCORES = SCORE_NAMES
 """The four EmpathyEval dimensions, in the paper's order (1–5 each)."""

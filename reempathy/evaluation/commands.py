@@ -140,7 +140,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
     options = parse_sets(args.overrides)
     evaluator_options(registry, args.judge, options)
     if args.out:  # checked before any pair is judged; never over a run's own files
-        from reempathy.experiments.rundir import check_not_run_file
+        from reempathy.jobs.rundir import check_not_run_file
         from reempathy.safe_write import check_output_file
 
         check_output_file(args.out, "--out")

@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reempathy.config import load_config
     from reempathy.decoding.registry import default_discovery
     from reempathy.experiments.run import RunOptions, run_experiment
-    from reempathy.experiments.shard import release_group
+    from reempathy.jobs.shard import release_group
 
     registry = default_discovery().registry
     cfg = load_config(args.config, _overrides(args), args.strategy, registry)
@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from reempathy.decoding.registry import default_discovery
     from reempathy.experiments.run import RunOptions
-    from reempathy.experiments.shard import release_group
+    from reempathy.jobs.shard import release_group
     from reempathy.experiments.sweep import plan_sweep, run_sweep
 
     registry = default_discovery().registry
@@ -62,7 +62,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reempathy.experiments import rundir
+    from reempathy.jobs import rundir
     from reempathy.experiments.report import build_report, write_csv, write_plot
     from reempathy.safe_write import check_output_file, same_file
 
@@ -129,7 +129,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from reempathy.decoding.registry import default_discovery
-    from reempathy.experiments.shard import release_group
+    from reempathy.jobs.shard import release_group
     from reempathy.experiments.study import read_study, run_study
 
     registry = default_discovery().registry

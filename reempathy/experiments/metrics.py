@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from reempathy.bench import percentile
-from reempathy.training.schema import SCORE_NAMES
+from reempathy.data.schema import SCORE_NAMES
 
 BUDGET_STOPS = frozenset({"max_spoken_tokens", "max_hidden_tokens", "max_new_tokens", "max_context"})
 """Stop reasons that mean a budget, not the model or the strategy, ended the answer."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from reempathy.errors import ConfigError, InputError
-from reempathy.experiments import rundir
+from reempathy.jobs import rundir
 from reempathy.experiments.metrics import BUDGET_FLAG, EvaluatorScores, RunMetrics, evaluator_scores, run_metrics
 from reempathy.experiments.paired import Paired, paired
 from reempathy.safe_write import write_with

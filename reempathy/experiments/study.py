@@ -195,7 +195,7 @@ def run_study(
 
 def _base_stage(out: Path, s: StudySettings, say: Callable[[str], None]) -> None:
     """Train the tiny stand-in base into ``out`` unless it is there (it is written whole or not at all)."""
-    from reempathy.training.data import load_records
+    from reempathy.data.records import load_records
     from reempathy.training.demo import DATASET, project_root
     from reempathy.training.demo_base import BASE_SETTINGS, train_base
 

@@ -77,10 +77,10 @@ from reempathy.checkpoints import now_iso
 from reempathy.config import DecodeConfig, apply_overrides, load_config, parse_override, read_toml
 from reempathy.decoding.registry import Registry
 from reempathy.errors import CheckpointError, ConfigError, InputError, ReempathyError
-from reempathy.experiments import rundir
-from reempathy.experiments.records import read_records
+from reempathy.jobs import rundir
+from reempathy.data.testset import read_records
 from reempathy.experiments.run import RunOptions, RunSummary, new_manifest, run_experiment
-from reempathy.experiments.shard import Group, process_group
+from reempathy.jobs.shard import Group, process_group
 
 SWEEP_KEYS = ("runs", "grid", "checkpoints", "train")
 TRAIN_KEYS = ("config", "set")

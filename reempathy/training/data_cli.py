@@ -24,7 +24,7 @@ def _positive(value: str) -> int:
 
 
 def _unfinished(summary: Any, out: str) -> int:
-    from reempathy.training.resumable import unfinished_message
+    from reempathy.jobs.partial import unfinished_message
 
     print(f"reempathy: error: {unfinished_message(summary.failed, out)}", file=sys.stderr)
     return 1

@@ -5,7 +5,7 @@ checkpoint's backbone and adapter → every prompt not done yet becomes N rows o
 (:func:`reempathy.decoding.batch.decode_batch`), each with its own plugin objects and its own
 seed → when a prompt's N answers are in, the evaluator scores them in one call → the best and the
 worst become one training record → appended to the progress file; ``OUT`` is written when every
-prompt is done (:class:`reempathy.training.resumable.ResumableJsonl`).
+prompt is done (:class:`reempathy.jobs.partial.ResumableJsonl`).
 
 Where it decides:
 
@@ -60,12 +60,12 @@ from reempathy.decoding.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
-from reempathy.experiments.records import DataSet, RunRecord, check_records, read_records, uses_wav
+from reempathy.data.testset import DataSet, RunRecord, check_records, read_records, uses_wav
 from reempathy.training.builders import build_dpo, prompt_ids, sequence_length, spoken_chunks, stream_layout
-from reempathy.training.data import BadRecord, SourcedRecord, bad_records_message
+from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message
 from reempathy.training.evaluator_calls import call_evaluator
-from reempathy.training.resumable import ResumableJsonl, progress_bar
-from reempathy.training.schema import SCORE_NAMES, Message, Record
+from reempathy.jobs.partial import ResumableJsonl, progress_bar
+from reempathy.data.schema import SCORE_NAMES, Message, Record
 
 #: ``--set`` keys that go to the decode config (everything else is an evaluator option).
 DECODE_TABLES = ("backbone", "strategy", "processors", "sampling", "decode")

@@ -24,7 +24,7 @@ Where it decides:
   hole), it is reported with ``FILE:LINE`` and which reflection failed, and a rerun asks again.
   The output is finished only when every record is written, unless ``--skip-bad``, which
   finishes without the failed records and counts them.
-- **resuming and atomicity**: :class:`reempathy.training.resumable.ResumableJsonl` (one line per
+- **resuming and atomicity**: :class:`reempathy.jobs.partial.ResumableJsonl` (one line per
   record done in ``OUT.partial``; ``OUT`` written at the end by rename). A record's id there is
   its line number; the data file's hash is part of what a rerun must match.
 """
@@ -48,11 +48,12 @@ from reempathy.decoding.registry import Registry
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
 from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, ChunkLayout, layout_for_stream
-from reempathy.training.builders import encode_text, split_record, spoken_chunks
-from reempathy.training.data import BadRecord, SourcedRecord, bad_records_message, describe_record_error
+from reempathy.data.dialogue import split_record
+from reempathy.training.builders import encode_text, spoken_chunks
+from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message, describe_record_error
 from reempathy.training.evaluator_calls import call_evaluator
-from reempathy.training.resumable import ResumableJsonl, progress_bar
-from reempathy.training.schema import Record
+from reempathy.jobs.partial import ResumableJsonl, progress_bar
+from reempathy.data.schema import Record
 
 #: What the evaluator is asked for each prefix (``EvalItem.instruction``). The evaluator shows the
 #: dialogue and the answer so far itself; this replaces its task line.

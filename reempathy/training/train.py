@@ -21,7 +21,7 @@ from reempathy.backbones.base import Backbone
 from reempathy.decoding.registry import Registry
 from reempathy.checkpoints import HiddenLengths, ReflectionRecord, runtime_options
 from reempathy.training.builders import REFLECTION, THOUGHT, BuilderSpec, PreferencePair, TrainingSequence, build_all
-from reempathy.training.checkpoint import (
+from reempathy.jobs.trainrun import (
     ChunkLayoutRecord,
     Component,
     Manifest,
@@ -36,7 +36,7 @@ from reempathy.training.checkpoint import (
 )
 from reempathy.training.collate import PadCollator
 from reempathy.training.config import TrainConfig
-from reempathy.training.data import BadRecord, load_records
+from reempathy.data.records import BadRecord, load_records
 
 
 @dataclass
@@ -252,7 +252,7 @@ def train(
 ) -> TrainResult:
     """Train the configured strategy's adapter and write a complete checkpoint to ``[train] output_dir``.
 
-    The output directory is planned first (:func:`~reempathy.training.checkpoint.plan_run`),
+    The output directory is planned first (:func:`~reempathy.jobs.trainrun.plan_run`),
     before anything is loaded, so a refused run costs nothing and changes nothing. ``on_note``
     hears each decision about earlier checkpoints (an incomplete one skipped, nothing left to train).
     """

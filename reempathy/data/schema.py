@@ -18,7 +18,7 @@ assessment is split into reflections (:mod:`reempathy.training.reflections`).
 Keys this schema does not name are ignored, so records carrying more fields (audio paths, ids)
 load as they are. Audio units are checked against the backbone's range when the caller passes
 ``audio_count`` in the validation context, and the record's text against what the context can
-hold when it passes ``max_text_chars`` (see :func:`reempathy.training.data.load_records`).
+hold when it passes ``max_text_chars`` (see :func:`reempathy.data.records.load_records`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ complete, and a half-done job is visibly half done.
 
 Where it decides:
 
-- **appending** reuses :class:`reempathy.experiments.rundir.LineAppender` (one ``write`` per
+- **appending** reuses :class:`reempathy.jobs.rundir.LineAppender` (one ``write`` per
   whole line, then ``fsync``): a crash, even SIGKILL, loses at most the line being written.
 - **resuming** (:meth:`ResumableJsonl.open`): the complete lines of ``OUT.partial`` are the
   records done (the first line of an id stands: no duplicates); a torn last line is cut off
@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from reempathy.checkpoints import now_iso
 from reempathy.errors import ConfigError, InputError
-from reempathy.experiments.rundir import (
+from reempathy.jobs.rundir import (
     LineAppender,
     check_not_run_file,
     dumps_line,

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from reempathy.errors import InputError
 from reempathy.paths import check_name, describe_kind, resolved_kind
-from reempathy.training.schema import Record
+from reempathy.data.schema import Record
 
 # How many bad lines one error message lists before it says "and N more".
 SHOWN_BAD = 3

@@ -27,11 +27,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from reempathy.checkpoints import now_iso
 from reempathy.errors import ConfigError, InputError
+from reempathy.jobs.identity import first_difference
 from reempathy.paths import check_name, describe_kind, resolved_kind
 from reempathy.safe_write import write_bytes
 
@@ -223,28 +226,13 @@ def run_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def check_same_run(directory: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     """``ConfigError`` naming the first difference when ``old`` (on disk) and ``new`` describe different runs."""
-    a, b = _flatten(run_identity(old)), _flatten(run_identity(new))
-    for key in sorted(set(a) | set(b)):
-        # A key absent on one side and null on the other is the same setting: a config key added
-        # later (with no value, the old behaviour) must not make earlier runs unresumable.
-        if a.get(key) != b.get(key):
-            there = json.dumps(a.get(key)) if key in a else "unset"
-            here = json.dumps(b.get(key)) if key in b else "unset"
-            raise ConfigError(
-                f"{str(directory)!r} holds a run made with another config ({key}: {there} there, {here} now); "
-                "use another --out, or --force to discard its results and start again"
-            )
-
-
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
+    diff = first_difference(run_identity(old), run_identity(new))
+    if diff is not None:
+        key, there, here = diff
+        raise ConfigError(
+            f"{str(directory)!r} holds a run made with another config ({key}: {there} there, {here} now); "
+            "use another --out, or --force to discard its results and start again"
+        )
 
 
 def run_file(path: str | Path) -> tuple[Path, str] | None:
@@ -302,6 +290,76 @@ def clear_run(directory: str | Path) -> None:
             p.unlink()
 
 
+class RunStore:
+    """A run directory as the job driver's store (:mod:`reempathy.jobs.driver`): identity, claim, appends, merge.
+
+    ``manifest`` is the run's manifest as :func:`reempathy.experiments.run.new_manifest` makes
+    it; the job may fill in more (the backbone it loaded) before the claim writes it.
+    ``records`` is the number of records in the data file: the run is complete when
+    results.jsonl holds them all.
+    """
+
+    def __init__(self, out: Path, manifest: dict[str, Any], records: int) -> None:
+        self.out = out
+        self.manifest = manifest
+        self.records = records
+        self.old: dict[str, Any] | None = None
+
+    def check(self, force: bool) -> None:
+        """Another config's directory, or results without a manifest, are refused (unless ``force``)."""
+        out = self.out
+        self.old = read_run_manifest(out) if out.is_dir() else None
+        if force:
+            return
+        if self.old is not None:
+            check_same_run(out, self.old, self.manifest)
+        elif (out / RESULTS).exists() or (out / SHARDS).exists():
+            raise ConfigError(
+                f"{str(out)!r} holds results but no {MANIFEST}, so nothing says which config made them; "
+                "use another --out, or --force to discard them"
+            )
+
+    def done_ids(self, force: bool) -> set[str]:
+        return set() if force else done_ids(self.out)
+
+    def claim(self, force: bool) -> None:
+        """Clear (``force``), write the manifest with this attempt in its history, merge an earlier attempt's shards."""
+        out, manifest, old = self.out, self.manifest, self.old
+        out.mkdir(parents=True, exist_ok=True)
+        if force:
+            clear_run(out)
+            old = None
+        if old and "backbone" not in manifest and old.get("backbone"):
+            manifest["backbone"] = old["backbone"]  # nothing was loaded this time: keep what the last attempt recorded
+        history = list(old.get("history", [])) if old else []
+        history.append({"started": now_iso(), "finished": None, "processes": manifest.get("processes", 1),
+                        "command": " ".join(sys.argv[1:]) or None})
+        manifest["started"] = old.get("started") if old and old.get("started") else history[-1]["started"]
+        manifest["finished"] = None
+        manifest["history"] = history
+        write_json_atomic(out / MANIFEST, manifest)
+        consolidate(out)
+
+    def writer(self, group: Any) -> "LineAppender":
+        """results.jsonl alone; each rank's own shard when there are several."""
+        return LineAppender(self.out / RESULTS if group.size == 1 else shard_path(self.out, group.rank))
+
+    def finish(self, report: Any) -> bool:
+        """Merge the shards in record order; close this attempt in the history; ``finished`` once every record is done."""
+        docs = consolidate(self.out)
+        complete = len(docs) == self.records
+        path = self.out / MANIFEST
+        manifest = read_run_manifest(self.out)
+        if manifest is None:
+            raise InputError(f"{path}: disappeared while the run was going on")
+        now = now_iso()
+        if manifest.get("history"):
+            manifest["history"][-1]["finished"] = now
+        manifest["finished"] = now if complete else None
+        write_json_atomic(path, manifest)
+        return complete
+
+
 def check_out_dir(directory: str | Path, kind: str = "run") -> Path:
     """``directory`` as a path a run (or sweep) may use: a folder or nothing; not the other kind's folder.
 
@@ -346,6 +404,7 @@ __all__ = [
     "check_same_run",
     "clear_run",
     "check_out_dir",
+    "RunStore",
     "check_not_run_file",
     "check_data_outside",
     "run_file",
