@@ -189,6 +189,14 @@ def run_decode(
     return decode(backbone, inputs.ids, strategy, processors, options, prefill_inputs=inputs.prefill_inputs)
 
 
+def run_config(cfg: DecodeConfig) -> DecodeConfig:
+    """``cfg`` as a command over a data set uses it: ``[decode] prompt``/``units`` cleared, since the records are the prompts."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.decode.prompt = None
+    cfg.decode.units = None
+    return cfg
+
+
 def loop_options(cfg: DecodeConfig) -> LoopOptions:
     """The loop's settings from ``[decode]`` and ``[sampling]`` (shared by ``decode`` and ``run``)."""
     if cfg.decode.compile and cfg.decode.cache != "static":

@@ -79,37 +79,41 @@ def score_run(
 ) -> tuple[dict[str, Any], Path]:
     """Score every record of ``run_dir`` not scored yet into ``scores/<name>.jsonl``; the summary and the file.
 
-    The work of ``reempathy eval`` (module docstring): everything cheap is checked before the
-    evaluator is built; each batch is appended as it is scored, so a kill loses at most one batch.
+    A job on the one driver (:func:`reempathy.jobs.driver.run_job`) with the score file as its
+    store: everything cheap is checked before the evaluator is built, and each record's line is
+    appended as soon as its batch is scored, so a kill loses at most one batch.
     """
-    from tqdm import tqdm
-
     from reempathy.evaluation.registry import build_evaluator, evaluator_options
-    from reempathy.evaluation.runs import ScoreFile, evaluation_line, read_run, run_manifest
+    from reempathy.evaluation.runs import evaluation_line, read_run, run_manifest, write_summary
+    from reempathy.jobs.driver import Job, Outcome, run_job
+    from reempathy.jobs.scores import ScoreStore
 
     registry = registry or _registry()
     registry.get("evaluator", evaluator_name)
     items = read_run(run_dir)
     options = _with_run_decoder(registry, evaluator_name, options, run_manifest(run_dir))
     validated = evaluator_options(registry, evaluator_name, options).model_dump(mode="json")
-    scores = ScoreFile(run_dir, name or evaluator_name)
-    done = scores.open(evaluator_name, validated, retry_failed=retry_failed)
-    todo = [item for item in items if item.id not in done]
-    names: Sequence[str] = ()
-    if todo:
+    store = ScoreStore(run_dir, name or evaluator_name, {"evaluator": evaluator_name, "options": validated}, retry_failed)
+    built: dict[str, Any] = {}
+
+    def build() -> Any:
         evaluator = build_evaluator(registry, evaluator_name, options)
-        names = evaluator.score_names
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {evaluator_name}", unit="record",
-                  disable=not progress) as bar:
-            for batch in _batches(todo, batch_size):
-                results = _call(evaluator, evaluator_name, "evaluate", batch)
-                scores.append([evaluation_line(r, evaluator_name) for r in results])
-                bar.update(len(batch))
-    else:
+        built["names"] = evaluator.score_names
+        return evaluator
+
+    def work(evaluator: Any, todo: list[Any]) -> Any:
+        for batch in _batches(todo, batch_size):
+            for result in _call(evaluator, evaluator_name, "evaluate", batch):
+                yield Outcome(result.id, evaluation_line(result, evaluator_name))
+
+    run_job(Job(f"eval {evaluator_name}", "record", items, key=lambda item: item.id, store=store, build=build,
+                work=work), progress=progress)
+    names = built.get("names")
+    if names is None:
         from reempathy.evaluation.base import EMPATHY_SCORES
 
-        names = sorted({k for row in done.values() for k in (row.get("scores") or {})}) or EMPATHY_SCORES
-    return scores.write_summary(evaluator_name, names, len(items)), scores.path
+        names = sorted({k for row in store.lines().values() for k in (row.get("scores") or {})}) or EMPATHY_SCORES
+    return write_summary(store, evaluator_name, names, len(items)), store.path
 
 
 def format_summary(summary: dict[str, Any], path: Path) -> str:

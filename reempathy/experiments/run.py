@@ -45,7 +45,7 @@ from reempathy.jobs import rundir
 from reempathy.data.testset import DataSet, RunRecord, check_records, prompt_inputs, read_records
 from reempathy.jobs.driver import Job, Outcome, run_job
 from reempathy.jobs.shard import Group, process_group
-from reempathy.runner import build_plugins, load_backbone, loop_options
+from reempathy.runner import build_plugins, load_backbone, loop_options, run_config
 
 VERSIONED = ("reempathy", "torch", "transformers", "peft", "accelerate", "numpy", "pluggy", "pydantic")
 
@@ -168,14 +168,6 @@ def run_experiment(
 
 
 # --- the directory -----------------------------------------------------------------------
-
-
-def run_config(cfg: DecodeConfig) -> DecodeConfig:
-    """``cfg`` as a run uses it: ``[decode] prompt``/``units`` cleared, since the records are the prompts."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.decode.prompt = None
-    cfg.decode.units = None
-    return cfg
 
 
 def new_manifest(cfg: DecodeConfig, data: DataSet, settings: dict[str, Any]) -> dict[str, Any]:

@@ -43,12 +43,13 @@ W = TypeVar("W")  # what build() returns: the model, the evaluator
 class Outcome:
     """One item finished: its ``entry`` to append, or its ``failure`` (not written: a rerun tries it again).
 
+    A ``failure`` is the message, or an object whose ``str`` is (``BadRecord``: ``FILE:LINE: …``).
     ``tally`` is added to the job's counters (stop reasons, tokens…), summed over processes.
     """
 
     key: str
     entry: dict[str, Any] | None = None
-    failure: str | None = None
+    failure: Any = None
     tally: dict[str, float] = field(default_factory=dict)
 
 
@@ -103,7 +104,7 @@ class JobReport:
     total: int
     already_done: int
     processed: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[Any] = field(default_factory=list)
     tally: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     processes: int = 1
@@ -138,7 +139,7 @@ def run_job(job: Job[Any, Any], *, force: bool = False, progress: bool | None = 
     todo = [i for i in job.items if job.key(i) not in done]
     mine = group.share(todo)
     tally: Counter = Counter()
-    failures: list[str] = []
+    failures: list[Any] = []
     processed = 0
     failure: dict[str, Any] | None = None
     try:

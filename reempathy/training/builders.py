@@ -43,7 +43,6 @@ from reempathy.backbones.base import (
     THOUGHT_CLOSE,
     THOUGHT_OPEN,
     Backbone,
-    Turn,
 )
 from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import InputError
