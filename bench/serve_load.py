@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from harness import FILLER, MODELS, PROMPT  # noqa: E402
 
 from reempathy.config import load_config  # noqa: E402
-from reempathy.decoding.registry import discover  # noqa: E402
+from reempathy.registry import discover  # noqa: E402
 from reempathy.hooks import hookimpl  # noqa: E402
 from reempathy.runner import load_backbone, run_decode  # noqa: E402
 from reempathy.serve.loopback import receive_until, running_server, send, session  # noqa: E402

@@ -41,9 +41,9 @@ from reempathy.config import DecodeConfig, load_config
 from reempathy.decoding.attention import KeyBias
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
 from reempathy.decoding.directives import CONTINUE, Continue, Directive, Stop, Switch
-from reempathy.decoding.hookspecs import Register
+from reempathy.hooks import Register
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.decoding.registry import (
+from reempathy.registry import (
     DiscoveryResult,
     PluginInfo,
     Registration,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from reempathy.decoding.registry import Registry, describe_validation_error
+from reempathy.registry import Registry, describe_validation_error
 from reempathy.errors import ConfigError
 from reempathy.options import STRICT, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP
 from reempathy.paths import check_name, read_input_file

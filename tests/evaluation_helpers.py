@@ -14,7 +14,7 @@ SCORES_JSON = '{"need_support": 4, "wording_appropriateness": 3, "emotion_unders
 def write_run_dir(directory: Path, backbone, prompts: list[str], max_new_tokens: int = 16, manifest: dict | None = None) -> Path:
     """A run directory in the shared format, from real greedy decodes of ``backbone``."""
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.runner import run_decode
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pydantic
 import torch
 
-from reempathy.decoding.registry import discover
+from reempathy.registry import discover
 from reempathy.hooks import hookimpl
 from reempathy.serve import loopback
 from reempathy.serve.loopback import Conversation, Running, ask, receive_until, record, send, session  # noqa: F401

@@ -327,7 +327,7 @@ def test_a_third_party_strategy_decodes_batched_unchanged(tiny, fresh_discovery)
 
     from pydantic import BaseModel, ConfigDict
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     class MemoOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -11,7 +11,7 @@ from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.errors import InputError
-from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
+from reempathy.decoding.chunking import ChunkLayout, split_spoken
 from reempathy.training.builders import (
     BUILDERS,
     IGNORE_INDEX,

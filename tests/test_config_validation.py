@@ -8,7 +8,7 @@ import pytest
 
 from reempathy.cli import main
 from reempathy.config import load_config
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.errors import ConfigError
 from reempathy.training.config import load_train_config
 

@@ -72,7 +72,7 @@ def test_a_failed_rank_fails_the_run_and_the_others_work_is_kept(tmp_path, tiny)
     import pytest
 
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.errors import ReempathyError
     from reempathy.experiments.run import RunOptions, run_experiment
 

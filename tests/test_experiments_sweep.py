@@ -246,6 +246,6 @@ def test_demo_checkpoints_that_were_never_trained_say_to_run_the_demo(tmp_path, 
 
 
 def _registry():
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     return default_discovery().registry

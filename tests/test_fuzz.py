@@ -87,7 +87,7 @@ def one_thread():
 def cached_tiny():
     """Build each tiny backbone once: decoding does not change a backbone it did not load a checkpoint into."""
     from reempathy.backbones.tiny import load_tiny
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     reg = default_discovery().registry.get("backbone", "tiny")
     real = reg.factory

@@ -187,7 +187,7 @@ def test_endpoint_needs_the_key_variable_it_names(monkeypatch):
 
 
 def test_options_say_what_the_endpoint_back_end_needs():
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     with pytest.raises(ConfigError, match="needs endpoint"):
         default_discovery().registry.validate("evaluator", "llm-judge", {"model": "x"})
@@ -267,7 +267,7 @@ def test_parse_scores_calls_deeply_nested_json_a_parse_error():
 
 @pytest.mark.parametrize("endpoint", ["127.0.0.1 8000", "127.0.0.1:8000/v1", "ftp://host/v1", "http://", "http://host name/v1"])
 def test_an_endpoint_that_is_not_an_http_url_is_refused_when_options_are_read(endpoint):
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     with pytest.raises(ConfigError, match="endpoint") as info:
         default_discovery().registry.validate("evaluator", "llm-judge", {"endpoint": endpoint, "model": "m"})
@@ -280,7 +280,7 @@ def test_an_https_endpoint_with_a_port_and_path_is_accepted():
 
 @pytest.mark.parametrize(("option", "value"), [("timeout_s", 1e300), ("timeout_s", 7200.0), ("backoff_s", 1e9), ("backoff_s", float("inf"))])
 def test_time_options_are_bounded_when_options_are_read(option, value):
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     with pytest.raises(ConfigError, match=option):
         default_discovery().registry.validate("evaluator", "llm-judge", {"endpoint": "http://h/v1", "model": "m", option: value})

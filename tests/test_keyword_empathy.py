@@ -105,7 +105,7 @@ def test_keyword_empathy_takes_no_options(tiny_run, tmp_path, capsys):
 
 
 def test_its_description_and_docs_say_it_is_not_the_papers_empathyeval():
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     assert "NOT the paper's EmpathyEval" in default_discovery().registry.get("evaluator", "keyword-empathy").description
     docs = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")

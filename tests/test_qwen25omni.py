@@ -330,7 +330,7 @@ def record(answer: str, assessment: str = "The user feels alone; name it and sta
 
 
 def test_builders_lay_out_text_only_answers_as_the_strategy_decodes_them(qwen):
-    from reempathy.plugins.strategies.chunking import ChunkLayout
+    from reempathy.decoding.chunking import ChunkLayout
     from reempathy.training.builders import (
         ReempathyBuild,
         build_reempathy,

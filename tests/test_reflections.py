@@ -11,7 +11,7 @@ import pytest
 from reempathy.backbones.base import REFLECTION_CLOSE, REFLECTION_OPEN
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.errors import InputError
-from reempathy.plugins.strategies.chunking import split_spoken
+from reempathy.decoding.chunking import split_spoken
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.training.builders import BUILDERS, REFLECTION, ReempathyBuild, build_all, build_reempathy
 from reempathy.data.records import RecordSet, SourcedRecord, load_records

@@ -277,7 +277,7 @@ def test_plugins_lists_the_speech_evaluators(capsys):
 
 
 def test_registering_the_evaluators_loads_neither_whisper_nor_jiwer():
-    code = ("import sys; from reempathy.decoding.registry import default_discovery; default_discovery(); "
+    code = ("import sys; from reempathy.registry import default_discovery; default_discovery(); "
             "print(sorted(m for m in sys.modules if m.startswith(('jiwer', 'transformers.models.whisper', "
             "'reempathy.evaluation.speech.asr', 'reempathy.evaluation.speech.stats'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

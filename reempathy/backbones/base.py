@@ -8,6 +8,7 @@ layout and the training builders read that declaration; none of them branches on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -255,6 +256,47 @@ class Backbone:
                 longest = _FALLBACK_TOKEN_CHARS
         return 2 * self.max_context * longest
 
+    def add_special_tokens(self, names: Sequence[str]) -> list[str]:
+        """Add the special tokens of ``names`` this backbone lacks; the names added (in order).
+
+        A strategy declares the special tokens it forces or samples (``register(...,
+        special_tokens=...)``); the runner asks the backbone for them before the strategy is built
+        or a checkpoint applied. Each missing token is added to the tokenizer as a special token
+        with the next id after the largest it has, named in ``layout.special``; the model's input
+        and output embeddings grow when the id is beyond them (new rows the mean of the old, so
+        that an untrained token is no more likely than any other). Adding the same names in the
+        same order gives the same ids, which a checkpoint trained with them relies on.
+        """
+        from tokenizers import AddedToken
+
+        missing = [n for n in dict.fromkeys(names) if n not in self.layout.special]
+        if not missing:
+            return []
+        vocab = self.tokenizer.get_vocab()
+        present = [n for n in missing if n in vocab]
+        if present:
+            raise InputError(
+                f"backbone {self.name!r}: {present[0]!r} is already a token of its vocabulary but not a special one; "
+                "a strategy's special token must be new to the backbone (rename it)"
+            )
+        self.tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in missing], special_tokens=True)
+        ids = {n: int(self.tokenizer.convert_tokens_to_ids(n)) for n in missing}
+        layout = self.layout
+        clash = [n for n, i in ids.items() if layout.is_text(i) or layout.is_audio(i)]
+        if clash:
+            raise InputError(
+                f"backbone {self.name!r}: its tokenizer gave the new token {clash[0]!r} id {ids[clash[0]]}, which is a "
+                "text or audio-unit id; this backbone cannot take new special tokens"
+            )
+        rows = max(ids.values()) + 1
+        if rows > int(self.model.get_input_embeddings().weight.shape[0]):
+            grow_vocab_rows(self.model, rows)
+        self.layout = dataclasses.replace(
+            layout, special={**layout.special, **ids}, vocab_size=max(layout.vocab_size, rows)
+        )
+        self.__dict__.pop("max_text_chars", None)  # a cached property that reads the vocabulary
+        return missing
+
     def check_text_fits(self, chars: int, what: str = "the prompt's text") -> None:
         """An :class:`InputError` when ``chars`` characters of text cannot fit the context (:attr:`max_text_chars`)."""
         if chars > self.max_text_chars:
@@ -330,3 +372,17 @@ class Backbone:
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text of text-token ids (non-text ids are dropped)."""
         return self.tokenizer.decode([i for i in ids if self.layout.is_text(i)], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def grow_vocab_rows(model: Any, rows: int) -> None:
+    """Resize input and output embeddings to ``rows``; new rows are the mean of the old (deterministic)."""
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    head = model.get_output_embeddings()
+    old_out = head.weight.detach().clone() if head is not None else None
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    n = old_in.shape[0]
+    model.get_input_embeddings().weight[n:] = old_in.mean(dim=0, keepdim=True)
+    out = model.get_output_embeddings()
+    if old_out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        out.weight[n:] = old_out.mean(dim=0, keepdim=True)

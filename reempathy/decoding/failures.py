@@ -177,9 +177,10 @@ def register_checked(pm: Any, plugin: object, name: str) -> None:
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        from reempathy.decoding.registry import check_hooks
+        from reempathy.decoding import hookspecs
+        from reempathy.decoding.hookcheck import check_hooks, spec_args
 
-        problems = check_hooks(plugin)[0] or [" ".join(str(exc).split())]
+        problems = check_hooks(plugin, spec_args(hookspecs), hookspecs.RUN_HOOKS)[0] or [" ".join(str(exc).split())]
         raise PluginError(f"plugin {plugin_name(plugin)!r}: {'; '.join(problems)}") from None
 
 

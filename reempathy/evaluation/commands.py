@@ -24,7 +24,7 @@ from reempathy.errors import ConfigError, InputError, PluginFailure, ReempathyEr
 
 
 def _registry() -> Any:
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     return default_discovery().registry
 

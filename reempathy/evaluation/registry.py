@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import PluginError, PluginFailure, ReempathyError
 from reempathy.evaluation.base import Evaluator
 

@@ -29,7 +29,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.experiments.run import RunOptions, run_experiment
     from reempathy.jobs.shard import release_group
 
@@ -45,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.experiments.run import RunOptions
     from reempathy.jobs.shard import release_group
     from reempathy.experiments.sweep import plan_sweep, run_sweep
@@ -128,7 +128,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.jobs.shard import release_group
     from reempathy.experiments.study import read_study, run_study
 

@@ -38,7 +38,7 @@ from reempathy.backbones.base import Backbone, PromptInputs
 from reempathy.checkpoints import read_manifest
 from reempathy.config import DecodeConfig
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError
 from reempathy.jobs import rundir

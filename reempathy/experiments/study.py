@@ -40,7 +40,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.config import describe_config_error, read_toml
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import ConfigError, InputError
 from reempathy.experiments.run import RunOptions
 from reempathy.experiments.sweep import SweepPlan, merge_config, plan_sweep

@@ -75,7 +75,7 @@ from typing import Any, Callable
 
 from reempathy.checkpoints import now_iso
 from reempathy.config import DecodeConfig, apply_overrides, load_config, parse_override, read_toml
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import CheckpointError, ConfigError, InputError, ReempathyError
 from reempathy.jobs import rundir
 from reempathy.data.testset import read_records

@@ -37,7 +37,7 @@ from reempathy.serve.scheduler import ServerBusy
 from reempathy.serve.server import Server
 from reempathy.serve.stream import Outcome, ResponseRun, describe_failure
 from reempathy.speech.audio import parse_wav
-from reempathy.speech.pipeline import AudioEvent, HiddenTextEvent, ReflectionEvent, TextEvent
+from reempathy.streaming import AudioEvent, HiddenTextEvent, ReflectionEvent, TextEvent
 
 IGNORED = ("user", "store", "stream_options", "logprobs", "frequency_penalty", "presence_penalty", "service_tier", "metadata")
 

@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"`reempathy serve` needs the serve extra ({exc.name} is missing): pip install 'reempathy[serve]'"
         ) from None
 
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.serve.app import build_app
     from reempathy.serve.config import load_serve_config
     from reempathy.serve.server import Server

@@ -19,7 +19,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError
 
 from reempathy.config import DecodeConfig, describe_config_error, load_config, read_toml
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import ConfigError
 from reempathy.options import STRICT
 

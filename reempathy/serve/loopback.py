@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import uvicorn
 import websockets
 
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.serve.app import build_app
 from reempathy.serve.cli import uvicorn_config
 from reempathy.serve.config import load_serve_config

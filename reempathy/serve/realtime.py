@@ -45,7 +45,7 @@ from reempathy.serve.audio import WIRE_RATE, StreamResampler, decode_base64, enc
 from reempathy.serve.scheduler import ServerBusy
 from reempathy.serve.server import SAMPLING_KEYS, Server
 from reempathy.serve.stream import Outcome, ResponseRun, describe_failure
-from reempathy.speech.pipeline import AudioEvent, HiddenTextEvent, ReflectionEvent, TextEvent
+from reempathy.streaming import AudioEvent, HiddenTextEvent, ReflectionEvent, TextEvent
 
 log = logging.getLogger("reempathy.serve")
 

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from reempathy.backbones.base import Backbone, Turn
 from reempathy.config import SamplingConfig, describe_config_error
 from reempathy.decoding.loop import LoopOptions
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import ConfigError, InputError, NotAvailableError
 from reempathy.options import check_text
 from reempathy.runner import build_plugins, load_backbone, loop_options

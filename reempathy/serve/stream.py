@@ -9,7 +9,7 @@ Where it decides:
   response, so a fast batch does not flood the loop with callbacks. The observer never raises
   and never waits.
 * **Speech** (:meth:`ResponseRun.stream`): the events go through the speech pipeline's own
-  :class:`~reempathy.speech.pipeline.SpokenStream` (text as it completes, audio per block of units
+  :class:`~reempathy.streaming.SpokenStream` (text as it completes, audio per block of units
   as soon as the block is full, reflections never synthesised); when audio is asked for, that runs
   in the server's speech threads, so synthesis never blocks the event loop or the model's thread.
 * **Ending**: the row's outcome (result, error, ``CANCELLED``) is the outbox's last item; the task
@@ -36,7 +36,7 @@ from reempathy.errors import ReempathyError
 from reempathy.hooks import hookimpl
 from reempathy.serve.scheduler import CANCELLED, Job, Scheduler
 from reempathy.speech.decoder.streaming import BLOCK_SIZES
-from reempathy.speech.pipeline import AudioEvent, SpeechEvent, SpokenStream, TokenEvents
+from reempathy.streaming import AudioEvent, SpeechEvent, SpokenStream, TokenEvents
 
 _keys = itertools.count(1)
 

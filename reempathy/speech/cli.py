@@ -40,7 +40,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_synthesize(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from reempathy.runner import read_units
+    from reempathy.speech.units import read_units
     from reempathy.safe_write import check_not_input, check_output_file, write_bytes
     from reempathy.speech.audio import write_wav
     from reempathy.speech.decoder import load_speech_decoder

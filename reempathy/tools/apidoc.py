@@ -315,7 +315,7 @@ def _api_groups() -> list[tuple[str, list[str]]]:
 
 def render() -> str:
     """The whole page."""
-    from reempathy.decoding import hookspecs
+    from reempathy import hookspecs
 
     lines = [HEADER.rstrip(), ""]
     groups = _api_groups()

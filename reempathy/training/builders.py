@@ -47,7 +47,7 @@ from reempathy.backbones.base import (
 from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import InputError
 from reempathy.options import STRICT
-from reempathy.plugins.strategies.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
+from reempathy.decoding.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
 from reempathy.data.dialogue import prompt_turn, split_record
 from reempathy.data.records import BadRecord, RecordSet, SourcedRecord, bad_records_message
 from reempathy.training.reflections import fit_to_length, reflection_texts, space_token

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.config import ComponentConfig, apply_overrides, describe_config_error, read_toml
-from reempathy.decoding.registry import describe_validation_error
+from reempathy.registry import describe_validation_error
 from reempathy.errors import ConfigError
 from reempathy.jobs.trainrun import TrainSettings
 from reempathy.options import STRICT

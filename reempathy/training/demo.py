@@ -173,7 +173,7 @@ def train_checkpoints(
 def decode_with(directory: Path, units_file: Path) -> object:
     """Decode the prompt in ``units_file`` with one checkpoint: its backbone, its strategy, greedy."""
     from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, SamplingConfig
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.runner import load_backbone, run_decode
     from reempathy.checkpoints import apply_checkpoint, checkpoint_config_overrides, read_manifest
 

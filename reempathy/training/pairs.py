@@ -55,7 +55,7 @@ from reempathy.backbones.base import Backbone
 from reempathy.checkpoints import read_manifest
 from reempathy.config import DecodeConfig
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation

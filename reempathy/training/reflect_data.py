@@ -44,10 +44,10 @@ from pydantic import ValidationError
 
 from reempathy.backbones.base import Backbone
 from reempathy.config import ComponentConfig, apply_overrides, read_toml
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
-from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, ChunkLayout, layout_for_stream
+from reempathy.decoding.chunking import DEFAULT_TEXT_TOKENS, ChunkLayout, layout_for_stream
 from reempathy.data.dialogue import split_record
 from reempathy.training.builders import encode_text, spoken_chunks
 from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message, describe_record_error

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel
 
 from reempathy.backbones.base import Backbone
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.checkpoints import HiddenLengths, ReflectionRecord, runtime_options
 from reempathy.training.builders import REFLECTION, THOUGHT, BuilderSpec, PreferencePair, TrainingSequence, build_all
 from reempathy.jobs.trainrun import (
@@ -57,7 +57,7 @@ class TrainResult:
 
 def _registry(registry: Registry | None) -> Registry:
     if registry is None:
-        from reempathy.decoding.registry import default_discovery
+        from reempathy.registry import default_discovery
 
         registry = default_discovery().registry
     return registry

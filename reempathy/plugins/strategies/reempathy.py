@@ -18,7 +18,7 @@ from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK
 from reempathy.hooks import hookimpl
 from reempathy.options import MAX_SEGMENT, STRICT
-from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, SpokenChunker, layout_for_stream
+from reempathy.decoding.chunking import DEFAULT_TEXT_TOKENS, SpokenChunker, layout_for_stream
 
 REFLECTION = "reflection"
 

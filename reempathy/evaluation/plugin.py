@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reempathy.decoding.hookspecs import Register
+from reempathy.hooks import Register
 from reempathy.hooks import hookimpl
 
 
@@ -24,7 +24,6 @@ def _train_empathyeval(raw: dict, options: Any, progress: bool = True, where: st
     return train_empathyeval(raw, options, progress, where)
 
 
-_empathyeval.trainer = _train_empathyeval  # type: ignore[attr-defined]  # `reempathy train` finds it here
 
 
 def _llm_judge(options: Any) -> Any:
@@ -61,6 +60,7 @@ def reempathy_register_evaluators(register: Register) -> None:
     register(
         "empathyeval", _empathyeval, EmpathyEvalOptions,
         "listens to the dialogue (Qwen2.5-Omni / Qwen3-Omni-MoE thinker + LoRA): assessment text and four 1-5 scores",
+        trainer=_train_empathyeval,  # `reempathy train --config configs/train-empathyeval.toml`
     )
     register(
         "llm-judge", _llm_judge, JudgeOptions,

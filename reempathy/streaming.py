@@ -1,4 +1,10 @@
-"""One spoken turn: user WAV → units → decode with any strategy → spoken units → answer WAV.
+"""Spoken turns, streamed: user WAV → units → decode with any strategy → spoken units → answer audio as it is made.
+
+One streaming driver (:func:`drive`) decodes in a worker thread and hands token events to an
+audio sink (:class:`AudioSink`: the speech decoder, or a talker); the queue, the cancel and the
+worker's errors are written once. It sits above the runner (it decodes through it) and below the
+commands and the server that stream.
+
 
 - ``run_spoken_turn`` decodes the whole answer, then synthesises its spoken units in one pass
   (the published offline path) and writes the WAV atomically.
@@ -24,19 +30,20 @@ sequence.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from reempathy.backbones.base import Backbone
 from reempathy.config import DecodeConfig
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import ConfigError
@@ -286,6 +293,105 @@ def run_spoken_turn(
     return result
 
 
+class AudioSink(Protocol):
+    """What turns a streamed answer's spoken stream into audio, as the one streaming driver uses it.
+
+    Two ship: :class:`DecoderSink` (the speech decoder, audio per block of units as the units
+    arrive) and :class:`TalkerSink` (a thinker–talker backbone's talker, fed the spoken positions
+    as chunks complete). Both also make the text and reflection events.
+    """
+
+    sample_rate: int
+
+    def observers(self) -> list[object]:
+        """Plugin objects the decode runs with (a talker watches the decode's states)."""
+
+    def decoding(self) -> Any:
+        """A context manager held around the decode (in the decoding thread)."""
+
+    def feed(self, kind: str, payload: Any) -> list[SpeechEvent]:
+        """The events one token event makes; called in the consumer's thread, between events."""
+
+    def end(self) -> list[SpeechEvent]:
+        """What is left once the answer is complete (text held back, the last audio)."""
+
+    def wave(self) -> torch.Tensor:
+        """The whole answer's audio."""
+
+    def facts(self) -> dict[str, Any]:
+        """``synthesis_s``, ``first_audio_s`` and what else the sink knows, for ``result.extra["speech"]``."""
+
+
+class DecoderSink:
+    """The speech decoder as an :class:`AudioSink`: a :class:`SpokenStream` (audio per block of units)."""
+
+    def __init__(self, backbone: Backbone, decoder: Any, seed: int, block_sizes: Sequence[int], started: float) -> None:
+        self.stream = SpokenStream(backbone, decoder, seed=seed, block_sizes=block_sizes, started=started)
+        self.sample_rate = decoder.sample_rate
+
+    def observers(self) -> list[object]:
+        return []
+
+    def decoding(self) -> Any:
+        return contextlib.nullcontext()
+
+    def feed(self, kind: str, payload: Any) -> list[SpeechEvent]:
+        return self.stream.feed(kind, payload)
+
+    def end(self) -> list[SpeechEvent]:
+        return self.stream.end()
+
+    def wave(self) -> torch.Tensor:
+        return torch.cat(self.stream.pieces) if self.stream.pieces else torch.zeros(0)
+
+    def facts(self) -> dict[str, Any]:
+        synth = self.stream.synth
+        return {"synthesis_s": self.stream.synthesis_s, "first_audio_s": self.stream.first_audio,
+                "chunks": list(synth.chunk_sizes) if synth is not None else []}
+
+
+class TalkerSink:
+    """A talker as an :class:`AudioSink`: it reads the spoken rows released so far between events; its waveform
+    comes in one piece at the end (token2wav needs every code)."""
+
+    def __init__(self, backbone: Backbone, talker: Any, seed: int, started: float) -> None:
+        self.turn = talker.turn(seed)
+        self.stream = SpokenStream(backbone, None, started=started)
+        self.sample_rate = talker.sample_rate
+        self.started = started
+        self.synthesis_s = 0.0
+        self.first_audio: float | None = None
+        self._wave = torch.zeros(0)
+
+    def observers(self) -> list[object]:
+        return [self.turn]
+
+    def decoding(self) -> Any:
+        return self.turn
+
+    def feed(self, kind: str, payload: Any) -> list[SpeechEvent]:
+        t = time.perf_counter()
+        self.turn.advance()
+        self.synthesis_s += time.perf_counter() - t
+        return self.stream.feed(kind, payload)
+
+    def end(self) -> list[SpeechEvent]:
+        out = self.stream.end()
+        t = time.perf_counter()
+        self._wave = self.turn.finish()
+        self.synthesis_s += time.perf_counter() - t
+        if self._wave.shape[0]:
+            self.first_audio = time.perf_counter() - self.started
+            out.append(AudioEvent(self._wave, self.sample_rate, 0, len(self.turn.codes), self.first_audio))
+        return out
+
+    def wave(self) -> torch.Tensor:
+        return self._wave
+
+    def facts(self) -> dict[str, Any]:
+        return {"synthesis_s": self.synthesis_s, "first_audio_s": self.first_audio, "codec_tokens": len(self.turn.codes)}
+
+
 def stream_spoken_turn(
     cfg: DecodeConfig,
     registry: Registry,
@@ -299,8 +405,9 @@ def stream_spoken_turn(
 ) -> Iterator[SpeechEvent]:
     """Decode an answer to ``audio_path`` (or prompt ``units``) and yield its text, audio and reflections as they come.
 
-    The model decodes in a worker thread; audio is synthesised here, between events. Closing the
-    iterator early stops the decoding at its next token.
+    The model decodes in a worker thread; audio is made here, between events, by the backbone's
+    speech decoder or its talker (:class:`AudioSink`). Closing the iterator early stops the
+    decoding at its next token.
     """
     if (audio_path is None) == (units is None):
         raise ConfigError("give either an audio file or prompt units to stream_spoken_turn")
@@ -308,99 +415,72 @@ def stream_spoken_turn(
         if audio_path is not None:
             read_wav(audio_path)  # a file that is not usable audio fails before the model is loaded
         backbone = load_backbone(cfg, registry)
-    if backbone.talker is not None or backbone.stream.text_only:
-        yield from _stream_talker_turn(cfg, registry, backbone, audio_path, units, out_path, seed)
-        return
-    tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
-    out = check_output_file(out_path, "--out") if out_path is not None else None
-    t0 = time.perf_counter()
-    prompt_units = list(units) if units is not None else tokenizer.tokenize(audio_path)
-    tokenize_s = time.perf_counter() - t0
-
-    events: queue.Queue = queue.Queue()
-    cancel = threading.Event()
-    feed = _TokenFeed(events, cancel, backbone)
     started = time.perf_counter()
-
-    def work() -> None:
-        try:
-            events.put(("done", run_decode(cfg, registry, units=prompt_units, backbone=backbone, observers=[feed])))
-        except _Cancelled:
-            events.put(("cancelled", None))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            events.put(("error", exc))
-
-    worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
-    worker.start()
-    stream = SpokenStream(backbone, decoder, seed=seed, block_sizes=block_sizes, started=started)
-    try:
-        while True:
-            kind, payload = events.get()
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                result = payload
-                break
-            yield from stream.feed(kind, payload)
-        yield from stream.end()
-    finally:
-        cancel.set()
-        worker.join()
-    synth = stream.synth
-    assert synth is not None
-    wave = torch.cat(stream.pieces) if stream.pieces else torch.zeros(0)
+    tokenize_s = 0.0
+    sink: AudioSink
+    if backbone.talker is not None or backbone.stream.text_only:
+        talker = backbone.talker
+        if talker is None:
+            raise ConfigError(
+                f"backbone {backbone.name!r} speaks text only and has no talker loaded; "
+                "enable its talker (backbone option talker = true) to stream speech"
+            )
+        if units is not None and backbone.reads_audio:
+            raise ConfigError(f"backbone {backbone.name!r} hears audio, not units; give stream_spoken_turn an audio file")
+        if units is not None:
+            heard: dict[str, Any] = {"units": list(units)}
+        elif backbone.reads_audio:
+            heard = {"audio": audio_path}
+        else:
+            tokenizer, _ = speech_parts(backbone, need_decoder=False)
+            heard = {"units": tokenizer.tokenize(audio_path)}
+        out = check_output_file(out_path, "--out") if out_path is not None else None
+        sink = TalkerSink(backbone, talker, seed, started)
+    else:
+        tokenizer, decoder = speech_parts(backbone, need_tokenizer=audio_path is not None)
+        out = check_output_file(out_path, "--out") if out_path is not None else None
+        t0 = time.perf_counter()
+        heard = {"units": list(units) if units is not None else tokenizer.tokenize(audio_path)}
+        tokenize_s = time.perf_counter() - t0
+        sink = DecoderSink(backbone, decoder, seed, block_sizes, started)
+    result = None
+    for event in drive(cfg, registry, backbone, heard, sink):
+        if isinstance(event, DecodeResult):
+            result = event
+        else:
+            yield event
+    assert result is not None
+    wave = sink.wave()
     if out is not None:
-        write_wav(out, wave, decoder.sample_rate)
+        write_wav(out, wave, sink.sample_rate)
+    sunk = sink.facts()
     facts = _speech_facts(
-        audio_path, len(prompt_units), tokenize_s, stream.synthesis_s, wave.shape[0], decoder.sample_rate, out, seed, result
+        audio_path, len(heard["units"]) if "units" in heard else None, tokenize_s, sunk.pop("synthesis_s"),
+        wave.shape[0], sink.sample_rate, out, seed, result,
     )
-    facts.update(first_audio_s=stream.first_audio, chunks=list(synth.chunk_sizes), streamed=True)
+    facts.update(sunk, streamed=True)
     result.extra["speech"] = facts
-    result.timings.time_to_first_speech_s = stream.first_audio
+    result.timings.time_to_first_speech_s = facts["first_audio_s"]
     yield DoneEvent(result)
 
 
-def _stream_talker_turn(
-    cfg: DecodeConfig,
-    registry: Registry,
-    backbone: Backbone,
-    audio_path: str | None,
-    units: Sequence[int] | None,
-    out_path: str | None,
-    seed: int,
-) -> Iterator[SpeechEvent]:
-    """``stream_spoken_turn`` for a text-only spoken stream: the talker advances as spoken chunks complete.
+def drive(
+    cfg: DecodeConfig, registry: Registry, backbone: Backbone, heard: dict[str, Any], sink: AudioSink
+) -> Iterator[SpeechEvent | DecodeResult]:
+    """The one streaming driver: decode in a worker thread, turn its token events into speech events here.
 
-    The decode runs in a worker thread with the talker turn observing it; here, between events,
-    the talker reads whatever spoken rows have been released. Text and reflections stream as
-    for any backbone; the waveform is one piece at the end (token2wav needs every code).
+    Yields the sink's events as they come, then the :class:`DecodeResult`. An error in the
+    decoding thread is raised here; closing the iterator early cancels the decode at its next
+    token and waits for the thread.
     """
-    talker = backbone.talker
-    if talker is None:
-        raise ConfigError(
-            f"backbone {backbone.name!r} speaks text only and has no talker loaded; "
-            "enable its talker (backbone option talker = true) to stream speech"
-        )
-    if units is not None and not backbone.reads_audio:
-        heard: dict[str, Any] = {"units": list(units)}
-    elif units is not None:
-        raise ConfigError(f"backbone {backbone.name!r} hears audio, not units; give stream_spoken_turn an audio file")
-    elif backbone.reads_audio:
-        heard = {"audio": audio_path}
-    else:
-        tokenizer, _ = speech_parts(backbone, need_decoder=False)
-        heard = {"units": tokenizer.tokenize(audio_path)}
-    out = check_output_file(out_path, "--out") if out_path is not None else None
-    turn = talker.turn(seed)
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
     feed = _TokenFeed(events, cancel, backbone)
-    started = time.perf_counter()
 
     def work() -> None:
         try:
-            with turn:
-                result = run_decode(cfg, registry, backbone=backbone, observers=[feed, turn], **heard)
+            with sink.decoding():
+                result = run_decode(cfg, registry, backbone=backbone, observers=[feed, *sink.observers()], **heard)
             events.put(("done", result))
         except _Cancelled:
             events.put(("cancelled", None))
@@ -409,49 +489,19 @@ def _stream_talker_turn(
 
     worker = threading.Thread(target=work, name="reempathy-decode", daemon=True)
     worker.start()
-    synthesis_s = 0.0
-    spoken = SpokenText(backbone)
-    segment = 0
     try:
         while True:
             kind, payload = events.get()
-            t = time.perf_counter()
-            turn.advance()
-            synthesis_s += time.perf_counter() - t
-            if kind == "text":
-                token_id, segment = payload
-                piece = spoken.add(token_id)
-                if piece:
-                    yield TextEvent(piece, segment)
-            elif kind == "reflection":
-                yield ReflectionEvent(*payload)
-            elif kind == "error":
+            if kind == "error":
                 raise payload
-            elif kind == "done":
-                result = payload
-                break
-        piece = spoken.rest()  # whatever was held back waiting for the rest of a character
-        if piece:
-            yield TextEvent(piece, segment)
-        t = time.perf_counter()
-        wave = turn.finish()
-        synthesis_s += time.perf_counter() - t
-        first_audio = time.perf_counter() - started if wave.shape[0] else None
-        if wave.shape[0]:
-            yield AudioEvent(wave, talker.sample_rate, 0, len(turn.codes), first_audio)  # type: ignore[attr-defined]
+            if kind == "done":
+                yield from sink.end()
+                yield payload
+                return
+            yield from sink.feed(kind, payload)
     finally:
         cancel.set()
         worker.join()
-    if out is not None:
-        write_wav(out, wave, talker.sample_rate)
-    facts = _speech_facts(
-        audio_path, len(heard["units"]) if "units" in heard else None, 0.0, synthesis_s, wave.shape[0],
-        talker.sample_rate, out, seed, result,
-    )
-    facts.update(first_audio_s=first_audio, streamed=True, codec_tokens=len(turn.codes))  # type: ignore[attr-defined]
-    result.extra["speech"] = facts
-    result.timings.time_to_first_speech_s = first_audio
-    yield DoneEvent(result)
 
 
 def _speech_facts(
