@@ -78,6 +78,7 @@ from reempathy.config import DecodeConfig, apply_overrides, load_config, parse_o
 from reempathy.registry import Registry
 from reempathy.errors import CheckpointError, ConfigError, InputError, ReempathyError
 from reempathy.jobs import rundir
+from reempathy.jobs.identity import flatten
 from reempathy.data.testset import read_records
 from reempathy.experiments.run import RunOptions, RunSummary, new_manifest, run_experiment
 from reempathy.jobs.shard import Group, process_group
@@ -240,7 +241,7 @@ def plan_sweep(
                 raise ConfigError(f"{where}: sweep.runs[{i}] trains a checkpoint (train = …): give it a name or a checkpoint key")
             key = key if key is not None else label
             _add_train(plan, key, train_value, f"sweep.runs[{i}].train", where, ckpt_dir, table, out)
-        run_settings = _flatten(run)
+        run_settings = flatten(run) if run else {}
         if key is not None:
             run_settings = {"checkpoint": key, **run_settings}
             run.setdefault("decode", {})
@@ -305,10 +306,11 @@ def _add_train(
         if (known.config, known.overrides) != (spec.config, spec.overrides):
             raise ConfigError(f"{where}: checkpoint key {key!r} is trained two ways ({known.origin} and {origin}); give one")
         return
-    try:
-        load_train_config(spec.config, spec.overrides)
-    except ReempathyError as exc:
-        raise ConfigError(f"{where}: {origin}: {exc}") from None
+    if not spec.trained():  # a config is read only when it is to be used: a finished checkpoint needs none
+        try:
+            load_train_config(spec.config, spec.overrides)
+        except ReempathyError as exc:
+            raise ConfigError(f"{where}: {origin}: {exc}") from None
     plan.train[key] = spec
 
 
@@ -547,15 +549,6 @@ def _toml(value: Any, key: str) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v, key)}" for k, v in value.items()) + "}"
     raise ConfigError(f"config key {key!r}: value {value!r} ({type(value).__name__}) has no TOML form")
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value} if prefix else {}
 
 
 def _fmt(value: Any) -> str:
