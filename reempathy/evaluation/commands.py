@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from reempathy.errors import ConfigError, InputError, PluginFailure, ReempathyError
+from reempathy.errors import ConfigError, InputError
 
 
 def _registry() -> Any:
@@ -34,16 +34,9 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _call(evaluator: Any, name: str, method: str, batch: Sequence[Any]) -> list[Any]:
-    """Call an evaluator method; its own crash is a PluginFailure, a wrong answer count too."""
-    try:
-        out = list(getattr(evaluator, method)(batch))
-    except ReempathyError:
-        raise
-    except Exception as exc:  # the evaluator's own code failed
-        raise PluginFailure(name, f"evaluator.{method}", exc) from exc
-    if len(out) != len(batch):
-        raise PluginFailure(name, f"evaluator.{method}", ValueError(f"returned {len(out)} results for {len(batch)} items"))
-    return out
+    from reempathy.evaluation.registry import call_evaluator
+
+    return call_evaluator(evaluator, name, batch, method)
 
 
 def _with_run_decoder(registry: Any, name: str, options: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
