@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from reempathy.backbones.base import Backbone
-from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message, parse_record_line
+from reempathy.data.records import BadRecord, bad_records_message, parse_record_line
 from reempathy.data.schema import Message, Record
 from reempathy.decoding.batch import row_seed
 from reempathy.errors import ConfigError, InputError, PluginFailure, ReempathyError

@@ -34,14 +34,15 @@ def engine_for(options: JudgeOptions, backend: ChatBackend) -> RequestEngine:
 
 
 class LlmJudge:
-    """The ``llm-judge`` evaluator; ``backend`` may be given directly (tests, custom transports)."""
+    """The ``llm-judge`` evaluator; ``backend`` may be given directly (tests, custom transports), and so may the
+    request ``engine`` (``make-data`` shares its own, so that one rate limit spans both)."""
 
     score_names = EMPATHY_SCORES
 
-    def __init__(self, options: JudgeOptions, backend: ChatBackend | None = None) -> None:
+    def __init__(self, options: JudgeOptions, backend: ChatBackend | None = None, engine: RequestEngine | None = None) -> None:
         self.options = options
-        self.backend = backend if backend is not None else make_backend(options)
-        self.engine = engine_for(options, self.backend)
+        self.backend = backend if backend is not None else (engine.backend if engine is not None else make_backend(options))
+        self.engine = engine if engine is not None else engine_for(options, self.backend)
 
     def _ask(self, messages: list[dict[str, str]], parse: Callable[[str], Any]) -> tuple[Any, str | None, str | None]:
         """(parsed, None, raw) on success; (None, error, raw) after the last try."""
