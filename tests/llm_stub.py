@@ -4,7 +4,9 @@ Used behind :class:`evaluation_helpers.ChatServer` (an OpenAI-compatible chat-co
 127.0.0.1): the step is recognised by the shipped template's wording, the reply is built from what
 the prompt says (the record's topic and emotion, the number of user turns), so the same prompt
 always gets the same reply — like an LLM at temperature 0. ``override[step]`` replaces a step's
-reply: a function ``(body, n) -> (status, text)``, ``n`` counting that step's requests from 1.
+reply: a function ``(body, n) -> (status, text)``, ``n`` counting that step's requests from 1. It also
+answers llm-judge: a reflection on an answer prefix (``reflect-data``, ``make-data --reflections``) and
+the four scores of an answer (``reempathy eval``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ STEP_MARKS = {
     "assessment": "Assess that last answer",
     "rejected": "Write a worse answer",
     "reflection": "silent reflection",
+    "score": "The assistant's spoken answer:",  # llm-judge scoring an answer (reempathy eval)
 }
 GOOD = {"need_support": 4, "wording_appropriateness": 4, "emotion_understanding": 5, "emotional_support": 4}
 POOR = {"need_support": 2, "wording_appropriateness": 2, "emotion_understanding": 1, "emotional_support": 1}
@@ -72,6 +75,9 @@ class DataLLM:
 
     def rejected(self, prompt: str) -> str:
         return json.dumps({"text": "Just get over it.", "assessment": {"text": "Cold and dismissive.", "scores": POOR}})
+
+    def score(self, prompt: str) -> str:
+        return json.dumps({**GOOD, "rationale": "Warm and on point."})
 
     def reflection(self, prompt: str) -> str:
         k = re.search(r"spoken chunk (\d+)", prompt).group(1)
