@@ -115,7 +115,7 @@ def check_template(step: str, text: str, where: str) -> str:
     """``text`` if it holds every required placeholder of ``step`` and no unknown one; else a one-line ConfigError."""
     required, optional = STEPS[step]
     if not text.strip():
-        raise ConfigError(f"{where} is empty; write the {step} prompt (placeholders: docs/training.md#make-data)")
+        raise ConfigError(f"{where} is empty; write the {step} prompt (placeholders: docs/training.md#records-from-an-llm-reempathy-make-data)")
     used = set(_PLACEHOLDER.findall(text))
     unknown = sorted(used - set(required) - set(optional))
     if unknown:
@@ -125,7 +125,7 @@ def check_template(step: str, text: str, where: str) -> str:
     if missing:
         raise ConfigError(
             f"{where}: missing placeholder {{{missing[0]}}}; the {step} template must hold "
-            f"{', '.join('{' + p + '}' for p in required)} (what each holds: docs/training.md#make-data)"
+            f"{', '.join('{' + p + '}' for p in required)} (what each holds: docs/training.md#records-from-an-llm-reempathy-make-data)"
         )
     return text
 
