@@ -25,7 +25,7 @@ from reempathy.decoding.batch import RowRequest, decode_batch
 from reempathy.decoding.loop import LoopOptions
 from reempathy.errors import ConfigError
 from reempathy.hooks import Register, hookimpl
-from reempathy.options import MAX_SEGMENT, PluginOptions, Temperature, TopK, TopP
+from reempathy.options import MAX_SEGMENT, PluginOptions
 from reempathy.plugins.processors.sampling import SAMPLING_PROCESSORS
 from reempathy.plugins.strategies.read_aloud import (
     TEXT_SPOKEN,
@@ -47,9 +47,10 @@ class ReadAloudTtsOptions(PluginOptions):
 
     batch_size: int = Field(8, ge=1, le=4096, description="turns decoded together (rows of one batch)")
     greedy: bool = Field(False, description="greedy audio (the same units for the same text every time)")
-    temperature: Temperature | None = Field(None, description="sampling temperature (unset: the backbone's default)")
-    top_k: TopK | None = Field(None, description="top-k of the audio sampling (unset: the backbone's default)")
-    top_p: TopP | None = Field(None, description="top-p of the audio sampling (unset: the backbone's default)")
+    # The bounds of [sampling]'s (reempathy.options: Temperature, TopK, TopP), written out so they read as such.
+    temperature: float | None = Field(None, ge=1e-3, le=1e3, description="sampling temperature (unset: the backbone's default)")
+    top_k: int | None = Field(None, ge=0, lt=2**31, description="top-k of the audio sampling, 0: off (unset: the backbone's default)")
+    top_p: float | None = Field(None, ge=1e-6, le=1.0, description="top-p of the audio sampling (unset: the backbone's default)")
     max_tail_audio_tokens: int | None = Field(
         None, ge=0, le=MAX_SEGMENT, description="audio tokens after the text's last block (default: two audio blocks)"
     )
