@@ -202,3 +202,16 @@ def test_eval_with_concurrency_scores_every_record_against_a_server(tiny, tmp_pa
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (run / "scores" / "llm-judge.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["rec1", "rec2", "rec3", "rec4"] and all(r["error"] is None for r in rows)
+
+
+def test_a_score_file_resumes_with_another_concurrency(tiny, tmp_path, capsys):
+    from reempathy.cli import main
+
+    run = write_run_dir(tmp_path / "run", tiny, ["one", "two"], max_new_tokens=4)
+    with ChatServer(lambda body: (200, SCORES_JSON)) as server:
+        base = ["eval", str(run), "--evaluator", "llm-judge", "--set", f"endpoint={json.dumps(server.url)}",
+                "--set", 'model="m"', "--quiet"]
+        assert main(base) == 0
+        assert main([*base, "--set", "concurrency=4", "--set", "rate_limit_per_s=50.0"]) == 0, capsys.readouterr().err
+    options = json.loads((run / "scores" / "llm-judge.options.json").read_text())["options"]
+    assert "concurrency" not in options and "rate_limit_per_s" not in options

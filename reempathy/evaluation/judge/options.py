@@ -10,7 +10,7 @@ the request engine (:mod:`reempathy.evaluation.judge.engine`), shared with ``ree
 from __future__ import annotations
 
 import urllib.parse
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,6 +26,9 @@ MAX_CONCURRENCY = 256
 
 class JudgeOptions(PluginOptions):
     """``llm-judge``: a chat-completions endpoint (``endpoint`` + ``model``) or a local model directory (``path``)."""
+
+    #: How the requests are paced, not what they ask: a score file resumes with other values of these.
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"concurrency", "rate_limit_per_s"})
 
     backend: Literal["endpoint", "local"] = Field("endpoint", description="where the judge model runs")
     endpoint: str | None = Field(
