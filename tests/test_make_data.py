@@ -260,3 +260,10 @@ def test_a_local_instruct_model_is_asked_through_llm_judges_local_back_end(tmp_p
                  "--quiet"]) == 1
     [failure] = read_jsonl(Path(f"{out}.failures.jsonl"))
     assert failure["step"] == "scenario" and isinstance(failure["raw"], str)  # the model's own words, never a record
+
+
+def test_without_an_endpoint_make_data_says_what_the_llm_needs(tmp_path, capsys):
+    assert main(["make-data", "--out", str(tmp_path / "made.jsonl"), "--n", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "make-data: the LLM's options" in err and "needs endpoint" in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())

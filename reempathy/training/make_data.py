@@ -49,6 +49,7 @@ import hashlib
 import json
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,7 +442,14 @@ def make_data(opts: MakeDataOptions, registry: Registry, say: Callable[[str], No
     if not opts.language.strip() or "\n" in opts.language:
         raise ConfigError(f"--language {opts.language!r}: give a language's name on one line, e.g. English")
     templates = load_templates(opts.templates)
-    llm = registry.validate("evaluator", "llm-judge", {**LLM_DEFAULTS, **opts.llm_options})
+    prefix = "evaluator 'llm-judge': "  # the registry's wording, replaced by make-data's
+    try:
+        llm = registry.validate("evaluator", "llm-judge", {**LLM_DEFAULTS, **opts.llm_options})
+    except ConfigError as exc:
+        raise ConfigError(
+            f"make-data: the LLM's options (llm-judge's: --set endpoint=URL --set model=NAME, or --set backend=local "
+            f"--set path=DIR): {str(exc).removeprefix(prefix)}"
+        ) from None
     failures_file = failures_path(opts.out)
     for path, what in ((failures_file, "failures file"),):
         check_output_file(path, what)
@@ -541,8 +549,6 @@ class _Counting:
     """A back end that counts the requests it is sent (for the summary line); thread-safe enough for a counter."""
 
     def __init__(self, backend: Any, counted: dict[str, int]) -> None:
-        import threading
-
         self.backend, self.counted, self.lock = backend, counted, threading.Lock()
 
     def complete(self, messages: list[dict[str, str]]) -> str:

@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from pydantic import ValidationError
+
 from reempathy.backbones.base import Backbone
-from reempathy.data.records import BadRecord, bad_records_message, parse_record_line
+from reempathy.data.records import BadRecord, bad_records_message, describe_record_error, parse_record_line
 from reempathy.data.schema import Message, Record
 from reempathy.decoding.batch import row_seed
 from reempathy.errors import ConfigError, InputError, PluginFailure, ReempathyError
@@ -184,14 +186,8 @@ class Voicer:
             target["units"] = [int(u) for u in units]
         try:
             record = Record.model_validate(doc, context=self.context)
-        except Exception as exc:  # noqa: BLE001 - pydantic's error, described in one line
-            from pydantic import ValidationError
-
-            from reempathy.data.records import describe_record_error
-
-            if isinstance(exc, ValidationError):
-                return BadRecord(item.where, f"after voicing: {describe_record_error(exc)}")
-            raise
+        except ValidationError as exc:  # units out of range, say: the TTS's, so the record's failure
+            return BadRecord(item.where, f"after voicing: {describe_record_error(exc)}")
         answers: list[tuple[str, Message]] = [("answer", record.messages[-1])] if record.messages[-1].role == "assistant" else []
         if record.rejected is not None:
             answers.append(("rejected answer", record.rejected))
