@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from reempathy.backbones.tiny import build_tokenizer
-from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
+from reempathy.decoding.chunking import ChunkLayout, split_spoken
 
 UNITS = 1024
 PER_TOKEN = 2

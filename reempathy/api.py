@@ -76,8 +76,9 @@ from reempathy.evaluation.base import (
 from reempathy.hooks import hookimpl
 from reempathy.options import PluginOptions
 from reempathy.runner import build_plugins, build_prompt_ids, load_backbone, run_decode
+from reempathy.speech.tts import TTS, Speech, SpeechRequest
 
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 """The version of this API (``MAJOR.MINOR``); see the compatibility promise above."""
 
 __all__ = [
@@ -132,6 +133,10 @@ __all__ = [
     "PairItem",
     "Comparison",
     "EMPATHY_SCORES",
+    # text-to-speech plugins
+    "TTS",
+    "Speech",
+    "SpeechRequest",
     # running decodes from a script
     "DecodeConfig",
     "load_config",

@@ -25,6 +25,7 @@ from reempathy.serve.cli import add_serve_parser
 from reempathy.speech.cli import add_speech_parser
 from reempathy.training.cli import add_demo_parser, add_train_parser
 from reempathy.training.data_cli import add_pairs_parser, add_reflect_data_parser
+from reempathy.training.make_data_cli import add_make_data_parser, add_voice_parser
 
 
 def _discovery():
@@ -148,6 +149,8 @@ BUILTIN_COMMANDS: tuple[tuple[str, Any, str], ...] = (
     ("demo", add_demo_parser, "train tiny checkpoints and compare their answers"),
     ("reflect-data", add_reflect_data_parser, "per-chunk reflections for a training set, from an evaluator"),
     ("pairs", add_pairs_parser, "on-policy preference pairs from a checkpoint's samples"),
+    ("make-data", add_make_data_parser, "training records from an LLM: scenario, dialogue, assessment, rejected, speech"),
+    ("voice", add_voice_parser, "audio units for every turn of a training set, spoken by the backbone (or a TTS)"),
     ("speech", add_speech_parser, "speech tokenizer and decoder (WAV <-> units)"),
     ("bench", add_bench_parser, "decode latency per strategy"),
     ("run", add_run_parser, "decode a test set into a resumable run directory"),

@@ -50,6 +50,11 @@ def reempathy_register_evaluators(register: Register) -> None:
 
 
 @hookspec
+def reempathy_register_tts(register: Register) -> None:
+    """Register text-to-speech: ``register(name, factory, config_model)``; ``factory(options, backbone)`` returns a ``TTS`` (``reempathy.api``)."""
+
+
+@hookspec
 def reempathy_register_commands(register: Register) -> None:
     """Register CLI commands: ``register(name, add_parser, None, description)``; ``add_parser(subparsers)`` adds the subcommand."""
 
@@ -59,6 +64,7 @@ DISCOVERY_HOOKS = (
     "reempathy_register_processors",
     "reempathy_register_backbones",
     "reempathy_register_evaluators",
+    "reempathy_register_tts",
     "reempathy_register_commands",
 )
 

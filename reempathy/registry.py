@@ -53,6 +53,7 @@ KIND_HOOKS: dict[str, str] = {
     "processor": "reempathy_register_processors",
     "backbone": "reempathy_register_backbones",
     "evaluator": "reempathy_register_evaluators",
+    "tts": "reempathy_register_tts",
     "command": "reempathy_register_commands",
 }
 #: kind → the registration fields a plugin may give besides name, factory, model and description.
@@ -69,6 +70,7 @@ BUILTIN_PLUGINS = (
     "reempathy.plugins.processors",
     "reempathy.plugins.backbones",
     "reempathy.evaluation.plugin",
+    "reempathy.plugins.tts",
     "reempathy.commands",
 )
 KINDS = tuple(KIND_HOOKS)

@@ -1,4 +1,4 @@
-"""Crash safety (issue 16): SIGKILL at random points of `train`, `convert`, `speech synthesize` and `run`, in real processes.
+"""Crash safety (issue 16): SIGKILL at random points of `train`, `convert`, `speech synthesize`, `run`, `make-data` and `voice`, in real processes.
 
 Each command first runs to the end in this process, counting its file-system writes
 (tests/crash_points.py); then it runs again in a subprocess that kills itself with SIGKILL at a
@@ -243,3 +243,61 @@ def test_run_killed_anywhere_resumes_to_the_same_results(tmp_path):
             os.chdir(before)
         got = {doc["id"]: doc["result"]["ids"] for doc in map(json.loads, results.read_text().splitlines())}
         assert got == want, f"{at(k)}: the resumed run's answers differ"
+
+
+# --- make-data (issue 22) ------------------------------------------------------------------------
+
+
+def test_make_data_killed_anywhere_resumes_to_the_same_records(tmp_path):
+    """make-data against a stub LLM on 127.0.0.1 (this process serves it; the killed command is a subprocess)."""
+    from evaluation_helpers import ChatServer
+    from llm_stub import DataLLM
+
+    with ChatServer(DataLLM()) as server:
+        def args(out: str) -> list[str]:
+            return ["make-data", "--out", out, "--n", "4", "--rejected", "--set", f"endpoint={json.dumps(server.url)}",
+                    "--set", 'model="stub"', "--quiet"]
+
+        count = count_points(args("reference.jsonl"), tmp_path)
+        want = (tmp_path / "reference.jsonl").read_text()
+        assert len(want.splitlines()) == 4
+        for k in kill_points(count, "make-data"):
+            out = tmp_path / f"killed-{k}.jsonl"
+            killed(k, args(out.name), tmp_path)
+            if out.exists():  # written whole by rename: complete, or the earlier state
+                assert out.read_text() == want, f"{at(k)}: a half-written output"
+            before = os.getcwd()
+            os.chdir(tmp_path)
+            try:
+                code = main(args(out.name))
+            finally:
+                os.chdir(before)
+            if code == 2:  # killed after OUT was complete and the progress files gone: finished, nothing to do
+                assert not Path(f"{out}.partial").exists(), f"{at(k)}"
+            else:
+                assert code == 0, f"rerun after {at(k)}"
+            assert out.read_text() == want, f"{at(k)}: the resumed records differ"
+
+
+def test_voice_killed_anywhere_resumes_to_the_same_records(tmp_path):
+    rows = [{"id": "a", "messages": [{"role": "user", "text": "I lost my keys."}, {"role": "assistant", "text": "Oh no, that is stressful."}]},
+            {"id": "b", "messages": [{"role": "user", "text": "My dog is sick."}, {"role": "assistant", "text": "I am sorry. I hear you."}]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def args(out: str) -> list[str]:
+        return ["voice", "d.jsonl", "--out", out, "--set", "greedy=true", "--set", "max_tail_audio_tokens=2",
+                "--set", "batch_size=1", "--quiet"]
+
+    count = count_points(args("reference.jsonl"), tmp_path)
+    want = (tmp_path / "reference.jsonl").read_text()
+    for k in kill_points(count, "voice"):
+        out = tmp_path / f"killed-{k}.jsonl"
+        killed(k, args(out.name), tmp_path)
+        before = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            code = main(args(out.name))
+        finally:
+            os.chdir(before)
+        assert code == 0 or (code == 2 and not Path(f"{out}.partial").exists()), f"rerun after {at(k)}"
+        assert out.read_text() == want, f"{at(k)}: the resumed records differ"

@@ -255,8 +255,9 @@ BUILTIN_STRATEGY_CASES = {
     "sft": {},
     "cotbs": {"max_thought_tokens": 4},
     "reempathy": {"text_tokens": 2, "audio_tokens": 3, "max_reflection_tokens": 3},
-    "reempathy-no-reflection": {"text_tokens": 2, "audio_tokens": 3, "reflect": False},
-    "reempathy-fixed": {"text_tokens": 2, "audio_tokens": 3, "reflection_tokens": 2},
+    "reempathy/no-reflection": {"text_tokens": 2, "audio_tokens": 3, "reflect": False},
+    "reempathy/fixed": {"text_tokens": 2, "audio_tokens": 3, "reflection_tokens": 2},
+    "read-aloud": {"text": "I hear you.", "max_tail_audio_tokens": 3},
 }
 
 
@@ -264,7 +265,7 @@ def test_the_observer_cases_cover_every_builtin_strategy():
     from reempathy.testing import isolated_discovery
 
     registry = isolated_discovery().registry
-    assert {case.split("-")[0] for case in BUILTIN_STRATEGY_CASES} == set(registry.names("strategy"))
+    assert {case.split("/")[0] for case in BUILTIN_STRATEGY_CASES} == set(registry.names("strategy"))
 
 
 @pytest.mark.parametrize("case", sorted(BUILTIN_STRATEGY_CASES))
@@ -280,7 +281,7 @@ def test_reempathy_token_appended_sees_every_token_with_every_builtin_strategy(t
 
     registry = isolated_discovery().registry
     run = decode_with(
-        registry, tiny, case.split("-")[0], BUILTIN_STRATEGY_CASES[case], plugins=[Observer()], max_new_tokens=20, ban_stop=True
+        registry, tiny, case.split("/")[0], BUILTIN_STRATEGY_CASES[case], plugins=[Observer()], max_new_tokens=20, ban_stop=True
     )
     appended = [t for kind, t in seen if kind in ("sampled", "forced")]
     counts = run.result.counts

@@ -83,6 +83,34 @@ def _lone_surrogate(line: str, data: Any) -> str | None:
     return None
 
 
+def parse_record_line(raw: bytes, where: str, context: dict[str, Any]) -> tuple[dict[str, Any], Record] | BadRecord:
+    """One line of a JSONL data file: its JSON object and the validated record, or why it is bad (``where`` names it).
+
+    A blank line is a :class:`BadRecord` with the message ``""`` (callers skip those).
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(where, f"not UTF-8 text (byte {exc.start + 1} of the line)")
+    if not line.strip():
+        return BadRecord(where, "")
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return BadRecord(where, f"malformed JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:
+        return BadRecord(where, "JSON nested too deeply to be a record")
+    surrogate = _lone_surrogate(line, data)
+    if surrogate:
+        return BadRecord(where, surrogate)
+    if not isinstance(data, dict):
+        return BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return data, Record.model_validate(data, context=context)
+    except ValidationError as exc:
+        return BadRecord(where, describe_record_error(exc))
+
+
 def load_records(
     path: str | Path, audio_count: int | None = None, skip_bad: bool = False, max_text_chars: int | None = None
 ) -> RecordSet:
@@ -105,35 +133,12 @@ def load_records(
     context = {"audio_count": audio_count, "max_text_chars": max_text_chars}
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            where = f"{name}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                result.skipped.append(BadRecord(where, f"not UTF-8 text (byte {exc.start + 1} of the line)"))
+            parsed = parse_record_line(raw, f"{name}:{lineno}", context)
+            if isinstance(parsed, BadRecord):
+                if parsed.message:
+                    result.skipped.append(parsed)
                 continue
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                result.skipped.append(BadRecord(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
-                continue
-            except RecursionError:
-                result.skipped.append(BadRecord(where, "JSON nested too deeply to be a record"))
-                continue
-            surrogate = _lone_surrogate(line, data)
-            if surrogate:
-                result.skipped.append(BadRecord(where, surrogate))
-                continue
-            if not isinstance(data, dict):
-                result.skipped.append(BadRecord(where, f"expected a JSON object, got {type(data).__name__}"))
-                continue
-            try:
-                record = Record.model_validate(data, context=context)
-            except ValidationError as exc:
-                result.skipped.append(BadRecord(where, describe_record_error(exc)))
-                continue
-            result.records.append(SourcedRecord(where, record))
+            result.records.append(SourcedRecord(f"{name}:{lineno}", parsed[1]))
     if result.skipped and not skip_bad:
         raise InputError(
             bad_records_message(name, result.skipped, "fix them, or set [data] skip_bad = true to skip bad records")
@@ -143,4 +148,4 @@ def load_records(
     return result
 
 
-__all__ = ["load_records", "RecordSet", "SourcedRecord", "BadRecord", "bad_records_message"]
+__all__ = ["load_records", "parse_record_line", "RecordSet", "SourcedRecord", "BadRecord", "bad_records_message"]

@@ -85,7 +85,9 @@ def score_run(
     registry.get("evaluator", evaluator_name)
     items = read_run(run_dir)
     options = _with_run_decoder(registry, evaluator_name, options, run_manifest(run_dir))
-    validated = evaluator_options(registry, evaluator_name, options).model_dump(mode="json")
+    checked = evaluator_options(registry, evaluator_name, options)
+    # Options that only pace the work (llm-judge's concurrency) are not part of what made the scores.
+    validated = checked.model_dump(mode="json", exclude=set(getattr(type(checked), "runtime_options", ())))
     store = ScoreStore(run_dir, name or evaluator_name, {"evaluator": evaluator_name, "options": validated}, retry_failed)
     built: dict[str, Any] = {}
 

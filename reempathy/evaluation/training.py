@@ -14,7 +14,7 @@ from typing import Any
 from reempathy.config import apply_overrides, read_toml
 from reempathy.errors import ConfigError, NotAvailableError
 
-TOP_LEVEL_KEYS = ("evaluator", "data", "train")
+TOP_LEVEL_KEYS = ("evaluator", "data", "stages", "train")  # stages: an evaluator trained in stages (empathyeval)
 
 
 def is_evaluator_config(path: str | Path) -> bool:

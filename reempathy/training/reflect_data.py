@@ -229,22 +229,35 @@ def read_data(path: str | Path, backbone: Backbone, layout: ChunkLayout) -> Data
         except RecursionError:
             data.bad.append(BadRecord(where, "JSON nested too deeply to be a record"))
             continue
-        if not isinstance(obj, dict):
-            data.bad.append(BadRecord(where, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
-        try:
-            record = Record.model_validate(obj, context=context)
-        except ValidationError as exc:
-            data.bad.append(BadRecord(where, describe_record_error(exc)))
-            continue
-        entry = Entry(lineno, where, obj, SourcedRecord(where, record))
-        try:
-            entry.prefixes = chunk_prefixes(entry.record, backbone, layout)
-        except InputError as exc:
-            data.bad.append(BadRecord(where, str(exc).removeprefix(f"{where}: ")))
-            continue
-        data.entries.append(entry)
+        made = make_entry(obj, lineno, where, backbone, layout, context)
+        if isinstance(made, BadRecord):
+            data.bad.append(made)
+        else:
+            data.entries.append(made)
     return data
+
+
+def make_entry(
+    obj: Any, line: int, where: str, backbone: Backbone, layout: ChunkLayout, context: dict[str, Any] | None = None
+) -> Entry | BadRecord:
+    """One record (a JSON object) as an :class:`Entry` with its prefixes, or why it cannot get reflections.
+
+    ``context`` is the schema's validation context (default: the backbone's audio range and text limit).
+    """
+    if context is None:
+        context = {"audio_count": backbone.layout.audio_count or None, "max_text_chars": backbone.max_text_chars}
+    if not isinstance(obj, dict):
+        return BadRecord(where, f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        record = Record.model_validate(obj, context=context)
+    except ValidationError as exc:
+        return BadRecord(where, describe_record_error(exc))
+    entry = Entry(line, where, obj, SourcedRecord(where, record))
+    try:
+        entry.prefixes = chunk_prefixes(entry.record, backbone, layout)
+    except InputError as exc:
+        return BadRecord(where, str(exc).removeprefix(f"{where}: "))
+    return entry
 
 
 def eval_items(entry: Entry, template: str, folder: Path) -> list[EvalItem]:
@@ -290,6 +303,24 @@ def reflections_from(evaluations: Sequence[Evaluation], backbone: Backbone, wher
             raise RecordFailed(str(exc).removeprefix(f"{where}: ")) from None
         texts.append(text)
     return texts
+
+
+def reflect_entry(
+    entry: Entry, evaluator: Any, name: str, template: str, folder: Path, backbone: Backbone, layout: ChunkLayout
+) -> dict[str, Any] | BadRecord:
+    """The record with its reflections, one asked of ``evaluator`` per full chunk; or why the record failed.
+
+    The one path of ``reflect-data`` and ``make-data --reflections``: the evaluator is called once
+    per record (all its prefixes together); its own crash is a PluginFailure.
+    """
+    texts: list[str] = []
+    if entry.prefixes:
+        evaluations = call_evaluator(evaluator, name, eval_items(entry, template, folder))
+        try:
+            texts = reflections_from(evaluations, backbone, entry.where)
+        except RecordFailed as exc:
+            return BadRecord(entry.where, str(exc))
+    return dict(entry.raw, reflections=texts, reflections_layout=layout_name(layout))
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -378,17 +409,12 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
 
     def work(evaluator: Any, todo: list[Entry]) -> Iterator[Outcome]:
         for entry in todo:
-            texts: list[str] = []
-            if entry.prefixes:
-                evaluations = call_evaluator(evaluator, opts.evaluator, eval_items(entry, template, data_path.parent))
-                try:
-                    texts = reflections_from(evaluations, backbone, entry.where)
-                except RecordFailed as exc:
-                    yield Outcome(str(entry.line), failure=BadRecord(entry.where, str(exc)))
-                    continue
-            record = dict(entry.raw, reflections=texts, reflections_layout=layout_name(layout))
+            record = reflect_entry(entry, evaluator, opts.evaluator, template, data_path.parent, backbone, layout)
+            if isinstance(record, BadRecord):
+                yield Outcome(str(entry.line), failure=record)
+                continue
             yield Outcome(str(entry.line), {"id": str(entry.line), "line": entry.line, "record": record},
-                          tally={"written": 1, "reflections": len(texts)})
+                          tally={"written": 1, "reflections": len(record["reflections"])})
 
     job = Job("reflect-data", "record", data.entries, key=lambda e: str(e.line), store=output, build=build, work=work)
     report = run_job(job, force=opts.force, progress=opts.progress)
@@ -415,6 +441,11 @@ __all__ = [
     "parse_layout",
     "chunk_prefixes",
     "read_data",
+    "make_entry",
+    "reflect_entry",
+    "resolve_layout",
+    "layout_name",
+    "read_config_tables",
     "eval_items",
     "reflections_from",
 ]

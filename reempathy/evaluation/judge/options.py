@@ -3,13 +3,14 @@
 Where it decides: ``endpoint`` must be an ``http://`` or ``https://`` URL with a host, checked when the
 options are read (``127.0.0.1 8000`` is refused there, not by the HTTP client on the first record);
 the time options are bounded (:data:`MAX_TIMEOUT_S`, :data:`MAX_BACKOFF_S`), so no value can make
-``eval`` wait for ever or overflow a socket timeout.
+``eval`` wait for ever or overflow a socket timeout. ``concurrency`` and ``rate_limit_per_s`` go to
+the request engine (:mod:`reempathy.evaluation.judge.engine`), shared with ``reempathy make-data``.
 """
 
 from __future__ import annotations
 
 import urllib.parse
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -18,11 +19,16 @@ from reempathy.options import PluginOptions
 MAX_TIMEOUT_S = 3600.0
 """The longest ``timeout_s``: one request may take an hour (a slow local server), not more."""
 MAX_BACKOFF_S = 300.0
-"""The longest ``backoff_s``; each wait doubles from it, up to ``evaluator.MAX_WAIT_S``."""
+"""The longest ``backoff_s``; each wait doubles from it, up to ``engine.MAX_WAIT_S``."""
+MAX_CONCURRENCY = 256
+"""The most requests in flight at once (one thread each)."""
 
 
 class JudgeOptions(PluginOptions):
     """``llm-judge``: a chat-completions endpoint (``endpoint`` + ``model``) or a local model directory (``path``)."""
+
+    #: How the requests are paced, not what they ask: a score file resumes with other values of these.
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"concurrency", "rate_limit_per_s"})
 
     backend: Literal["endpoint", "local"] = Field("endpoint", description="where the judge model runs")
     endpoint: str | None = Field(
@@ -44,6 +50,14 @@ class JudgeOptions(PluginOptions):
         1.0, ge=0.0, le=MAX_BACKOFF_S,
         description="wait before a retry after a failed request (doubles each time, at most 600 s a wait); at most 300",
     )
+    concurrency: int = Field(
+        1, ge=1, le=MAX_CONCURRENCY,
+        description="requests in flight at once (a thread pool; endpoint back end only); 1 sends them one at a time",
+    )
+    rate_limit_per_s: float | None = Field(
+        None, gt=0.0, le=10000.0,
+        description="at most this many requests started per second, over all threads and retries (unset: no limit)",
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, ge=1, lt=2**31, description="length limit of a reply")
     path: str | None = Field(None, description="local back end: a transformers instruct-model directory (with a chat template)")
@@ -64,6 +78,11 @@ class JudgeOptions(PluginOptions):
             raise ValueError("the endpoint back end needs endpoint (base URL) and model; or set backend = \"local\" and path")
         if self.backend == "local" and not self.path:
             raise ValueError("the local back end needs path (a local instruct-model directory)")
+        if self.backend == "local" and self.concurrency > 1:
+            raise ValueError(
+                "concurrency > 1 is for the endpoint back end; the local back end runs one model that answers one "
+                "request at a time (leave concurrency at 1)"
+            )
         return self
 
 
@@ -83,4 +102,4 @@ def check_endpoint(url: str) -> None:
         raise ValueError(f"endpoint {url!r}: port 0 cannot be connected to; {example}")
 
 
-__all__ = ["JudgeOptions", "MAX_TIMEOUT_S", "MAX_BACKOFF_S", "check_endpoint"]
+__all__ = ["JudgeOptions", "MAX_TIMEOUT_S", "MAX_BACKOFF_S", "MAX_CONCURRENCY", "check_endpoint"]

@@ -1,4 +1,4 @@
-"""Built-in strategies: ``sft``, ``cotbs``, ``reempathy``."""
+"""Built-in strategies: ``sft``, ``cotbs``, ``reempathy``, and ``read-aloud`` (speech for a given text)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from reempathy.hooks import Register, hookimpl
 @hookimpl
 def reempathy_register_strategies(register: Register) -> None:
     from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
+    from reempathy.plugins.strategies.read_aloud import ReadAloudOptions, ReadAloudStrategy
     from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
     from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
 
@@ -17,3 +18,5 @@ def reempathy_register_strategies(register: Register) -> None:
              special_tokens=(THOUGHT_OPEN, THOUGHT_CLOSE))
     register("reempathy", ReEmpathyStrategy, ReEmpathyOptions, "spoken chunks alternating with hidden reflections",
              special_tokens=(REFLECTION_OPEN, REFLECTION_CLOSE))
+    register("read-aloud", ReadAloudStrategy, ReadAloudOptions,
+             "speaks a given text: the text forced token by token in the backbone's interleave, the audio sampled")
