@@ -224,7 +224,7 @@ class OpenAIClientBackend:
         self.options = options
         self.client = openai.OpenAI(
             base_url=options.endpoint, api_key=api_key(options) or "unused", timeout=options.timeout_s, max_retries=0,
-            http_client=_deadline_client(options.timeout_s),
+            http_client=_deadline_client(options.timeout_s, _openai_http_module(openai)),
         )
 
     def complete(self, messages: list[dict[str, str]]) -> str:
@@ -253,15 +253,32 @@ class OpenAIClientBackend:
         return content
 
 
-def _deadline_client(seconds: float) -> Any:
+def _openai_http_module(openai: Any) -> Any:
+    """The HTTP library the installed openai client is built on: ``httpx`` (openai 1.x-2.x) or ``httpx2``
+    (openai 3.x). The client only accepts an ``http_client`` of its own library, so the transport below is
+    built from whichever that is, found from the base class of ``openai.DefaultHttpxClient``."""
+    import importlib
+
+    for base in openai.DefaultHttpxClient.__mro__[1:]:
+        root = base.__module__.split(".")[0]
+        if root.startswith("httpx"):
+            return importlib.import_module(root)
+    import httpx  # an openai without DefaultHttpxClient's usual base: the library it has always used
+
+    return httpx
+
+
+def _deadline_client(seconds: float, httpx: Any) -> Any:
     """An ``httpx.Client`` for the openai client whose every request ends at a :class:`Deadline`.
+
+    ``httpx`` is the HTTP library module openai is built on (:func:`_openai_http_module`): ``httpx`` or its
+    successor ``httpx2``, which keep the same client, transport and trace-extension interfaces.
 
     The deadline sees each request's socket through httpcore's documented ``trace`` extension
     (``connection.connect_tcp.complete``); keep-alive is off, so every request connects. A request the
     deadline ended raises ``httpx.ReadTimeout``, which the openai client reports as a timeout.
     (Proxies taken from the environment bypass this transport; through one, ``timeout_s`` bounds each read.)
     """
-    import httpx
 
     def ended(request: Any) -> Exception:
         return httpx.ReadTimeout(f"the whole request took longer than {seconds:g} s", request=request)
