@@ -10,7 +10,7 @@ import pytest
 
 from data_evaluators import Scripted, ScriptedPlugin, unit_scores
 from reempathy.cli import main
-from reempathy.decoding import registry as registry_module
+from reempathy import registry as registry_module
 from reempathy.evaluation.base import Evaluation
 from reempathy.data.records import load_records
 from reempathy.training.pairs import NoPair, pick_pair, sample_seed, score_total

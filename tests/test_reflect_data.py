@@ -12,7 +12,7 @@ import pytest
 
 from data_evaluators import Scripted, ScriptedPlugin
 from reempathy.cli import main
-from reempathy.decoding import registry as registry_module
+from reempathy import registry as registry_module
 from reempathy.decoding.chunking import ChunkLayout, split_spoken
 
 ROOT = Path(__file__).resolve().parents[1]
