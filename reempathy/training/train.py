@@ -37,7 +37,7 @@ from reempathy.jobs.trainrun import (
 from reempathy.training.collate import PadCollator, PreferenceCollator
 from reempathy.training.start import Start, drop_reference_adapter, start_from, start_identity, sync_reference_adapter
 from reempathy.training.trace import TracePolicy
-from reempathy.training.config import TrainConfig
+from reempathy.training.config import TrainConfig, TrainSettings
 from reempathy.data.records import BadRecord, load_records
 from reempathy.errors import InputError
 
@@ -122,8 +122,8 @@ def run_info(cfg: TrainConfig, runtime: frozenset[str] = frozenset()) -> dict[st
     }
 
 
-def _common_args(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
-    t = cfg.train
+def common_args(t: TrainSettings, progress: bool) -> dict[str, Any]:
+    """Trainer arguments every method shares, from ``[train]`` (TRL's configs take them too)."""
     return dict(
         output_dir=t.output_dir,
         max_steps=t.max_steps,
@@ -166,7 +166,7 @@ def make_lm_trainer(
     set_seed(cfg.train.seed)  # LoRA's A matrices are random: seed before wrapping
     model = start.model if start is not None else get_peft_model(backbone.model, peft_config)
     data = _ListDataset([{"input_ids": s.input_ids, "labels": s.labels} for s in items])
-    args = TrainingArguments(remove_unused_columns=False, **_common_args(cfg, progress))
+    args = TrainingArguments(remove_unused_columns=False, **common_args(cfg.train, progress))
     pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
     return Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(pad), callbacks=list(callbacks))
 
@@ -194,7 +194,7 @@ def make_dpo_trainer(
     ])
     # remove_unused_columns would drop the masks: TRL's own columns are only the ids.
     args = DPOConfig(beta=getattr(options, "beta", 0.1), max_length=backbone.max_context, remove_unused_columns=False,
-                     **_common_args(cfg, progress))
+                     **common_args(cfg.train, progress))
     pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
     trainer = PretokenizedDPOTrainer(
         model=start.model if start is not None else backbone.model,
@@ -442,4 +442,5 @@ __all__ = [
     "trace_policy",
     "make_dpo_trainer",
     "make_lm_trainer",
+    "common_args",
 ]
