@@ -70,6 +70,7 @@ class Rollouts:
         self.longest: dict[str, int] = {}  # the longest hidden segment seen, per kind (for the manifest)
         self.chunk_layout: dict[str, int] | None = None
         self.rows = 0
+        self.last: list[Rollout] = []  # the latest call's rollouts, in the order TRL received them
 
     def seed(self, step: int, rank: int, prompt_id: str, j: int) -> int:
         """The sampling seed of completion ``j`` of ``prompt_id`` at ``step`` on process ``rank``."""
@@ -108,6 +109,7 @@ class Rollouts:
             out["env_mask"].append(trace.loss_mask(self.hidden))
             out["rollout"].append(Rollout(prompt_id, j, self.messages[prompt_id], result, trace))
         self.rows += len(order)
+        self.last = list(out["rollout"])
         return out
 
     def _plugins(self) -> tuple[object, list[object]]:
