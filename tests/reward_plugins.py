@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from reempathy.evaluation.base import Evaluation
@@ -28,6 +30,7 @@ def tiny_target_words(tokenizer, min_letters: int = 3) -> list[str]:
 class TargetWordsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     words: list[str]
+    score: Literal["share", "count"] = "share"  # count: how many target words the answer speaks
 
 
 def share(text: str, words: set[str]) -> float:
@@ -36,19 +39,26 @@ def share(text: str, words: set[str]) -> float:
     return sum(w in words for w in found) / len(found) if found else 0.0
 
 
-class TargetWords:
-    score_names = ("share",)
+def count(text: str, words: set[str]) -> int:
+    """How many of ``text``'s words are in ``words``."""
+    return sum(w in words for w in _WORD.findall(text.lower()))
 
+
+class TargetWords:
     def __init__(self, options: TargetWordsOptions) -> None:
         self.words = set(options.words)
+        self.score = options.score
+        self.score_names = (options.score,)
 
     def evaluate(self, items):
-        return [Evaluation(item.id, {"share": share(item.answer_text, self.words)}, "share of target words")
+        measure = share if self.score == "share" else count
+        return [Evaluation(item.id, {self.score: float(measure(item.answer_text, self.words))}, f"{self.score} of target words")
                 for item in items]
 
 
 def share_reward(evaluation: Evaluation) -> float | None:
-    return evaluation.scores.get("share")
+    values = list(evaluation.scores.values())
+    return values[0] if len(values) == 1 else None
 
 
 class TargetWordsPlugin:
