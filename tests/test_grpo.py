@@ -317,6 +317,17 @@ def rollouts_of(batch, rollouts):
     return rows
 
 
+def test_the_shipped_grpo_config_trains_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "grpo"
+    code = main(["train", "--config", str(ROOT / "configs" / "train-grpo.toml"), "--max-steps", "1", "--quiet",
+                 "--set", f"train.output_dir={json.dumps(str(out))}", "--set", "decode.max_new_tokens=12",
+                 "--set", f"data.path={json.dumps(str(EXAMPLES))}"])
+    said = capsys.readouterr().out
+    assert code == 0 and "trained 'grpo' for 1 steps on 34 prompts" in said
+    manifest = json.loads((out / "reempathy.json").read_text())
+    assert manifest["training"]["reward"]["evaluator"] == "keyword-empathy" and manifest["strategy"]["name"] == "reempathy"
+
+
 def test_the_share_reward_counts_words_of_the_target_list():
     assert share("I feel sorry for you", {"feel", "you"}) == 0.4
     assert share("", {"feel"}) == 0.0
