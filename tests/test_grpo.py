@@ -277,7 +277,6 @@ def test_chunk_credit_trains_with_per_token_advantages(tmp_path, prompts, words,
 def test_hidden_tokens_get_gradient_in_grpo_and_none_when_masked(tmp_path, prompts, words, disc, hidden):
     import torch
 
-    from reempathy.backbones.tiny import TinyOptions, load_tiny
     from reempathy.evaluation.registry import build_evaluator
     from reempathy.training.grpo import make_grpo_trainer, strategy_delimiters
     from reempathy.training.rewards import RewardFunction

@@ -36,7 +36,7 @@ import torch
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.result import DecodeResult
-from reempathy.errors import ConfigError, ReempathyError
+from reempathy.errors import ConfigError, PluginFailure, ReempathyError
 from reempathy.evaluation.base import EvalItem, Evaluation
 from reempathy.registry import Registry
 from reempathy.training.evaluator_calls import call_evaluator
@@ -206,8 +206,6 @@ class RewardFunction:
         except ReempathyError:
             raise
         except Exception as exc:  # a plugin's reward function failed: its name, not a traceback
-            from reempathy.errors import PluginFailure
-
             raise PluginFailure(self.settings.evaluator, "reward", exc) from exc
         return float(value) if _number(value) else None
 
