@@ -48,13 +48,13 @@ def our_rollouts(bb: Any, variant: str, n: int) -> Any:
                        sampling=SamplingConfig(temperature=1.0), decode=DecodeSettings(max_new_tokens=n))
     rollouts = Rollouts(bb, cfg, default_discovery().registry, _prompts(bb), {str(p): [] for p in range(PROMPTS)}, LoopOptions(max_new_tokens=n, strategy_name=name),
                         PROMPTS * GENERATIONS, True, {})
-    build = rollouts._plugins
+    build = rollouts.plugins
 
     def plugins() -> tuple[object, list[object]]:
         strategy, procs = build()
         return strategy, [*procs, harness.BanStops(bb)]
 
-    rollouts._plugins = plugins  # type: ignore[method-assign]
+    rollouts.plugins = plugins  # type: ignore[method-assign]
     return rollouts
 
 

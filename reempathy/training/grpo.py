@@ -318,7 +318,7 @@ def probe_layout(rollouts: Rollouts, prompt_id: str) -> dict[str, int] | None:
     """The chunk layout the strategy reports (``extra["chunk_layout"]``), from one token decoded: strategy-agnostic."""
     from reempathy.decoding.batch import RowRequest, decode_batch
 
-    strategy, processors = rollouts._plugins()
+    strategy, processors = rollouts.plugins()
     options = dataclasses.replace(rollouts.options, max_new_tokens=1)
     request = RowRequest(key=0, prompt_ids=rollouts.prompts[prompt_id].ids, strategy=strategy, processors=processors)
     for _, result in decode_batch(rollouts.backbone, [request], options, 1):

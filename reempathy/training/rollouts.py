@@ -88,7 +88,7 @@ class Rollouts:
 
         def requests() -> Any:
             for n, (prompt_id, j) in enumerate(order):
-                strategy, processors = self._plugins()
+                strategy, processors = self.plugins()
                 yield RowRequest(key=n, prompt_ids=self.prompts[prompt_id].ids, strategy=strategy,
                                  processors=[*processors, recorders[(prompt_id, j)]], seed=self.seed(step, rank, prompt_id, j))
 
@@ -112,7 +112,8 @@ class Rollouts:
         self.last = list(out["rollout"])
         return out
 
-    def _plugins(self) -> tuple[object, list[object]]:
+    def plugins(self) -> tuple[object, list[object]]:
+        """A fresh strategy object and the processors of one row (a strategy keeps per-answer state)."""
         from reempathy.runner import build_plugins
 
         return build_plugins(self.cfg, self.backbone, self.registry)
