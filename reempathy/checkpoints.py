@@ -247,12 +247,16 @@ def _contradiction(where: str, name: str, key: str, trained: Any, asked: Any) ->
     )
 
 
-def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = True) -> Backbone:
+def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = True, trainable: bool = False) -> Backbone:
     """The backbone with the checkpoint's adapter loaded (and merged, by default) into its model.
 
     The backbone's model is changed in place; build a fresh backbone to decode without the
     adapter. Refuses a checkpoint trained on another backbone or with other delimiter ids.
+    ``trainable`` (with ``merge=False``) keeps the adapter's weights trainable: training that
+    continues from this checkpoint (``[train] init_from``).
     """
+    if trainable and merge:
+        raise ValueError("a trainable adapter cannot be merged; pass merge=False")
     from peft import PeftModel
 
     manifest = read_manifest(directory)
@@ -280,7 +284,7 @@ def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = Tr
         ) from None
     try:
         with no_loading_bar():
-            model = PeftModel.from_pretrained(backbone.model, str(directory), config=adapter_config, is_trainable=False)
+            model = PeftModel.from_pretrained(backbone.model, str(directory), config=adapter_config, is_trainable=trainable)
     except SafetensorError as exc:
         raise CheckpointError(f"{directory}: the adapter weights cannot be read ({exc}); the checkpoint is damaged") from None
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -291,7 +295,8 @@ def apply_checkpoint(backbone: Backbone, directory: str | Path, merge: bool = Tr
         ) from None
     if merge:
         model = model.merge_and_unload()
-    model.eval()
+    if not trainable:
+        model.eval()
     info = dict(backbone.info, checkpoint=str(directory))
     return dataclasses.replace(backbone, model=model, info=info)
 

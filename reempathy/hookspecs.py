@@ -9,7 +9,7 @@ docs/plugins.md.
 
 ``register(name, factory, config_model, description="", **fields)``: ``fields`` are the
 registration fields of a kind (:data:`reempathy.registry.KIND_FIELDS`): a strategy's
-``special_tokens``, an evaluator's ``trainer``.
+``special_tokens``, an evaluator's ``trainer`` and ``reward``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def reempathy_register_backbones(register: Register) -> None:
 
 @hookspec
 def reempathy_register_evaluators(register: Register) -> None:
-    """Register evaluators: ``register(name, factory, config_model, trainer=None)``; ``factory(options)`` returns an ``Evaluator`` (``reempathy.api``)."""
+    """Register evaluators: ``register(name, factory, config_model, trainer=None, reward=None)``; ``factory(options)`` returns an ``Evaluator`` (``reempathy.api``)."""
 
 
 @hookspec

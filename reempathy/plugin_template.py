@@ -18,7 +18,7 @@ from reempathy.errors import InputError
 from reempathy.paths import check_name
 from reempathy.safe_write import replacing_dir
 
-KINDS = ("strategy", "processor", "observer", "backbone")
+KINDS = ("strategy", "processor", "observer", "backbone", "evaluator")
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 
 
@@ -111,6 +111,16 @@ The counts land in the result's `extra["__NAME__"]` (`reempathy decode --json`).
 name = "__NAME__"
 path = "/models/my-model"    # a save_pretrained directory with tokenizer and chat template
 ```''',
+    "evaluator": '''Score a run with it, or make it the reward of on-policy training:
+
+```toml
+# reempathy eval runs/my-run --evaluator __NAME__ --set 'words=["sorry", "feel"]'
+[reward]                      # in a GRPO config (reempathy train --config configs/train-grpo.toml)
+evaluator = "__NAME__"
+options = { words = ["sorry", "feel", "here"] }
+```
+
+Its `reward=` registration field makes its score the reward without any `[reward.weights]`.''',
 }
 
 PLUGINS = {
@@ -297,6 +307,59 @@ def reempathy_register_backbones(register: Register) -> None:
 ''',
 }
 
+PLUGINS["evaluator"] = '''"""__NAME__: a reempathy evaluator that scores the share of spoken words from a list, and rewards it.
+
+Where it decides: ``Evaluator.evaluate`` reads each answer's spoken text (``EvalItem.answer_text``)
+and gives one score, ``share``: the words of the text found in ``words``, over all its words (0
+for an answer without words). ``reward`` turns an evaluation into the number on-policy training
+maximises (``register(..., reward=reward)``); a failed evaluation is worth nothing (None).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from pydantic import Field
+
+from reempathy.api import EvalItem, Evaluation, PluginOptions, Register, hookimpl
+
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+class Options(PluginOptions):
+    """Options of ``__NAME__``; strict, like reempathy's own."""
+
+    words: list[str] = Field(default_factory=lambda: ["sorry", "feel", "here", "you"], description="the words that count")
+
+
+class Evaluator:
+    """Scores the share of an answer's spoken words that are in ``words``."""
+
+    score_names = ("share",)
+
+    def __init__(self, options: Options) -> None:
+        self.words = {w.lower() for w in options.words}
+
+    def evaluate(self, items: Sequence[EvalItem]) -> list[Evaluation]:
+        out = []
+        for item in items:
+            found = _WORD.findall(item.answer_text.lower())
+            share = sum(w in self.words for w in found) / len(found) if found else 0.0
+            out.append(Evaluation(item.id, {"share": share}, f"{len(found)} words"))
+        return out
+
+
+def reward(evaluation: Evaluation) -> float | None:
+    """The reward of one answer: its share (None when it could not be scored)."""
+    return None if evaluation.error else evaluation.scores.get("share")
+
+
+@hookimpl
+def reempathy_register_evaluators(register: Register) -> None:
+    register("__NAME__", Evaluator, Options, "the share of spoken words from a list", reward=reward)
+'''
+
 TESTS = {
     "strategy": '''"""__NAME__ decodes through reempathy's own loop, with only this plugin and the built-ins."""
 
@@ -392,6 +455,33 @@ def test_the_backbone_is_found_through_its_entry_point():
     assert "__NAME__" in discover().registry.names("backbone")
 ''',
 }
+
+
+TESTS["evaluator"] = '''"""__NAME__ scores answers, and its reward plugs into on-policy training, through reempathy's own discovery."""
+
+import __MODULE__
+from reempathy.api import EvalItem, Evaluation
+
+
+def test_the_share_of_listed_words_is_the_score():
+    evaluator = __MODULE__.Evaluator(__MODULE__.Options(words=["sorry", "here"]))
+    scored = evaluator.evaluate([EvalItem("a", [], "I am so sorry, I am here."), EvalItem("b", [], "")])
+    assert scored[0].scores == {"share": 2 / 7} and scored[1].scores == {"share": 0.0}
+
+
+def test_the_registered_reward_is_the_share():
+    from reempathy.testing import isolated_discovery
+
+    registration = isolated_discovery(__MODULE__).registry.get("evaluator", "__NAME__")
+    assert registration.reward(Evaluation("a", {"share": 0.5})) == 0.5
+    assert registration.reward(Evaluation("a", {}, error="failed")) is None
+
+
+def test_the_evaluator_is_found_through_its_entry_point():
+    from reempathy.api import discover
+
+    assert "__NAME__" in discover().registry.names("evaluator")
+'''
 
 
 def render(name: str, kind: str) -> dict[str, str]:

@@ -59,7 +59,9 @@ KIND_HOOKS: dict[str, str] = {
 #: kind → the registration fields a plugin may give besides name, factory, model and description.
 KIND_FIELDS: dict[str, frozenset[str]] = {
     "strategy": frozenset({"special_tokens"}),  # tokens the strategy forces or samples: backbones add missing ones
-    "evaluator": frozenset({"trainer"}),  # trainer(raw, options, progress, where): `reempathy train` an evaluator
+    # trainer(raw, options, progress, where): `reempathy train` an evaluator;
+    # reward(evaluation) -> float | None: its scores as one number, the default reward of on-policy training (GRPO)
+    "evaluator": frozenset({"trainer", "reward"}),
 }
 #: kinds that have no options (their factory is not built from a config): ``config_model`` is None.
 OPTIONLESS_KINDS = frozenset({"command"})
@@ -495,8 +497,9 @@ class _Discovery:
                 raise PluginError(f"register({name!r}): unknown {kind} field {unknown[0]!r} (fields of a {kind}: {known})")
             if "special_tokens" in fields:
                 fields["special_tokens"] = _special_tokens(name, fields["special_tokens"])
-            if fields.get("trainer") is not None and not callable(fields["trainer"]):
-                raise PluginError(f"register({name!r}): trainer must be callable, got {fields['trainer']!r}")
+            for key in ("trainer", "reward"):
+                if fields.get(key) is not None and not callable(fields[key]):
+                    raise PluginError(f"register({name!r}): {key} must be callable, got {fields[key]!r}")
             out.append(Registration(kind, name, factory, config_model, str(description or ""), plugin, dict(fields)))
 
         return register

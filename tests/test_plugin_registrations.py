@@ -123,6 +123,16 @@ def test_the_built_in_strategies_declare_their_delimiters(aside_registry):
     assert callable(aside_registry.get("evaluator", "empathyeval").trainer)
 
 
+def test_the_empathy_evaluators_register_the_mean_of_their_four_scores_as_their_reward(aside_registry):
+    from reempathy.evaluation.base import EMPATHY_SCORES, Evaluation
+
+    scores = dict(zip(EMPATHY_SCORES, (1.0, 2.0, 4.0, 5.0)))
+    for name in ("empathyeval", "llm-judge", "keyword-empathy"):
+        reward = aside_registry.get("evaluator", name).reward
+        assert reward(Evaluation("x", scores)) == 3.0 and reward(Evaluation("x", {})) is None
+    assert aside_registry.get("evaluator", "audio-stats").reward is None  # several unrelated scores: weights decide
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"special_tokens": ("aside",)}, "special_tokens must be distinct strings such as '<|begin_of_aside|>'"),
     ({"special_tokens": (OPEN, OPEN)}, "special_tokens must be distinct strings"),
@@ -138,6 +148,20 @@ def test_a_bad_registration_field_breaks_only_that_plugin(fresh_discovery, field
     row = disc.plugin("bad-plugin")
     assert row.broken and message in row.error
     assert "reempathy" in disc.registry.names("strategy")
+
+
+def test_an_evaluator_reward_that_is_not_callable_breaks_only_that_plugin(fresh_discovery):
+    from pydantic import BaseModel
+
+    class Bad:
+        @hookimpl
+        def reempathy_register_evaluators(self, register):
+            register("bad-reward", object, BaseModel, "", reward=0.5)
+
+    disc = registry_module.discover(extra_plugins=[("bad-reward-plugin", Bad())], installed=False)
+    row = disc.plugin("bad-reward-plugin")
+    assert row.broken and "reward must be callable, got 0.5" in row.error
+    assert "keyword-empathy" in disc.registry.names("evaluator")
 
 
 COMMAND_PLUGIN = '''

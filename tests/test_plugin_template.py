@@ -112,7 +112,8 @@ def _plugin_module(kind: str, tmp_path: Path):
     return module
 
 
-@pytest.mark.parametrize(("kind", "option"), [("strategy", "spoken"), ("processor", "audio_bias"), ("backbone", "max_context")])
+@pytest.mark.parametrize(("kind", "option"), [("strategy", "spoken"), ("processor", "audio_bias"), ("backbone", "max_context"),
+                                            ("evaluator", "words")])
 def test_template_options_are_strict_like_the_built_ins(tmp_path, kind, option):
     """``true`` is not 1 in a scaffolded plugin's options either: they derive from reempathy.api.PluginOptions."""
     from pydantic import ValidationError

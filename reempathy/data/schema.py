@@ -9,6 +9,10 @@ One JSON object per line::
      "rejected": {"role": "assistant", "text": "...", "units": [...], "assessment": {...}},
      "reflections": ["...", "..."], "reflections_layout": "5+10"}
 
+An answer sampled by ``reempathy pairs`` (the chosen last message and the rejected answer) carries its
+``trace`` (:class:`DecodedTrace`): the token ids exactly as decoded, hidden tokens included, which
+whole-trace DPO trains.
+
 ``reflections`` (optional) are per-chunk reflections for ``reempathy``: the k-th follows the k-th
 full spoken chunk of the answer in the training layout (so a record carries them for one
 layout and one tokenizer). ``reflections_layout`` (optional, e.g. ``"5+10"``) names that layout:
@@ -73,14 +77,58 @@ class Assessment(BaseModel):
     scores: Scores | None = None
 
 
+class TraceStrategy(BaseModel):
+    """The decoding strategy a trace was sampled with: its name and options."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DecodedTrace(BaseModel):
+    """An answer exactly as a policy decoded it (``reempathy pairs``): token ids after the prompt and who chose each.
+
+    ``roles`` holds one letter per id: ``s`` sampled while speaking, ``h`` sampled in a hidden
+    phase (reflection, thought), ``f`` forced by the strategy. ``labels`` are the span labels as
+    runs ``[label, count]``. Whole-trace DPO trains ``ids`` as they are (never re-tokenized text).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    strategy: TraceStrategy
+    ids: list[int] = Field(min_length=1)
+    roles: str
+    labels: list[tuple[str, int]]
+    chunk_layout: dict[str, int] | None = None
+    hidden: list[dict[str, Any]] = Field(default_factory=list)
+    stop_reason: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DecodedTrace":
+        if any(isinstance(i, bool) or i < 0 for i in self.ids):
+            raise ValueError("trace ids must be non-negative token ids")
+        if len(self.roles) != len(self.ids) or set(self.roles) - {"s", "h", "f"}:
+            raise ValueError(f"trace roles must be one of 's', 'h', 'f' per id ({len(self.ids)} ids, {len(self.roles)} roles)")
+        if any(n < 1 for _, n in self.labels) or sum(n for _, n in self.labels) != len(self.ids):
+            raise ValueError("trace labels must be runs [label, count] covering every id")
+        if set(self.roles) <= {"f"}:
+            raise ValueError("a trace needs at least one token the policy sampled")
+        return self
+
+
 class Message(BaseModel):
-    """One turn: its role and its content as text, audio units, or both."""
+    """One turn: its role and its content as text, audio units, or both.
+
+    An answer sampled by ``reempathy pairs`` also carries its ``trace`` (ignored on other turns).
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["user", "assistant", "system"]
     text: str | None = None
     units: list[int] | None = None
+    trace: DecodedTrace | None = None
 
     @field_validator("units", mode="before")
     @classmethod
@@ -160,4 +208,4 @@ class Record(BaseModel):
         return self
 
 
-__all__ = ["Record", "Message", "Answer", "Assessment", "Scores", "SCORE_NAMES", "parse_units"]
+__all__ = ["Record", "Message", "Answer", "Assessment", "Scores", "SCORE_NAMES", "parse_units", "DecodedTrace", "TraceStrategy"]

@@ -50,6 +50,16 @@ def _keyword_empathy(options: Any) -> Any:
     return KeywordEmpathy(options)
 
 
+def empathy_reward(evaluation: Any) -> float | None:
+    """The reward of an answer the four EmpathyEval dimensions score: their mean (1-5); None when one is missing."""
+    from reempathy.evaluation.base import EMPATHY_SCORES
+
+    values = [evaluation.scores.get(name) for name in EMPATHY_SCORES]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return sum(float(v) for v in values) / len(values)  # type: ignore[arg-type]
+
+
 @hookimpl
 def reempathy_register_evaluators(register: Register) -> None:
     from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
@@ -61,10 +71,12 @@ def reempathy_register_evaluators(register: Register) -> None:
         "empathyeval", _empathyeval, EmpathyEvalOptions,
         "listens to the dialogue (Qwen2.5-Omni / Qwen3-Omni-MoE thinker + LoRA): assessment text and four 1-5 scores",
         trainer=_train_empathyeval,  # `reempathy train --config configs/train-empathyeval.toml`
+        reward=empathy_reward,  # GRPO's reward unless [reward.weights] says otherwise
     )
     register(
         "llm-judge", _llm_judge, JudgeOptions,
         "rubric judge over the transcript (local instruct model or chat-completions endpoint); pairwise A/B",
+        reward=empathy_reward,
     )
     register(
         "audio-stats", _audio_stats, AudioStatsOptions,
@@ -77,4 +89,5 @@ def reempathy_register_evaluators(register: Register) -> None:
     register(
         "keyword-empathy", _keyword_empathy, KeywordEmpathyOptions,
         "HEURISTIC, NOT the paper's EmpathyEval: four 1-5 scores from cue words in the spoken text (offline pipeline runs)",
+        reward=empathy_reward,
     )

@@ -17,7 +17,9 @@ spoken_audio, control, reflection, thought):
                  ends on a chunk boundary, else right after the shorter last chunk, because the
                  decoder allows the stop token, never RO, inside a chunk. ``reflect = false``
                  keeps the chunking and leaves the reflections out)
-- ``dpo``:       a preference pair of spoken answers (sft layout) to one prompt.
+- ``dpo``:       a preference pair to one prompt: two spoken answers (sft layout), or, for answers that
+                 carry a decoded trace (``reempathy pairs``), the two traces exactly as decoded, with a
+                 loss mask that leaves forced tokens out (and hidden ones, with ``hidden = "mask"``).
 
 The spoken answer of ``sft``/``cotbs``/``dpo`` is interleaved as the backbone streams it
 (``backbone.stream``: GLM-4-Voice's 13 text then 26 audio tokens, audio only once the text
@@ -33,7 +35,7 @@ user message is read as its text (such a backbone has no audio-unit tokens to he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -51,6 +53,7 @@ from reempathy.decoding.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layou
 from reempathy.data.dialogue import prompt_turn, split_record
 from reempathy.data.records import BadRecord, RecordSet, SourcedRecord, bad_records_message
 from reempathy.training.reflections import fit_to_length, reflection_texts, space_token
+from reempathy.training.trace import Trace, TracePolicy
 from reempathy.data.schema import Answer, Message
 
 IGNORE_INDEX = -100
@@ -95,11 +98,20 @@ class ReempathyBuild(BaseModel):
 
 
 class DpoBuild(BaseModel):
-    """``dpo``: preference pairs of spoken answers; ``beta`` is DPO's temperature."""
+    """``dpo``: preference pairs; ``beta`` is DPO's temperature.
+
+    Pairs whose answers carry decoded traces (``reempathy pairs``) train the traces as decoded,
+    hidden tokens included (``hidden = "mask"`` leaves them out of the loss: the ablation);
+    ``traces = false`` trains their spoken answers instead, laid out as ``sft``.
+    """
 
     model_config = STRICT
 
     beta: float = Field(0.1, gt=0.0)
+    traces: bool = Field(True, description="train the answers' decoded traces when the records carry them")
+    hidden: Literal["train", "mask"] = Field(
+        "train", description="whole traces: hidden tokens (reflections, thoughts) in the loss, or masked out of it"
+    )
 
 
 # --- what a builder returns ------------------------------------------------------------------
@@ -127,6 +139,9 @@ class PreferencePair:
     rejected_spans: list[str]
     where: str = ""
     swapped: bool = False  # True when the scores made the record's `rejected` answer the chosen one
+    chosen_mask: list[int] | None = None  # per chosen id: 1 in the loss, 0 not (None: every id)
+    rejected_mask: list[int] | None = None
+    policy: TracePolicy | None = None  # whole traces: the strategy, options and layout they were decoded with
 
 
 @dataclass
@@ -306,12 +321,45 @@ def build_dpo(sr: SourcedRecord, backbone: Backbone, options: DpoBuild | None = 
         b.add([stop], CONTROL)
         return b
 
+    options = options or DpoBuild()
+    keep = preferred_first(sr)
+    if options.traces and (answer.trace is not None or record.rejected.trace is not None):
+        return _trace_pair(sr, backbone, answer, record.rejected, keep, options.hidden == "train")
     first = lay_out(answer, "answer")
     second = lay_out(record.rejected, "rejected answer")
-    keep = preferred_first(sr)
     chosen, rejected = (first, second) if keep else (second, first)
     return PreferencePair(
         prompt_ids(sr, backbone), chosen.ids, rejected.ids, chosen.spans, rejected.spans, sr.where, swapped=not keep
+    )
+
+
+def _trace_pair(
+    sr: SourcedRecord, backbone: Backbone, answer: Message, rejected: Answer, keep: bool, hidden: bool
+) -> PreferencePair:
+    """A pair of decoded traces, as sampled: their ids, their span labels, and loss masks from their roles."""
+    if answer.trace is None or rejected.trace is None:
+        which = "answer" if answer.trace is None else "rejected answer"
+        raise InputError(f"{sr.where}: the {which} has no trace but the other has; a whole-trace pair needs both "
+                         "(or set strategy.traces = false to train the spoken answers)")
+    vocab = len(backbone.tokenizer)
+    traces = []
+    for what, doc in (("answer", answer.trace), ("rejected answer", rejected.trace)):
+        trace = Trace.from_json(doc.model_dump(mode="json"))
+        bad = next((i for i in trace.ids if i >= vocab), None)
+        if bad is not None:
+            raise InputError(f"{sr.where}: the {what}'s trace holds token id {bad}, outside backbone "
+                             f"{backbone.name!r}'s vocabulary of {vocab}; it was sampled on another backbone")
+        traces.append(trace)
+    a, b = traces
+    policies = [TracePolicy.of(t) for t in traces]
+    if policies[0] != policies[1]:
+        raise InputError(f"{sr.where}: the two traces were decoded with different strategies or options "
+                         f"({policies[0].describe()} vs {policies[1].describe()}); a pair compares answers of one policy")
+    chosen, other = (a, b) if keep else (b, a)
+    return PreferencePair(
+        prompt_ids(sr, backbone), list(chosen.ids), list(other.ids), list(chosen.labels), list(other.labels),
+        sr.where, swapped=not keep, chosen_mask=chosen.loss_mask(hidden), rejected_mask=other.loss_mask(hidden),
+        policy=policies[0],
     )
 
 

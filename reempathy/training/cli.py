@@ -26,6 +26,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(evaluator_result, "main_process", True):
             print(evaluator_result.format())
         return 0
+    from reempathy.training.grpo_config import is_grpo_config
+
+    if is_grpo_config(args.config):  # a [grpo] table: on-policy RL with rollouts from our decoder
+        from reempathy.registry import default_discovery
+        from reempathy.training.grpo import train_grpo
+        from reempathy.training.grpo_config import load_grpo_config
+
+        registry = default_discovery().registry
+        grpo_cfg = load_grpo_config(args.config, overrides, registry=registry)
+        grpo_result = train_grpo(grpo_cfg, registry, progress=not args.quiet,
+                                 on_note=lambda note: print(f"reempathy: {note}", file=sys.stderr))
+        if grpo_result.main_process:
+            print(grpo_result.format())
+        return 0
     cfg = load_train_config(args.config, overrides)
     result = train(cfg, progress=not args.quiet, on_note=lambda note: print(f"reempathy: {note}", file=sys.stderr))
     if result.main_process:
@@ -53,7 +67,7 @@ def format_train_result(result: Any) -> str:
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` to the ``reempathy`` command's subparsers."""
-    p = subparsers.add_parser("train", help="train a LoRA checkpoint for a strategy (sft, cotbs, reempathy, dpo) or an evaluator (empathyeval)")
+    p = subparsers.add_parser("train", help="train a LoRA checkpoint for a strategy (sft, cotbs, reempathy, dpo), with GRPO, or an evaluator (empathyeval)")
     p.add_argument("--config", "-c", required=True, help="training TOML config, e.g. configs/train-reempathy.toml")
     p.add_argument("--max-steps", type=count_arg, help="override [train] max_steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N in the output_dir")

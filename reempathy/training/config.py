@@ -39,6 +39,17 @@ class DataConfig(BaseModel):
     skip_bad: bool = Field(False, description="skip (and count) bad records instead of stopping at them")
 
 
+class PolicyTrainSettings(TrainSettings):
+    """``[train]`` of a policy (a strategy's checkpoint, DPO, GRPO): the run settings, and where the adapter starts."""
+
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description="a checkpoint directory whose adapter this run continues training (iterated DPO, SFT then GRPO); "
+        "unset: a fresh adapter on the backbone",
+    )
+
+
 class TrainConfig(BaseModel):
     """A whole training config (see configs/train-*.toml)."""
 
@@ -46,7 +57,7 @@ class TrainConfig(BaseModel):
     backbone: ComponentConfig = ComponentConfig(name="tiny")
     strategy: ComponentConfig
     data: DataConfig
-    train: TrainSettings
+    train: PolicyTrainSettings
     source: str | None = Field(None, exclude=True)
 
     @property
@@ -86,11 +97,11 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
-            describe_config_error(exc, where, {"data": DataConfig, "train": TrainSettings}, TrainConfig)
+            describe_config_error(exc, where, {"data": DataConfig, "train": PolicyTrainSettings}, TrainConfig)
         ) from None
     cfg.source = str(path) if path is not None else None
     cfg.strategy_options()
     return cfg
 
 
-__all__ = ["TrainConfig", "TrainSettings", "DataConfig", "load_train_config", "strategy_spec"]
+__all__ = ["TrainConfig", "TrainSettings", "PolicyTrainSettings", "DataConfig", "load_train_config", "strategy_spec"]

@@ -48,7 +48,7 @@ def cmd_reflect_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    """``reempathy pairs --checkpoint DIR --data FILE --samples N --evaluator NAME --out FILE [--batch-size B] [--config FILE] [--set K=V]…``."""
+    """``reempathy pairs [--checkpoint DIR] --data FILE --samples N --evaluator NAME --out FILE [--batch-size B] [--config FILE] [--set K=V]…``."""
     from reempathy.config import load_config
     from reempathy.registry import default_discovery
     from reempathy.training.evaluator_calls import split_sets
@@ -56,7 +56,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
     registry = default_discovery().registry
     config_overrides, evaluator_options = split_sets(args.overrides, DECODE_TABLES)
-    config_overrides.append(f"decode.checkpoint={json.dumps(args.checkpoint)}")
+    if args.checkpoint is not None:
+        config_overrides.append(f"decode.checkpoint={json.dumps(args.checkpoint)}")
     cfg = load_config(args.config, config_overrides, None, registry)
     opts = PairsOptions(
         data=args.data, out=args.out, samples=args.samples, evaluator=args.evaluator, evaluator_options=evaluator_options,
@@ -95,9 +96,11 @@ def add_reflect_data_parser(subparsers: Any) -> argparse.ArgumentParser:
 def add_pairs_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``pairs`` to the ``reempathy`` command's subparsers."""
     p = subparsers.add_parser(
-        "pairs", help="on-policy DPO pairs: sample N answers per prompt from a checkpoint, score them, best vs worst"
+        "pairs", help="on-policy DPO pairs: sample N answers (whole traces) per prompt from a policy, score them, best vs worst"
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the policy: a directory written by `reempathy train`")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="the policy: a directory written by `reempathy train` (default: the config's backbone and strategy "
+                        "as they are, e.g. the first round of iterated DPO)")
     p.add_argument("--data", required=True, metavar="DATA.jsonl", help="the prompts: JSONL records as `reempathy run` reads them")
     p.add_argument("--samples", required=True, type=int, metavar="N", help="answers sampled per prompt (at least 2)")
     p.add_argument("--evaluator", "-e", required=True, metavar="NAME", help="the evaluator that scores the answers, e.g. llm-judge")

@@ -1,25 +1,27 @@
 """``reempathy pairs``: on-policy preference pairs for DPO — N sampled answers per prompt, scored, best against worst.
 
 The path: read and check the prompts (the test-set reader of ``reempathy run``) → load the
-checkpoint's backbone and adapter → every prompt not done yet becomes N rows of the batched loop
-(:func:`reempathy.decoding.batch.decode_batch`), each with its own plugin objects and its own
-seed → when a prompt's N answers are in, the evaluator scores them in one call → the best and the
-worst become one training record → appended to the progress file; ``OUT`` is written when every
-prompt is done (the one job driver with a :class:`reempathy.jobs.partial.PartialJsonl`).
+policy: the checkpoint's backbone and adapter, or without ``--checkpoint`` the config's backbone
+and strategy as they are → every prompt not done yet becomes N rows of the batched loop
+(:func:`reempathy.decoding.batch.decode_batch`), each with its own plugin objects, its own seed
+and a :class:`~reempathy.training.trace.TraceRecorder` → when a prompt's N answers are in, the
+evaluator scores them in one call → the best and the worst become one training record, each
+answer with its whole trace (spoken chunks and the reflections or thoughts between them, token
+ids as decoded) → appended to the progress file; ``OUT`` is written when every prompt is done
+(the one job driver with a :class:`reempathy.jobs.partial.PartialJsonl`).
 
 Where it decides:
 
 - **seeds** (:func:`sample_seed`): sample i of record R samples with
   ``row_seed(sampling.seed, "R#i")``, so the answers do not depend on the batch size, the
   neighbours or an interruption. Greedy decoding is refused (it would give N copies of one answer).
-- **usable answers** (:func:`answer_problem`): an answer must be a spoken answer ``reempathy
-  train`` can lay out — text or audio units, enough units for its text on the backbone's
-  stream, prompt + answer within the context. Others are left out before scoring. An answer
-  cut by the token budget (``stop_reason`` ``max_new_tokens``) is used as it is; raise
-  ``decode.max_new_tokens`` if that matters. An answer is stored as text and units, so training
-  tokenizes its text again; where that gives other tokens than were sampled (rare with a real
-  tokenizer, common with the random tiny model's broken UTF-8) the sample says
-  ``"retokenized": true`` and the pair trains on the text as re-tokenized.
+- **usable answers** (:func:`answer_problem`): an answer must have spoken content (text or
+  audio units) and its prompt + trace must fit the context. Others are left out before
+  scoring. An answer cut by the token budget (``stop_reason`` ``max_new_tokens``) is used as it
+  is; raise ``decode.max_new_tokens`` if that matters. Whole-trace DPO trains the trace's token
+  ids as sampled. The answer's text and units are written too (for people and evaluators, and for
+  ``dpo`` with ``traces = false``, which tokenizes the text again: where that gives other tokens
+  than were sampled the sample says ``"retokenized": true``).
 - **the score** (:func:`score_total`): the sum of the evaluator's scores over its
   ``score_names`` (the four EmpathyEval dimensions for ``empathyeval`` and ``llm-judge``); an
   evaluation with an error or without one of those scores is a failed sample, left out.
@@ -63,6 +65,7 @@ from reempathy.data.testset import DataSet, RunRecord, check_records, read_recor
 from reempathy.training.builders import build_dpo, prompt_ids, sequence_length, spoken_chunks, stream_layout
 from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message
 from reempathy.training.evaluator_calls import call_evaluator
+from reempathy.training.trace import Trace, TraceRecorder, trace_of
 from reempathy.jobs.driver import Job, Outcome, run_job
 from reempathy.jobs.partial import PartialJsonl
 from reempathy.data.schema import SCORE_NAMES, Message, Record
@@ -122,11 +125,20 @@ def answer_message(result: DecodeResult) -> Message | None:
         return None
 
 
-def answer_problem(result: DecodeResult, backbone: Backbone, prompt_len: int, where: str) -> str | None:
-    """Why ``reempathy train`` could not use this answer, or None when it can (laid out as the DPO builder does)."""
+def answer_problem(result: DecodeResult, backbone: Backbone, prompt_len: int, where: str, trace: Trace | None = None) -> str | None:
+    """Why ``reempathy train`` could not use this answer, or None when it can.
+
+    With its ``trace`` (whole-trace DPO) the answer needs spoken content and prompt + trace within
+    the context; without, it must also lay out as the DPO builder lays out spoken answers.
+    """
     message = answer_message(result)
     if message is None:
         return "an empty answer (no spoken text, no audio units)"
+    if trace is not None:
+        length = prompt_len + len(trace.ids)
+        if length > backbone.max_context:
+            return f"prompt and trace are {length} tokens, longer than the backbone's context of {backbone.max_context}"
+        return None
     try:
         chunks = spoken_chunks(message, backbone, stream_layout(backbone), where, "sampled answer")
     except InputError as exc:
@@ -162,6 +174,7 @@ class Sample:
     total: float | None = None
     note: str | None = None  # why the sample is not in the running: unusable, or the evaluator failed on it
     retokenized: bool = False  # its text encodes to other tokens than were sampled (training reads the text)
+    trace: Trace | None = None  # the answer exactly as decoded (whole-trace DPO trains it)
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "seed": self.seed, "total": self.total, "stop_reason": self.result.stop_reason,
@@ -188,7 +201,10 @@ def pair_record(
     def answer(sample: Sample) -> dict[str, Any]:
         message = answer_message(sample.result)
         assert message is not None  # a scored sample was usable
-        return {k: v for k, v in (("role", "assistant"), ("text", message.text), ("units", message.units)) if v is not None}
+        doc = {k: v for k, v in (("role", "assistant"), ("text", message.text), ("units", message.units)) if v is not None}
+        if sample.trace is not None:
+            doc["trace"] = sample.trace.to_json()
+        return doc
 
     rejected_doc = answer(bad)
     rejected_doc["assessment"] = assessment_json(bad.evaluation, names)  # type: ignore[arg-type]
@@ -264,8 +280,6 @@ def make_pairs(
     if isinstance(opts.samples, bool) or not isinstance(opts.samples, int) or opts.samples < 2:
         raise ConfigError(f"--samples must be at least 2 (a pair needs two answers), got {opts.samples!r}")
     cfg = run_config(cfg)
-    if not cfg.decode.checkpoint:
-        raise ConfigError("pairs samples the policy of a checkpoint: give --checkpoint DIR (written by `reempathy train`)")
     if cfg.sampling.greedy:
         raise ConfigError(
             "pairs samples several answers per prompt, and greedy decoding gives the same answer every time: "
@@ -275,12 +289,16 @@ def make_pairs(
     registry.get("evaluator", opts.evaluator)
     validated = evaluator_options(registry, opts.evaluator, opts.evaluator_options).model_dump(mode="json")
     data = read_records(opts.data)
-    manifest = read_manifest(cfg.decode.checkpoint)
     config = cfg.model_dump(mode="json")
-    config["decode"]["checkpoint"] = str(Path(cfg.decode.checkpoint).resolve())
+    checkpoint = None
+    if cfg.decode.checkpoint:
+        manifest = read_manifest(cfg.decode.checkpoint)
+        config["decode"]["checkpoint"] = str(Path(cfg.decode.checkpoint).resolve())
+        checkpoint = {"path": config["decode"]["checkpoint"], "created": manifest.created, "steps": manifest.steps}
+    strategy_options = registry.validate("strategy", cfg.strategy.name, cfg.strategy.options).model_dump(mode="json")
     identity = {
         "data": {"path": str(Path(data.path).resolve()), "sha256": data.sha256},
-        "checkpoint": {"path": config["decode"]["checkpoint"], "created": manifest.created, "steps": manifest.steps},
+        "checkpoint": checkpoint,
         "config": config,
         "samples": opts.samples,
         "evaluator": {"name": opts.evaluator, "options": validated},
@@ -306,13 +324,16 @@ def make_pairs(
         backbone, evaluator, names = worker
         ready, system_prompt = loaded["ready"], cfg.decode.system_prompt
 
+        recorders: dict[tuple[str, int], TraceRecorder] = {}
+
         def requests() -> Iterator[RowRequest]:
             for record in todo:
                 inputs = ready[record.index]
                 for i in range(opts.samples):
                     strategy, processors = build_plugins(cfg, backbone, registry)
+                    recorder = recorders[(record.id, i)] = TraceRecorder()
                     yield RowRequest(key=(record.id, i), prompt_ids=inputs.ids, strategy=strategy,
-                                     processors=processors, seed=sample_seed(cfg.sampling.seed, record.id, i))
+                                     processors=[*processors, recorder], seed=sample_seed(cfg.sampling.seed, record.id, i))
 
         by_id = {r.id: r for r in todo}
         results: dict[str, dict[int, DecodeResult]] = {}
@@ -322,7 +343,9 @@ def make_pairs(
             if len(got) < opts.samples:
                 continue
             record = by_id[record_id]
-            samples = [Sample(j, sample_seed(cfg.sampling.seed, record_id, j), got[j]) for j in range(opts.samples)]
+            samples = [Sample(j, sample_seed(cfg.sampling.seed, record_id, j), got[j],
+                              trace=trace_of(got[j], recorders.pop((record_id, j)), strategy_options))
+                       for j in range(opts.samples)]
             del results[record_id]
             entry, failure = _pair_one(record, samples, backbone, ready[record.index].ids, system_prompt,
                                        evaluator, opts.evaluator, names)
@@ -356,7 +379,7 @@ def _pair_one(
     for s in samples:
         text = s.result.spoken_text
         s.retokenized = bool(text) and list(backbone.tokenizer.encode(text, add_special_tokens=False)) != list(s.result.spoken_text_ids)
-        s.note = answer_problem(s.result, backbone, len(prompt), record.where)
+        s.note = answer_problem(s.result, backbone, len(prompt), record.where, s.trace)
         if s.note is None:
             usable.append(s)
     if usable:

@@ -34,9 +34,12 @@ from reempathy.jobs.trainrun import (
     trainer_losses,
     write_checkpoint,
 )
-from reempathy.training.collate import PadCollator
-from reempathy.training.config import TrainConfig
+from reempathy.training.collate import PadCollator, PreferenceCollator
+from reempathy.training.start import Start, drop_reference_adapter, start_from, start_identity, sync_reference_adapter
+from reempathy.training.trace import TracePolicy
+from reempathy.training.config import TrainConfig, TrainSettings
 from reempathy.data.records import BadRecord, load_records
+from reempathy.errors import InputError
 
 
 @dataclass
@@ -107,7 +110,9 @@ def lora_config(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbon
 def run_info(cfg: TrainConfig, runtime: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Settings that must not change between a run and its resumption (``runtime`` backbone options may)."""
     backbone_options = {k: v for k, v in cfg.backbone.options.items() if k not in runtime}
+    start = {"init_from": start_identity(cfg.train.init_from)} if cfg.train.init_from else {}
     return {
+        **start,
         "backbone": {"name": cfg.backbone.name, "options": backbone_options},
         "strategy": {"name": cfg.strategy.name, "options": cfg.strategy.options},
         "data": cfg.data.path,
@@ -117,8 +122,8 @@ def run_info(cfg: TrainConfig, runtime: frozenset[str] = frozenset()) -> dict[st
     }
 
 
-def _common_args(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
-    t = cfg.train
+def common_args(t: TrainSettings, progress: bool) -> dict[str, Any]:
+    """Trainer arguments every method shares, from ``[train]`` (TRL's configs take them too)."""
     return dict(
         output_dir=t.output_dir,
         max_steps=t.max_steps,
@@ -150,21 +155,31 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def make_lm_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, items: list[TrainingSequence], callbacks: Sequence[Any], progress: bool) -> Any:
-    """transformers' Trainer on the LoRA-wrapped model, our padding collator, the built sequences."""
+def make_lm_trainer(
+    cfg: TrainConfig, backbone: Backbone, peft_config: Any, items: list[TrainingSequence], callbacks: Sequence[Any],
+    progress: bool, start: Start | None = None,
+) -> Any:
+    """transformers' Trainer on the LoRA-wrapped model (or the adapter ``start`` continues), our padding collator, the built sequences."""
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are random: seed before wrapping
-    model = get_peft_model(backbone.model, peft_config)
+    model = start.model if start is not None else get_peft_model(backbone.model, peft_config)
     data = _ListDataset([{"input_ids": s.input_ids, "labels": s.labels} for s in items])
-    args = TrainingArguments(remove_unused_columns=False, **_common_args(cfg, progress))
+    args = TrainingArguments(remove_unused_columns=False, **common_args(cfg.train, progress))
     pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
     return Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(pad), callbacks=list(callbacks))
 
 
-def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, options: BaseModel, items: list[PreferencePair], callbacks: Sequence[Any], progress: bool) -> Any:
-    """TRL's DPOTrainer on pre-tokenized pairs; the reference model is the backbone with the adapter disabled."""
+def make_dpo_trainer(
+    cfg: TrainConfig, backbone: Backbone, peft_config: Any, options: BaseModel, items: list[PreferencePair],
+    callbacks: Sequence[Any], progress: bool, start: Start | None = None,
+) -> Any:
+    """TRL's DPOTrainer on pre-tokenized pairs, each with its loss masks (:class:`PreferenceCollator`).
+
+    The reference model is the backbone with the adapter disabled, or, when the run continues a
+    checkpoint's adapter (``start``), a frozen copy of that adapter (:mod:`reempathy.training.start`).
+    """
     from datasets import Dataset
     from transformers import set_seed
     from trl import DPOConfig
@@ -172,18 +187,26 @@ def make_dpo_trainer(cfg: TrainConfig, backbone: Backbone, peft_config: Any, opt
     from reempathy.training.dpo import PretokenizedDPOTrainer
 
     set_seed(cfg.train.seed)
-    data = Dataset.from_list(
-        [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in items]
-    )
-    args = DPOConfig(beta=getattr(options, "beta", 0.1), max_length=backbone.max_context, **_common_args(cfg, progress))
-    return PretokenizedDPOTrainer(
-        model=backbone.model,
+    data = Dataset.from_list([
+        {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids,
+         "chosen_mask": p.chosen_mask or [1] * len(p.chosen_ids), "rejected_mask": p.rejected_mask or [1] * len(p.rejected_ids)}
+        for p in items
+    ])
+    # remove_unused_columns would drop the masks: TRL's own columns are only the ids.
+    args = DPOConfig(beta=getattr(options, "beta", 0.1), max_length=backbone.max_context, remove_unused_columns=False,
+                     **common_args(cfg.train, progress))
+    pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+    trainer = PretokenizedDPOTrainer(
+        model=start.model if start is not None else backbone.model,
         args=args,
+        data_collator=PreferenceCollator(pad, backbone.max_context),
         train_dataset=data,
         processing_class=backbone.tokenizer,
-        peft_config=peft_config,
+        peft_config=None if start is not None else peft_config,
         callbacks=list(callbacks),
     )
+    sync_reference_adapter(trainer.model)
+    return trainer
 
 
 def longest_hidden(items: Sequence[TrainingSequence | PreferencePair]) -> HiddenLengths:
@@ -219,8 +242,38 @@ def build_manifest(
     steps: int,
     records: int,
     longest: HiddenLengths | None = None,
+    policy: TracePolicy | None = None,
+    start: Start | None = None,
 ) -> Manifest:
-    """The manifest that tells the decoder what this checkpoint was trained for."""
+    """The manifest that tells the decoder what this checkpoint was trained for.
+
+    Whole-trace DPO (``policy``: the strategy the traces were decoded with) decodes with that
+    strategy and its options; ``start`` records the checkpoint whose adapter the run continued.
+    """
+    training: dict[str, Any] = {
+        "method": spec.name,
+        "options": options.model_dump(mode="json"),
+        "lora_rank": start.rank if start is not None else cfg.train.lora_rank,
+        "lora_alpha": start.alpha if start is not None else cfg.train.lora_alpha,
+        "data": cfg.data.path,
+        "records": records,
+    }
+    if start is not None:
+        training["init_from"] = start.record()
+    if policy is not None:
+        training["traces"] = {"strategy": policy.strategy, "hidden": getattr(options, "hidden", "train")}
+        layout_doc = policy.chunk_layout
+        return Manifest(
+            backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
+            strategy=Component(name=policy.strategy, options=policy.options),
+            chunk_layout=ChunkLayoutRecord(**layout_doc) if layout_doc else None,
+            reflection=policy_reflection(policy.options),
+            longest=longest,
+            delimiters=delimiter_ids(backbone),
+            steps=steps,
+            created=now_iso(),
+            training=training,
+        )
     layout = spec.chunk_layout(options, backbone)
     strategy_options = options.model_dump(mode="json") if spec.decode_strategy == spec.name else {}
     return Manifest(
@@ -232,15 +285,29 @@ def build_manifest(
         delimiters=delimiter_ids(backbone),
         steps=steps,
         created=now_iso(),
-        training={
-            "method": spec.name,
-            "options": options.model_dump(mode="json"),
-            "lora_rank": cfg.train.lora_rank,
-            "lora_alpha": cfg.train.lora_alpha,
-            "data": cfg.data.path,
-            "records": records,
-        },
+        training=training,
     )
+
+
+def policy_reflection(options: dict[str, Any]) -> ReflectionRecord | None:
+    """Free or fixed-length reflections, read from a decoding strategy's options (``reflect``, ``reflection_tokens``)."""
+    if not options.get("reflect", False):
+        return None
+    tokens = options.get("reflection_tokens")
+    return ReflectionRecord(mode="fixed", tokens=tokens) if tokens is not None else ReflectionRecord(mode="free")
+
+
+def trace_policy(items: Sequence[TrainingSequence | PreferencePair], where: str) -> TracePolicy | None:
+    """The one policy whole-trace pairs were decoded with, None for pairs of spoken answers; mixed is an error."""
+    policies = {item.policy for item in items if isinstance(item, PreferencePair)}
+    if len(policies) <= 1:
+        return next(iter(policies), None)
+    if None in policies:
+        raise InputError(f"dataset {where!r} mixes pairs with decoded traces and pairs without; a checkpoint decodes "
+                         "with one strategy: train them apart, or set strategy.traces = false")
+    first, second = sorted(policies, key=lambda p: (p.strategy, p.options_json))[:2]
+    raise InputError(f"dataset {where!r} holds traces of different policies ({first.describe()} and "
+                     f"{second.describe()}); a checkpoint decodes with one strategy: train them apart")
 
 
 def train(
@@ -280,13 +347,20 @@ def train(
     # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
     records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad, backbone.max_text_chars)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
+    policy = trace_policy(built.items, cfg.data.path)
+    start = None
+    if cfg.train.init_from:
+        delimiters = [backbone.layout.token_id(name) for name in spec.delimiters(options)]
+        start = start_from(cfg.train.init_from, backbone, cfg.backbone.name, cfg.backbone.options, cfg.train,
+                           delimiters, registry)
     if plan.finish_from is not None:
-        return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records, built, main)
+        return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records,
+                                       built, main, policy, start)
     peft_config = lora_config(cfg, spec, options, backbone)
     if spec.preference:
-        trainer = make_dpo_trainer(cfg, backbone, peft_config, options, built.items, callbacks, progress)  # type: ignore[arg-type]
+        trainer = make_dpo_trainer(cfg, backbone, peft_config, options, built.items, callbacks, progress, start)  # type: ignore[arg-type]
     else:
-        trainer = make_lm_trainer(cfg, backbone, peft_config, built.items, callbacks, progress)  # type: ignore[arg-type]
+        trainer = make_lm_trainer(cfg, backbone, peft_config, built.items, callbacks, progress, start)  # type: ignore[arg-type]
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
@@ -298,8 +372,9 @@ def train(
     trainer.train(resume_from_checkpoint=resume_from)
     steps = int(trainer.state.global_step)
     manifest = build_manifest(
-        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items)
+        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items), policy, start
     )
+    drop_reference_adapter(trainer.model)
     if trainer.is_world_process_zero():
         write_checkpoint(trainer.model, cfg.train.output_dir, manifest)
     trainer.accelerator.wait_for_everyone()
@@ -329,11 +404,13 @@ def _finish_from_checkpoint(
     records: Any,
     built: Any,
     main: bool,
+    policy: TracePolicy | None = None,
+    start: Start | None = None,
 ) -> TrainResult:
     """A run stopped after its last Trainer save: install that checkpoint's adapter instead of training again."""
     steps = cfg.train.max_steps
     manifest = build_manifest(
-        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items)
+        cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items), policy, start
     )
     if main:
         install_adapter(source, plan.output_dir, manifest)
@@ -361,4 +438,9 @@ __all__ = [
     "build_manifest",
     "longest_hidden",
     "reflection_record",
+    "policy_reflection",
+    "trace_policy",
+    "make_dpo_trainer",
+    "make_lm_trainer",
+    "common_args",
 ]
