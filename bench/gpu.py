@@ -1,7 +1,9 @@
-"""Issue 15's GPU figures in one run: a GLM-4-Voice-9B-shape model, every side, against the bandwidth limit.
+"""Issues 15 and 26's GPU figures: a GLM-4-Voice-9B-shape model, every side, against the bandwidth limit.
 
-    bash bench/gpu.sh [--out DIR] [--budget-s 450]     # a CUDA machine: under 8 minutes
-    bash bench/gpu.sh --smoke [--out DIR]             # a tiny shape on CPU: the same code path, about a minute
+    bash bench/gpu.sh [--out DIR] [--budget-s 450]     # a CUDA machine: the sections that fit in 8 minutes
+    bash bench/gpu.sh --only batches,prefill,quantized-sft-compiled   # a second run: the rows never measured
+    bash bench/gpu.sh --profile [--profile-steps N]   # one profiled decode step per side (profile.md, traces)
+    bash bench/gpu.sh --smoke [--out DIR] [--profile] # a tiny shape on CPU: the same code path
     bash bench/gpu.sh --shape mid --dtype float32 --tokens 64 --skip batches,quantized-sft-compiled
                                                       # compiled = eager in float32 on a small model, in seconds
 
@@ -24,12 +26,18 @@ skipped and says so):
    bandwidth;
 2. ``generate()`` eager and with a static cache + compile (transformers' own CUDA-graph path);
 3. our ``sft`` eager and compiled (``cache = "static"``, ``compile = true``);
-4. ``reempathy`` + ``attention-reweight`` (α 1.15, layers 10–29) eager and compiled; whether the
-   compiled tokens equal the eager ones; time to first audio; real-time margin;
+4. ``reempathy`` + ``attention-reweight`` (α 1.15, layers 10–29) eager and compiled, and compiled
+   with ``attention = "flex"`` (the plan in FlexAttention's kernel); whether the compiled tokens
+   equal the eager ones (and flex's the SDPA-bias ones); time to first audio; real-time margin;
 5. batches of 1, 8 and 32 rows of ``reempathy`` + ``attention-reweight`` through the batched loop
-   (compiled), prompts of 144–156 tokens: tokens per second;
-6. weight-only ``int8`` and ``int4`` (torchao) of the same model, ``sft`` compiled: ms per token and
+   (compiled), prompts of 144–156 tokens: tokens per second, and some rows' greedy agreement with
+   the eager single-row loop;
+6. a test set's refills prefilled together against one at a time (``prefill``, bench/prefill.py);
+7. weight-only ``int8`` and ``int4`` (torchao) of the same model, ``sft`` compiled: ms per token and
    greedy agreement with bfloat16 over the first tokens (reported, not asserted).
+
+``--only``/``--skip`` pick sections; ``--profile`` replaces the timings by a profile of one decode
+step of each side (:func:`profile`, bench/step_profile.py).
 
 Per side: ``ms_per_token`` = the whole call (prefill included) / new tokens, median of
 ``--runs`` (compiled sides; eager ones are timed once); ``ms_per_step`` = (whole call of N tokens - whole call of 1 token) / (N - 1), the
