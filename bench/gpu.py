@@ -277,7 +277,7 @@ class BanStops:
 
 def plugins(bb: Any, variant: str) -> tuple[Any, list[Any]]:
     """A fresh strategy and processors for ``sft`` or ``reempathy+reweight``, through the registry."""
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     registry = default_discovery().registry
     if variant == "sft":

@@ -23,7 +23,7 @@ from reempathy.backbones.base import Backbone, Turn
 from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.decoding.batch import RowRequest, decode_batch
 from reempathy.decoding.loop import LoopOptions, decode, session_plugin_manager
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.session import DecodeSession
 from reempathy.hooks import hookimpl

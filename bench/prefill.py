@@ -56,7 +56,7 @@ def records_per_s(
     gc.disable()
     try:
         start = time.perf_counter()
-        for key, result in decode_batch(bb, requests, options, batch, prefill_rows):
+        for key, result in decode_batch(bb, requests, options, batch, prefill_rows=prefill_rows):
             if result.counts.generated != tokens:
                 raise RuntimeError(f"record {key} stopped after {result.counts.generated} tokens ({result.stop_reason})")
             answers[key] = result.ids

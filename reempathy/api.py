@@ -41,9 +41,9 @@ from reempathy.config import DecodeConfig, load_config
 from reempathy.decoding.attention import KeyBias
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
 from reempathy.decoding.directives import CONTINUE, Continue, Directive, Stop, Switch
-from reempathy.decoding.hookspecs import Register
+from reempathy.hooks import Register
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.decoding.registry import (
+from reempathy.registry import (
     DiscoveryResult,
     PluginInfo,
     Registration,
@@ -64,10 +64,20 @@ from reempathy.errors import (
     PluginFailure,
     ReempathyError,
 )
+from reempathy.evaluation.base import (
+    EMPATHY_SCORES,
+    Comparison,
+    EvalItem,
+    Evaluation,
+    Evaluator,
+    PairItem,
+    PairwiseEvaluator,
+)
 from reempathy.hooks import hookimpl
+from reempathy.options import PluginOptions
 from reempathy.runner import build_plugins, build_prompt_ids, load_backbone, run_decode
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 """The version of this API (``MAJOR.MINOR``); see the compatibility promise above."""
 
 __all__ = [
@@ -75,6 +85,7 @@ __all__ = [
     # writing plugins
     "hookimpl",
     "Register",
+    "PluginOptions",
     "DecodeSession",
     "Segment",
     "Span",
@@ -113,6 +124,14 @@ __all__ = [
     "HiddenSegment",
     "Counts",
     "Timings",
+    # evaluators
+    "Evaluator",
+    "PairwiseEvaluator",
+    "EvalItem",
+    "Evaluation",
+    "PairItem",
+    "Comparison",
+    "EMPATHY_SCORES",
     # running decodes from a script
     "DecodeConfig",
     "load_config",

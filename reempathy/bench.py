@@ -108,7 +108,7 @@ def _bench_registry(base: Any, trace: PhaseTrace) -> Any:
     """A copy of the registry with the bench-only processors added (the process-wide one is left alone)."""
     from pydantic import BaseModel, ConfigDict
 
-    from reempathy.decoding.registry import Registration, Registry
+    from reempathy.registry import Registration, Registry
 
     class NoOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -304,7 +304,7 @@ def _check_writable(path: str | None, flag: str) -> None:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every strategy and return the ``reempathy.bench/1`` document."""
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.runner import load_backbone, run_decode, sampling_chain
 
     if args.runs < 1:

@@ -1,6 +1,6 @@
 """Reading a checkpoint: the ``reempathy.json`` manifest, the adapter it describes, and what it means for decoding.
 
-A checkpoint directory (written by ``reempathy train``, see :mod:`reempathy.training.checkpoint`)
+A checkpoint directory (written by ``reempathy train``, see :mod:`reempathy.jobs.trainrun`)
 holds a LoRA adapter (safetensors) and a manifest written last: a directory is complete only
 when its manifest is there. ``decode``, ``run`` and ``eval`` load checkpoints through this
 module, so decoding never imports training.
@@ -23,7 +23,7 @@ from reempathy.errors import CheckpointError, ConfigError, ReempathyError, Reemp
 from reempathy.paths import check_name, describe_kind, resolved_kind
 
 if TYPE_CHECKING:
-    from reempathy.decoding.registry import Registry
+    from reempathy.registry import Registry
 
 MANIFEST = "reempathy.json"
 SCHEMA = "reempathy.checkpoint/1"
@@ -386,7 +386,7 @@ def short_cap_messages(manifest: Manifest, strategy: str, options: dict[str, Any
 
 def _option_default(strategy: str, key: str) -> Any:
     """The default of a strategy option from its registered options model, or None when there is none."""
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     try:
         field = default_discovery().registry.get("strategy", strategy).config_model.model_fields.get(key)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from reempathy.decoding.registry import Registry, describe_validation_error
+from reempathy.registry import Registry, describe_validation_error
 from reempathy.errors import ConfigError
 from reempathy.options import STRICT, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP
 from reempathy.paths import check_name, read_input_file
@@ -25,6 +25,7 @@ from reempathy.paths import check_name, read_input_file
 TOP_LEVEL_KEYS = ("backbone", "strategy", "processors", "sampling", "decode")
 MAX_DEPTH = 16  # tables and arrays nest at most this deep in a config; real ones use 3
 MAX_CONFIG_BYTES = 4 * 2**20  # a config is a page of TOML; anything this large is a mistake
+GUARD_PER_SPOKEN = 4  # max_new_tokens left out beside max_spoken_tokens: this many generated tokens per spoken one
 
 
 class SamplingConfig(BaseModel):
@@ -54,7 +55,19 @@ class DecodeSettings(BaseModel):
     """``[decode]``: the question, the budget, and how the KV cache is kept."""
 
     model_config = STRICT
-    max_new_tokens: int = Field(128, ge=1, lt=2**31)
+    max_new_tokens: int = Field(
+        128,
+        ge=1,
+        lt=2**31,
+        description="every generated token (spoken, hidden, control): the guard against runaway answers; "
+        f"default 128, or {GUARD_PER_SPOKEN} x max_spoken_tokens when that is set",
+    )
+    max_spoken_tokens: int | None = Field(
+        None, ge=1, lt=2**31, description="tokens of the spoken stream (text and audio): the budget comparisons share"
+    )
+    max_hidden_tokens: int | None = Field(
+        None, ge=1, lt=2**31, description="tokens of the hidden stream (reflections and thoughts, all together)"
+    )
     prompt: Text | None = None
     units: str | None = Field(None, min_length=1, description="file of speech unit ids (JSON list or whitespace-separated)")
     system_prompt: Text | None = None
@@ -78,6 +91,24 @@ class DecodeSettings(BaseModel):
             raise ValueError("set decode.prompt or decode.units, not both (the other would be ignored)")
         if self.attention == "flex" and self.cache != "static":
             raise ValueError('decode.attention = "flex" needs decode.cache = "static" (and compile = true for the fused kernel)')
+        return self
+
+    @model_validator(mode="after")
+    def _guard_above_budgets(self) -> "DecodeSettings":
+        if self.max_spoken_tokens is None:
+            return self
+        if "max_new_tokens" not in self.model_fields_set:
+            # Room for the hidden and control tokens between spoken ones: ReEmpathy at 3+6 with
+            # 12-token reflections writes about 1.5 per spoken token, CoT a thought once.
+            self.max_new_tokens = min(GUARD_PER_SPOKEN * self.max_spoken_tokens + (self.max_hidden_tokens or 0), 2**31 - 1)
+        need = self.max_spoken_tokens + (self.max_hidden_tokens or 0)
+        if self.max_new_tokens < need:
+            raise ValueError(
+                f"max_new_tokens = {self.max_new_tokens} is below max_spoken_tokens"
+                f"{' + max_hidden_tokens' if self.max_hidden_tokens else ''} = {need}: the overall guard would end "
+                f"answers before their budget; raise max_new_tokens (it counts hidden and control tokens too) or leave "
+                "it out"
+            )
         return self
 
 
@@ -169,33 +200,59 @@ def _component_names(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     return names, rest
 
 
+LIST_KEYS = ("processors",)
+"""Top-level keys that hold an array of tables: ``--set processors.N.KEY=…`` creates entry N when N is the next index."""
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set single keys in the raw config dict (``processors.0.factor=1.2`` indexes the list).
 
     ``backbone.name`` and ``strategy.name`` are applied first and the way ``--backbone`` and
     ``--strategy`` are (:func:`set_component`), so ``--set strategy.name=cotbs`` drops the file's
     reempathy options while ``--set strategy.max_thought_tokens=8`` still applies to cotbs.
+    In a list of :data:`LIST_KEYS`, index N is an existing entry or the next one, which is created
+    (``--set processors.0.name=top-k`` on a config without ``[[processors]]``).
     """
     names, rest = _component_names(list(overrides))
     for kind, name in names.items():
         data = set_component(data, kind, name, f"--set {kind}.name")
     for item in rest:
         path, value = parse_override(item)
+        growable = path[0] in LIST_KEYS
+        if growable and len(path) > 1 and path[0] not in data and path[1].isdigit():
+            data[path[0]] = []
         node: Any = data
         for i, key in enumerate(path[:-1]):
             if isinstance(node, list):
-                try:
-                    node = node[int(key)]
-                except (ValueError, IndexError):
-                    raise ConfigError(f"--set {item!r}: no list item {key!r} in {'.'.join(path[:i])}") from None
+                node = node[_list_index(node, key, item, path[:i], growable)]
             else:
                 node = node.setdefault(key, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a table")
         if isinstance(node, list):
-            raise ConfigError(f"--set {item!r}: give an index into {'.'.join(path[:-1])}")
+            if not (growable and path[-1].isdigit()):
+                raise ConfigError(f"--set {item!r}: give an index into {'.'.join(path[:-1])}")
+            index = _list_index(node, path[-1], item, path[:-1], growable)
+            node[index] = value
+            continue
         node[path[-1]] = value
     return data
+
+
+def _list_index(node: list[Any], key: str, item: str, where: list[str], growable: bool) -> int:
+    """The index ``key`` names in ``node`` (appending an empty table when it is the next one of a growable list)."""
+    name = ".".join(where)
+    try:
+        index = int(key)
+    except ValueError:
+        raise ConfigError(f"--set {item!r}: no list item {key!r} in {name}; give an index such as {name}.0") from None
+    if growable and index == len(node):
+        node.append({})
+    if not 0 <= index < len(node):
+        count = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+        nxt = f"; --set {name}.{len(node)}.name=NAME adds the next one" if growable else ""
+        raise ConfigError(f"--set {item!r}: {name} has {count}, so there is no {name}.{key}{nxt}")
+    return index
 
 
 def set_component(data: dict[str, Any], kind: str, name: Any, flag: str) -> dict[str, Any]:
@@ -236,6 +293,12 @@ def describe_config_error(exc: ValidationError, where: str, sections: dict[str, 
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if err["type"] in ("model_type", "dict_type") and loc and "." not in loc:
         return f"{where}: {loc} must be a table, e.g. [{loc}]{tail}"
+    if err["type"] == "list_type" and loc in LIST_KEYS:
+        return (
+            f"{where}: {loc} must be an array of tables, one per entry: write [[{loc}]] (two brackets) and "
+            f'name = "..." under it in the file, or --set {loc}.0.name=NAME on the command line '
+            f"(got {toml_value(err.get('input'))}){tail}"
+        )
     if err["type"] in ("value_error", "assertion_error"):  # a model's own check: its message says it all
         return f"{where}: {loc or 'config'}: {msg}{tail}"
     return f"{where}: {loc or 'config'}: {msg} (got {toml_value(err.get('input'))}){tail}"
@@ -361,6 +424,7 @@ __all__ = [
     "validate_sampling",
     "DecodeSettings",
     "apply_overrides",
+    "LIST_KEYS",
     "read_toml",
     "describe_config_error",
     "describe_validation_error",

@@ -13,10 +13,22 @@ import argparse
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 """The model config of every built-in option model: unknown keys, loose types, NaN and infinity refused."""
+
+
+class PluginOptions(BaseModel):
+    """Base class of a plugin's option model, strict like the built-ins' (:data:`STRICT`).
+
+    Subclass it and declare the options as fields (``spoken: int = Field(8, ge=1, description=…)``):
+    an unknown option is an error that lists the valid ones, ``true`` is not 1, ``4.0`` is not an
+    integer (an integer is accepted for a float), NaN and infinity are refused — the rules of
+    docs/config.md, worded as docs/errors.md says, for a plugin's options as for reempathy's own.
+    """
+
+    model_config = STRICT
 
 MAX_SEGMENT = 2**20
 """Upper bound of segment sizes (chunk slots, reflection and thought caps): beyond any context, far below overflow."""
@@ -109,6 +121,7 @@ def count_arg(text: str) -> int:
 
 
 __all__ = [
+    "PluginOptions",
     "Text",
     "check_text",
     "STRICT",

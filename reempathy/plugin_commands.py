@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel
 
@@ -84,7 +84,7 @@ def _components(disc: Any, plugin: str) -> list[dict[str, Any]]:
     for kind, table in disc.registry.items.items():
         for reg in table.values():
             if reg.plugin == plugin:
-                out.append({"kind": kind, "name": reg.name, "description": reg.description, "options": describe_options(reg.config_model)})
+                out.append({"kind": kind, "name": reg.name, "description": reg.description, "options": describe_options(reg.config_model) if reg.config_model is not None else []})
     return out
 
 
@@ -130,7 +130,7 @@ def format_listing(rows: list[dict[str, Any]], options: bool = False) -> str:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """``reempathy plugins``."""
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     rows = listing(default_discovery())
     if args.json:
@@ -168,19 +168,26 @@ def add_plugins_parser(subparsers: Any) -> None:
     new.set_defaults(func=cmd_plugin_new)
 
 
+def use_plugins_dirs(dirs: Sequence[str]) -> None:
+    """Add each of ``dirs`` to ``REEMPATHY_PLUGINS_DIR`` and forget a cached discovery when that changed it."""
+    from reempathy.registry import PLUGINS_DIR_ENV, default_discovery
+
+    current = [p for p in os.environ.get(PLUGINS_DIR_ENV, "").split(os.pathsep) if p]
+    added = [str(Path(d).expanduser()) for d in dirs]
+    added = [d for i, d in enumerate(added) if d not in current and d not in added[:i]]
+    if not added:
+        return
+    os.environ[PLUGINS_DIR_ENV] = os.pathsep.join([*current, *added])
+    clear = getattr(default_discovery, "cache_clear", None)
+    if clear is not None:
+        clear()
+
+
 class PluginsDirAction(argparse.Action):
     """``--plugins-dir DIR``: add DIR to ``REEMPATHY_PLUGINS_DIR`` and forget any cached discovery."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
-        from reempathy.decoding.registry import PLUGINS_DIR_ENV, default_discovery
-
-        path = str(Path(values).expanduser())
-        current = [p for p in os.environ.get(PLUGINS_DIR_ENV, "").split(os.pathsep) if p]
-        if path not in current:
-            os.environ[PLUGINS_DIR_ENV] = os.pathsep.join([*current, path])
-        clear = getattr(default_discovery, "cache_clear", None)
-        if clear is not None:
-            clear()
+        use_plugins_dirs([values])
 
 
 def add_plugins_dir_option(parser: argparse.ArgumentParser, subparsers: Any) -> None:

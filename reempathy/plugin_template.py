@@ -1,7 +1,8 @@
 """``reempathy plugin new``: the files of a new plugin package, one template per kind.
 
 Every template imports only ``reempathy.api`` (the plugin) and ``reempathy.testing`` (its
-tests), so a generated package starts on the public API. Where it decides: :func:`render`
+tests), so a generated package starts on the public API, and its options derive from
+``reempathy.api.PluginOptions``, so they are as strict as the built-ins'. Where it decides: :func:`render`
 picks the kind's plugin and test text and fills in the names; :func:`write_package` writes
 the package into a temporary sibling folder and renames it into place, so a refused or
 interrupted run leaves nothing half-written.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reempathy.errors import InputError
+from reempathy.paths import check_name
 from reempathy.safe_write import replacing_dir
 
 KINDS = ("strategy", "processor", "observer", "backbone")
@@ -122,7 +124,7 @@ The delimiters are forced by the decoder in the same forward call as the sampled
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from reempathy.api import (
     REFLECTION_CLOSE,
@@ -131,6 +133,7 @@ from reempathy.api import (
     Backbone,
     DecodeSession,
     Directive,
+    PluginOptions,
     Register,
     Switch,
     hookimpl,
@@ -139,10 +142,9 @@ from reempathy.api import (
 NOTE = "note"
 
 
-class Options(BaseModel):
-    """Options of ``__NAME__`` (the ``[strategy]`` table of a decode config)."""
+class Options(PluginOptions):
+    """Options of ``__NAME__`` (the ``[strategy]`` table of a decode config); strict, like reempathy's own."""
 
-    model_config = ConfigDict(extra="forbid")
     spoken: int = Field(8, ge=1, description="tokens per spoken chunk")
     hidden: int = Field(4, ge=1, description="tokens per hidden note")
 
@@ -185,15 +187,14 @@ strategy's constraints and before sampling (processors run in config order).
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from reempathy.api import Backbone, DecodeSession, Register, hookimpl
+from reempathy.api import Backbone, DecodeSession, PluginOptions, Register, hookimpl
 
 
-class Options(BaseModel):
-    """Options of ``__NAME__`` (a ``[[processors]]`` entry of a decode config)."""
+class Options(PluginOptions):
+    """Options of ``__NAME__`` (a ``[[processors]]`` entry of a decode config); strict, like reempathy's own."""
 
-    model_config = ConfigDict(extra="forbid")
     audio_bias: float = Field(0.0, ge=-1e4, le=1e4, description="added to audio-unit logits (negative: fewer audio tokens)")
 
 
@@ -224,15 +225,11 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 
-from pydantic import BaseModel, ConfigDict
-
-from reempathy.api import Backbone, DecodeResult, DecodeSession, Register, hookimpl
+from reempathy.api import Backbone, DecodeResult, DecodeSession, PluginOptions, Register, hookimpl
 
 
-class Options(BaseModel):
-    """``__NAME__`` has no options."""
-
-    model_config = ConfigDict(extra="forbid")
+class Options(PluginOptions):
+    """``__NAME__`` has no options (any option given is an error that says so)."""
 
 
 class Counter:
@@ -272,7 +269,10 @@ from reempathy.api import Backbone, InterleavedBackbone, InterleavedOptions, Reg
 
 
 class Options(InterleavedOptions):
-    """Options of ``__NAME__``: ``path`` to a local model directory; the rest defaults to this family's layout."""
+    """Options of ``__NAME__``: ``path`` to a local model directory; the rest defaults to this family's layout.
+
+    ``InterleavedOptions`` is a ``PluginOptions``: strict, like every option model of reempathy.
+    """
 
     audio_token: str = "<|audio_{}|>"
     audio_begin: str | None = "<|begin_of_audio|>"
@@ -416,7 +416,7 @@ def render(name: str, kind: str) -> dict[str, str]:
 def write_package(name: str, kind: str, parent: str | Path = ".") -> Path:
     """Write the package into ``parent/name``; refuses an existing non-empty folder or a file there."""
     files = render(name, kind)
-    parent = Path(parent)
+    parent = check_name(parent, "--dir")  # '' would be the current folder without saying so
     target = parent / name
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{str(target)!r} already exists; choose another name or --dir")

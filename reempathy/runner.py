@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
 from typing import Any, Sequence
 
 from reempathy.backbones.base import Backbone, PromptInputs, Turn
 from reempathy.config import SAMPLING_CHAIN, DecodeConfig
 from reempathy.decoding.failures import remember_name
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError
 from reempathy.options import check_text
-from reempathy.paths import check_name, read_input_file
+from reempathy.speech.units import MAX_UNITS_BYTES, read_units  # noqa: F401 - read_units was at home here
 
-_AUDIO_TOKEN = re.compile(r"<\|audio_(\d+)\|>")
 
 
 def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
-    """Build the configured backbone through its registered factory."""
+    """Build the configured backbone through its registered factory, with the special tokens its strategy needs.
+
+    The tokens are added before a checkpoint is applied: an adapter trained with them holds their rows.
+    """
     backbone = registry.create("backbone", cfg.backbone.name, cfg.backbone.options)
+    add_strategy_tokens(backbone, cfg, registry)
     if cfg.decode.checkpoint:
         from reempathy.checkpoints import apply_checkpoint
 
@@ -30,8 +30,18 @@ def load_backbone(cfg: DecodeConfig, registry: Registry) -> Backbone:
     return backbone
 
 
+def add_strategy_tokens(backbone: Backbone, cfg: DecodeConfig, registry: Registry) -> list[str]:
+    """The special tokens ``cfg``'s strategy declared (``register(..., special_tokens=...)``), added to ``backbone``
+    where missing; the names added."""
+    return backbone.add_special_tokens(registry.get("strategy", cfg.strategy.name).special_tokens or ())
+
+
 def build_plugins(cfg: DecodeConfig, backbone: Backbone, registry: Registry) -> tuple[object, list[object]]:
-    """The strategy object and the ordered processors: configured ones first, then the sampling chain."""
+    """The strategy object and the ordered processors: configured ones first, then the sampling chain.
+
+    A backbone loaded for another strategy (a sweep shares one) gets this strategy's special tokens first.
+    """
+    add_strategy_tokens(backbone, cfg, registry)
     # The registered names are remembered so that a run hook's failure names the component.
     strategy = registry.create("strategy", cfg.strategy.name, cfg.strategy.options, backbone)
     remember_name(strategy, cfg.strategy.name)
@@ -59,52 +69,6 @@ def sampling_chain(cfg: DecodeConfig, backbone: Backbone) -> list[tuple[str, dic
         if (value := pick(key)) not in (None, off):
             chain.append((name, {option: value}))
     return chain
-
-
-MAX_UNITS_BYTES = 16 * 2**20  # a units file of an 8192-token context is about 50 kB
-_AUDIO_ONLY = re.compile(r"^(\s*<\|audio_\d+\|>)*\s*$")
-_INTEGERS = re.compile(r"^[0-9]+([\s,]+[0-9]+)*$")
-
-
-def read_units(path: str | Path) -> list[int]:
-    """Speech unit ids from a file: a JSON list, ``<|audio_N|>`` tokens, or whitespace/comma-separated integers.
-
-    One form per file: anything else in it (words beside ``<|audio_N|>`` tokens, a number that is
-    not a whole number) is an InputError, so a file is never half read.
-    """
-    p = check_name(path, "units file")
-    raw = read_input_file(p, "units file", MAX_UNITS_BYTES, InputError, "give a file of speech unit ids")
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"units file {str(p)!r} is not UTF-8 text (byte {exc.start}); it should hold unit ids") from None
-    if not text:
-        raise InputError(f"units file {str(p)!r} is empty; it should hold speech unit ids")
-    expected = "expected integers (a JSON list, whitespace-separated, or <|audio_N|> tokens)"
-    if text.startswith("["):
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
-            raise InputError(f"units file {str(p)!r} is not a valid JSON list; {expected}") from None
-        if not isinstance(data, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in data):
-            raise InputError(f"units file {str(p)!r}: the JSON list must hold integers only; {expected}")
-        units = list(data)
-    elif "<|audio_" in text:
-        if not _AUDIO_ONLY.match(text):
-            raise InputError(
-                f"units file {str(p)!r} mixes <|audio_N|> tokens with other text; give only the tokens (or only integers)"
-            )
-        units = [int(m) for m in _AUDIO_TOKEN.findall(text)]
-    elif _INTEGERS.match(text):
-        try:
-            units = [int(tok) for tok in re.split(r"[\s,]+", text) if tok]
-        except ValueError:  # a number of thousands of digits
-            raise InputError(f"units file {str(p)!r}: a unit id is absurdly long; {expected}") from None
-    else:
-        raise InputError(f"units file {str(p)!r}: {expected}")
-    if not units:
-        raise InputError(f"units file {str(p)!r} holds no unit ids")
-    return units
 
 
 def build_prompt_inputs(
@@ -145,6 +109,7 @@ def build_prompt_inputs(
         turns.append(Turn("system", text=system_prompt))
     heard = units is not None or audio is not None
     turns.append(Turn("user", text=None if heard else prompt, units=units, audio=audio))
+    backbone.check_text_fits(sum(len(t.text or "") for t in turns))  # before a huge text is tokenized
     return backbone.build_prompt_inputs(turns)
 
 
@@ -188,12 +153,22 @@ def run_decode(
     return decode(backbone, inputs.ids, strategy, processors, options, prefill_inputs=inputs.prefill_inputs)
 
 
+def run_config(cfg: DecodeConfig) -> DecodeConfig:
+    """``cfg`` as a command over a data set uses it: ``[decode] prompt``/``units`` cleared, since the records are the prompts."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.decode.prompt = None
+    cfg.decode.units = None
+    return cfg
+
+
 def loop_options(cfg: DecodeConfig) -> LoopOptions:
     """The loop's settings from ``[decode]`` and ``[sampling]`` (shared by ``decode`` and ``run``)."""
     if cfg.decode.compile and cfg.decode.cache != "static":
         raise ConfigError('decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)')
     return LoopOptions(
         max_new_tokens=cfg.decode.max_new_tokens,
+        max_spoken_tokens=cfg.decode.max_spoken_tokens,
+        max_hidden_tokens=cfg.decode.max_hidden_tokens,
         greedy=cfg.sampling.greedy,
         seed=cfg.sampling.seed,
         strategy_name=cfg.strategy.name,

@@ -28,7 +28,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,27 @@ def check_output_dir(path: str | os.PathLike[str], what: str, error: type[Reempa
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise error(f"{what} {str(p)!r}: directory {str(ancestor)!r} is not writable; choose another path")
     return p
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when ``a`` and ``b`` name one file: the same path once links are followed, or one file by two names (hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they lead
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_not_input(
+    output: str | os.PathLike[str], what: str, inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
+    error: type[ReempathyError] = InputError,
+) -> None:
+    """``error`` when the output ``output`` is one of ``inputs`` (``(flag, path)``): an output is never an input of its command."""
+    for flag, path in inputs:
+        if path is not None and os.fspath(path) and same_file(output, path):
+            raise error(
+                f"{what} {os.fspath(output)!r} is also {flag}, which this command reads: an output must not be an "
+                "input of the same command; write it to another path"
+            )
 
 
 def _check_parent(p: Path, what: str, error: type[ReempathyError]) -> None:
@@ -296,6 +317,8 @@ def replacing_dir(dst: str | os.PathLike[str], label: str = "partial") -> Iterat
 __all__ = [
     "check_output_file",
     "check_output_dir",
+    "check_not_input",
+    "same_file",
     "output_file",
     "write_bytes",
     "write_text",

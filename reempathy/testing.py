@@ -32,7 +32,7 @@ from reempathy.hooks import hookimpl  # pluggy only: cheap to import
 
 if TYPE_CHECKING:
     from reempathy.backbones.base import Backbone
-    from reempathy.decoding.registry import DiscoveryResult, Registry
+    from reempathy.registry import DiscoveryResult, Registry
     from reempathy.decoding.result import DecodeResult
 
 DEFAULT_PROMPT = "I lost my keys and missed the bus."
@@ -46,14 +46,14 @@ def isolated_discovery(*plugins: object, builtins: bool = True) -> DiscoveryResu
 
     Each plugin is registered under its ``__name__`` (a module) or its class name.
     """
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     named = [(getattr(p, "__name__", None) or type(p).__name__, p) for p in plugins]
     if builtins:
         return discover(named, installed=False, plugins_dirs=[])
     from unittest import mock
 
-    with mock.patch("reempathy.decoding.registry._builtin_modules", lambda: []):
+    with mock.patch("reempathy.registry._builtin_modules", lambda: []):
         return discover(named, installed=False, plugins_dirs=[])
 
 
@@ -277,7 +277,7 @@ def reempathy_interleaved_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture()
 def reempathy_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., DiscoveryResult]]:
     """``reempathy_plugins(*plugins)`` → an isolated discovery (built-ins + ``plugins``), current for this test."""
-    import reempathy.decoding.registry as registry_module
+    import reempathy.registry as registry_module
 
     def activate(*plugins: object) -> DiscoveryResult:
         result = isolated_discovery(*plugins)
@@ -296,7 +296,7 @@ def reempathy_decode(reempathy_tiny: Backbone) -> Callable[..., DecodeRun]:
     """
 
     def run(strategy: str = "sft", strategy_options: dict[str, Any] | None = None, processors: Sequence[Any] = (), **kw: Any) -> DecodeRun:
-        import reempathy.decoding.registry as registry_module
+        import reempathy.registry as registry_module
 
         current = registry_module.default_discovery
         disc = current() if isinstance(current, _Current) else isolated_discovery()

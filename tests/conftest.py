@@ -30,7 +30,7 @@ def tiny_prompt(tiny):
 @pytest.fixture()
 def fresh_discovery(monkeypatch):
     """Clear the process-wide discovery cache before and after a test that changes plugins."""
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     default_discovery.cache_clear()
     yield

@@ -14,7 +14,7 @@ SCORES_JSON = '{"need_support": 4, "wording_appropriateness": 3, "emotion_unders
 def write_run_dir(directory: Path, backbone, prompts: list[str], max_new_tokens: int = 16, manifest: dict | None = None) -> Path:
     """A run directory in the shared format, from real greedy decodes of ``backbone``."""
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.runner import run_decode
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,3 +93,117 @@ class ChatServer:
 def user_text(body: dict) -> str:
     """The user message of a chat request."""
     return next(m["content"] for m in body["messages"] if m["role"] == "user")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tiny(directory: Path, prompts: list[str], max_new_tokens: int = 24) -> Path:
+    """``reempathy run`` on the tiny backbone (configs/reempathy.toml, no speech): a run whose records have no WAV."""
+    from reempathy.cli import main
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "test.jsonl"
+    data.write_text("".join(json.dumps({"id": f"rec{n}", "messages": [{"role": "user", "text": p}]}) + "\n"
+                            for n, p in enumerate(prompts, 1)), encoding="utf-8")
+    out = directory / "run"
+    assert main(["run", "--config", str(ROOT / "configs" / "reempathy.toml"), "--data", str(data), "--out", str(out),
+                 "--set", f"decode.max_new_tokens={max_new_tokens}", "--set", "sampling.greedy=true"]) == 0
+    return out
+
+
+def run_speech(directory: Path, prompts: list[str], max_new_tokens: int = 16) -> Path:
+    """``reempathy run --speech`` on a tiny GLM-4-Voice with a tiny speech tokenizer and decoder: answers written as WAVs."""
+    from glm4voice_fixture import make_tiny_glm4voice_dir
+
+    from reempathy.cli import main
+    from reempathy.speech.tiny import make_tiny_decoder_dir, make_tiny_tokenizer_dir
+
+    directory.mkdir(parents=True, exist_ok=True)
+    glm = make_tiny_glm4voice_dir(directory / "glm")
+    tok, dec = make_tiny_tokenizer_dir(directory / "tok"), make_tiny_decoder_dir(directory / "dec")
+    config = directory / "glm.toml"
+    config.write_text(
+        f'[backbone]\nname = "glm-4-voice"\npath = "{glm}"\ntokenizer_path = "{tok}"\ndecoder_path = "{dec}"\n'
+        'device = "cpu"\n[strategy]\nname = "reempathy"\ntext_tokens = 3\naudio_tokens = 5\nreflect = false\n'
+        f"[sampling]\ngreedy = true\n[decode]\nmax_new_tokens = {max_new_tokens}\n"
+    )  # reempathy's chunks make audio slots: every answer has spoken text and units to synthesise
+    data = directory / "test.jsonl"
+    data.write_text("".join(json.dumps({"id": f"rec{n}", "messages": [{"role": "user", "text": p}]}) + "\n"
+                            for n, p in enumerate(prompts, 1)), encoding="utf-8")
+    out = directory / "run"
+    assert main(["run", "--config", str(config), "--data", str(data), "--out", str(out), "--speech"]) == 0
+    return out
+
+
+class RawServer:
+    """An HTTP endpoint on 127.0.0.1 that misbehaves below the level of a well-formed reply.
+
+    ``mode``: ``drip-headers`` sends a status line, then one header byte every ``interval`` s;
+    ``drip-body`` sends complete headers, then one body byte every ``interval`` s; ``short`` sends a
+    body shorter than its Content-Length and closes; ``body`` sends ``body`` as a well-formed reply.
+    A dripping connection stops after ``limit_s`` seconds or when the client hangs up, so a client
+    without a whole-request deadline ends up with a body cut short instead of hanging for ever.
+    """
+
+    def __init__(self, mode: str, *, body: bytes = b"", interval: float = 0.05, limit_s: float = 5.0) -> None:
+        import socketserver
+        import time
+
+        server = self
+        self.mode, self.body, self.interval, self.limit_s = mode, body, interval, limit_s
+        self.connections = 0
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                server.connections += 1
+                length = 0
+                while True:  # the request's headers, then its body
+                    line = self.rfile.readline()
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                self.rfile.read(length)
+                w = self.wfile
+                try:
+                    if server.mode == "body":
+                        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(server.body) + server.body)
+                        return
+                    if server.mode == "short":
+                        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+                                b"Connection: close\r\n\r\n" + b'{"choices": [')
+                        return
+                    if server.mode == "drip-headers":
+                        w.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    else:
+                        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n"
+                                b"Connection: close\r\n\r\n")
+                    w.flush()
+                    end = time.monotonic() + server.limit_s
+                    while time.monotonic() < end:
+                        w.write(b"a" if server.mode == "drip-headers" else b" ")
+                        w.flush()
+                        time.sleep(server.interval)  # the drip itself: one byte per interval
+                except OSError:
+                    pass  # the client hung up
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> "RawServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

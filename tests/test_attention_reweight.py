@@ -12,6 +12,7 @@ from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.hooks import hookimpl
 
 from helpers import NoStop
+from reempathy.errors import ConfigError
 from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions, middle_layers, parse_layers
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
@@ -100,6 +101,31 @@ def test_default_layers_are_the_middle_half(tiny):
 
 def test_default_layers_of_a_40_layer_model_are_the_papers_10_to_30_inclusive():
     assert middle_layers(40) == parse_layers("10-30", 40) == list(range(10, 31))
+
+
+@pytest.mark.parametrize("depth", range(1, 81))
+def test_relative_ranges_mean_the_same_on_every_depth(depth):
+    assert parse_layers("0.25-0.75", depth) == parse_layers("middle", depth) == middle_layers(depth)
+    assert parse_layers("0.0-1.0", depth) == parse_layers("all", depth) == list(range(depth))
+    lo, hi = parse_layers("0.25-0.5", depth)[0], parse_layers("0.25-0.5", depth)[-1]
+    assert 0 <= lo <= hi < depth
+
+
+def test_the_papers_table_9_ranges_are_10_20_and_10_30_of_glm_4_voices_40_layers():
+    assert parse_layers("0.25-0.5", 40) == list(range(10, 21))
+    assert parse_layers("0.25-0.75", 40) == list(range(10, 31))
+    assert parse_layers("0.25-0.75", 2) == [0, 1]  # the tiny model: both layers
+
+
+@pytest.mark.parametrize("spec", ["0.5-0.25", "0.2-1.5", "1.0-1.0"])
+def test_a_relative_range_outside_0_1_is_an_error_naming_it(spec):
+    with pytest.raises(ConfigError, match=rf"relative range '{spec}' must run upwards within 0-1"):
+        parse_layers(spec, 40)
+
+
+def test_an_absolute_range_beyond_the_depth_names_the_depth(tiny):
+    with pytest.raises(ConfigError, match=r"layer 30 is beyond the model's depth \(2 layers, 0..1\)"):
+        AttentionReweight(AttentionReweightOptions(layers="10-30"), tiny)
 
 
 # --- a whole decode against the slow reference ------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from reempathy.backbones.glm4voice import Glm4VoiceOptions
 from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.config import load_config
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.devices import resolve_device
 from reempathy.errors import CheckpointError, ConfigError
 

@@ -129,7 +129,7 @@ def _batched(tiny, strategy, reweight, batch_size, options=None, prefill_rows=8)
             yield RowRequest(i, prompt, s, processors)
 
     options = options or LoopOptions(max_new_tokens=MAX_NEW, greedy=True)
-    results = dict(decode_batch(tiny, requests(), options, batch_size, prefill_rows))
+    results = dict(decode_batch(tiny, requests(), options, batch_size, prefill_rows=prefill_rows))
     return results, spies
 
 
@@ -327,7 +327,7 @@ def test_a_third_party_strategy_decodes_batched_unchanged(tiny, fresh_discovery)
 
     from pydantic import BaseModel, ConfigDict
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     class MemoOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -415,7 +415,7 @@ def test_prefill_groups_hold_at_most_so_many_rows_and_tokens_and_rows_with_extra
 @pytest.mark.parametrize("rows", [0, 2.0, False])
 def test_prefill_rows_below_one_is_a_config_error(tiny, rows):
     with pytest.raises(ConfigError, match="prefill rows"):
-        decode_batch(tiny, [], LoopOptions(), 2, rows)
+        decode_batch(tiny, [], LoopOptions(), 2, prefill_rows=rows)
 
 
 # --- what the batched loop refuses ------------------------------------------------------------------

@@ -11,7 +11,7 @@ from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.plugins.strategies.cotbs import CotbsOptions, CotbsStrategy
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.errors import InputError
-from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
+from reempathy.decoding.chunking import ChunkLayout, split_spoken
 from reempathy.training.builders import (
     BUILDERS,
     IGNORE_INDEX,
@@ -24,9 +24,9 @@ from reempathy.training.builders import (
     build_reempathy,
     build_sft,
 )
-from reempathy.training.data import SourcedRecord, load_records
+from reempathy.data.records import SourcedRecord, load_records
 from reempathy.training.reference import TeacherForcingMismatch, teacher_forced_sequence
-from reempathy.training.schema import Record
+from reempathy.data.schema import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = {"need_support": 4, "wording_appropriateness": 4, "emotion_understanding": 4, "emotional_support": 4}

@@ -10,7 +10,7 @@ import pytest
 from reempathy.cli import main
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.training.builders import ReempathyBuild, build_reempathy
-from reempathy.training.data import load_records
+from reempathy.data.records import load_records
 from reempathy.training.reference import teacher_forced_sequence
 from reempathy.training.train import train
 

@@ -11,7 +11,7 @@ import pytest
 from reempathy.checkpoints import read_manifest
 from reempathy.cli import main
 from reempathy.errors import CheckpointError, ConfigError
-from reempathy.training.checkpoint import MANIFEST, TRAINER_STATE
+from reempathy.jobs.trainrun import MANIFEST, TRAINER_STATE
 from reempathy.training.config import load_train_config
 from reempathy.training.train import train
 

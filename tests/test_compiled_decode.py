@@ -160,3 +160,18 @@ def test_compiled_logits_stay_close_to_eager(tiny):
         finite = torch.isfinite(a)
         assert torch.equal(finite, torch.isfinite(b))
         torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["sft", "reempathy"])
+def test_the_compiled_loop_stops_on_the_spoken_budget_as_the_eager_loop(tiny, strategy):
+    # The same shape bucket as the cases above (guard MAX_NEW), so no new graph is compiled.
+    prompt = _prompts(tiny)[0]
+    answers = []
+    for compiled in (False, True):
+        options = LoopOptions(max_new_tokens=MAX_NEW, max_spoken_tokens=6, greedy=True,
+                              cache="static" if compiled else "dynamic", compile=compiled)
+        reweight = [_reweight(tiny)] if strategy == "reempathy" else []
+        answers.append(decode(tiny, prompt, _strategy(tiny, strategy), [*reweight, NoStop(tiny)], options))
+    eager, compiled = answers
+    assert compiled.ids == eager.ids and compiled.counts == eager.counts
+    assert compiled.stop_reason == "max_spoken_tokens" and compiled.counts.spoken == 6

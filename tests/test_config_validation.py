@@ -8,7 +8,7 @@ import pytest
 
 from reempathy.cli import main
 from reempathy.config import load_config
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.errors import ConfigError
 from reempathy.training.config import load_train_config
 
@@ -217,3 +217,43 @@ def test_a_training_value_error_shows_the_toml_value(tmp_path):
     data = {"strategy": {"name": "sft"}, "data": {"path": "d"}, "train": {"output_dir": "o", "resume": 1}}
     with pytest.raises(ConfigError, match=r"train.resume: .*\(got 1\)"):
         load_train_config(None, data=data)
+
+
+# --- --set on processors (issue 25) -------------------------------------------------------------
+
+
+def test_set_processors_n_name_creates_the_entry(registry):
+    cfg = load_config(None, ["processors.0.name=attention-reweight", "processors.0.factor=1.2",
+                             "processors.1.name=temperature", "processors.1.value=0.7"], registry=registry)
+    assert [(p.name, p.options) for p in cfg.processors] == [
+        ("attention-reweight", {"factor": 1.2}), ("temperature", {"value": 0.7})
+    ]
+
+
+def test_set_processors_n_extends_the_files_list(registry, tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[processors]]\nname = "top-k"\nk = 5\n')
+    cfg = load_config(path, ["processors.1.name=top-p", "processors.1.p=0.9", "processors.0.k=7"], registry=registry)
+    assert [(p.name, p.options) for p in cfg.processors] == [("top-k", {"k": 7}), ("top-p", {"p": 0.9})]
+
+
+def test_set_processors_with_a_gap_says_which_index_comes_next(registry):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["processors.2.name=top-k"], registry=registry)
+    message = str(info.value)
+    assert "processors has 0 entries" in message and "processors.0.name=" in message and "\n" not in message
+
+
+def test_processors_written_as_a_table_says_to_write_an_array_of_tables(registry, tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[processors]\nname = "top-k"\nk = 5\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, registry=registry)
+    message = str(info.value)
+    assert "Input should be a valid list" not in message
+    assert "[[processors]]" in message and "--set processors.0.name=" in message
+
+
+def test_processors_set_to_a_table_on_the_command_line_says_what_to_write(registry):
+    with pytest.raises(ConfigError, match=r"\[\[processors\]\]"):
+        load_config(None, ['processors={name="top-k"}'], registry=registry)

@@ -31,7 +31,7 @@ from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.checkpoints import apply_checkpoint, read_manifest
 from reempathy.cli import main
 from reempathy.errors import CheckpointError
-from reempathy.training.checkpoint import checkpoint_dirs, checkpoint_step
+from reempathy.jobs.trainrun import checkpoint_dirs, checkpoint_step
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reempathy.errors import InputError
-from reempathy.training.data import load_records
+from reempathy.data.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = {"need_support": 4, "wording_appropriateness": 3, "emotion_understanding": 5, "emotional_support": 4}

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from evaluation_helpers import SCORES_JSON, ChatServer, user_text, write_run_dir
 from reempathy.cli import main
-from reempathy.decoding import registry as registry_module
+from reempathy import registry as registry_module
 from reempathy.evaluation.base import Evaluation
 from reempathy.hooks import hookimpl
 

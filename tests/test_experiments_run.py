@@ -11,7 +11,7 @@ from pathlib import Path
 
 from reempathy.backbones.base import Turn
 from reempathy.cli import main
-from reempathy.experiments import rundir
+from reempathy.jobs import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
@@ -89,7 +89,8 @@ def test_answers_do_not_depend_on_the_batch_size(tmp_path):
 
 KILLER = r"""
 import os, signal, sys
-from reempathy.experiments import run, rundir
+from reempathy.experiments import run
+from reempathy.jobs import rundir
 
 appended = 0
 real_append = rundir.LineAppender.append
@@ -301,7 +302,7 @@ def test_a_wav_prompt_for_a_backbone_without_a_speech_tokenizer_is_named_by_its_
 def test_a_backbone_without_audio_units_reads_the_transcript(tmp_path, tiny):
     import dataclasses
 
-    from reempathy.experiments.records import check_records, read_records
+    from reempathy.data.testset import check_records, read_records
 
     text_only = dataclasses.replace(tiny, layout=dataclasses.replace(tiny.layout, audio_count=0))
     data = write_data(tmp_path / "test.jsonl", 1)
@@ -349,3 +350,20 @@ def test_a_backbone_that_reads_audio_hears_the_wav_of_a_record(tmp_path, qwen, q
                    prefill_inputs=inputs.prefill_inputs)  # fmt: skip
     assert doc["result"]["prompt_ids"] == inputs.ids  # the audio placeholders: the WAV, not the units or the text
     assert doc["result"]["ids"] == alone.ids
+
+
+def test_a_run_made_before_a_config_key_existed_still_resumes(tmp_path, capsys):
+    # decode.max_spoken_tokens / max_hidden_tokens came later; an old manifest lacks them (null now).
+    data = write_data(tmp_path / "test.jsonl", 2)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), "--limit", "1", *FEW]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("max_spoken_tokens", "max_hidden_tokens"):
+        del manifest["config"]["decode"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), *FEW]) == 0
+    assert [d["id"] for d in results(out)] == ["1", "2"]
+    # A key that is set on one side and different on the other is still a different run.
+    assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), *FEW,
+                 "--set", "decode.max_spoken_tokens=5"]) == 2
+    assert "config.decode.max_spoken_tokens: null there, 5 now" in capsys.readouterr().err

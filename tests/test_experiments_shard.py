@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from reempathy.cli import main
-from reempathy.experiments.shard import Group
+from reempathy.jobs.shard import Group
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
@@ -62,7 +62,7 @@ class _RankZeroOfTwo(Group):
         super().__init__(rank=0, size=2)
 
     def gather(self, obj):
-        return [obj, {"rank": 1, "error": {"message": "boom", "exit_code": 1}, "decoded": 0, "tokens": 0, "stops": {}}]
+        return [obj, {"rank": 1, "error": {"message": "boom", "exit_code": 1}, "processed": 0, "failures": [], "tally": {}}]
 
     def broadcast(self, obj):
         return obj
@@ -72,7 +72,7 @@ def test_a_failed_rank_fails_the_run_and_the_others_work_is_kept(tmp_path, tiny)
     import pytest
 
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.errors import ReempathyError
     from reempathy.experiments.run import RunOptions, run_experiment
 

@@ -18,6 +18,8 @@ EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
 HELDOUT = ROOT / "examples" / "heldout.jsonl"
 CONFIG = ROOT / "configs" / "reempathy.toml"
 FEW = ["--set", "decode.max_new_tokens=10"]
+# The shipped sweeps budget by spoken tokens (160, guard 640): a short answer sets both.
+FEW_SPOKEN = ["--set", "decode.max_spoken_tokens=6", "--set", "decode.max_new_tokens=24"]
 
 
 @pytest.fixture()
@@ -66,7 +68,8 @@ def test_a_2x2_grid_makes_four_runs_and_a_report_with_four_rows(tmp_path, data, 
     assert loads == [None]  # one backbone for the whole grid: only strategy/processor settings change
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
-    table = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[: lines.index("")] if "" in lines else lines  # a note on budget hits may follow the table
     assert table[0].startswith("| run") and "strategy.text_tokens" in table[0] and "processors.0.factor" in table[0]
     assert len(table) == 2 + 4 and all(row.split("|")[1].strip() in names for row in table[2:])
 
@@ -165,47 +168,73 @@ def checkpoints(tmp_path_factory) -> Path:
 def test_the_table5_sweep_decodes_each_checkpoint_and_the_reflection_ablation(tmp_path, checkpoints, loads):
     out = tmp_path / "table5"
     assert main(["sweep", "--config", str(ROOT / "configs" / "sweep-table5.toml"), "--checkpoints", str(checkpoints),
-                 "--data", str(HELDOUT), "--limit", "1", "--out", str(out), *FEW]) == 0  # fmt: skip
+                 "--data", str(HELDOUT), "--limit", "1", "--out", str(out), *FEW_SPOKEN]) == 0  # fmt: skip
     runs = {r["name"]: json.loads((out / r["dir"] / "manifest.json").read_text())
             for r in json.loads((out / "sweep.json").read_text())["runs"]}  # fmt: skip
-    assert list(runs) == ["sft", "dpo", "cotbs", "reempathy", "reempathy-reflect-off"]
+    assert list(runs) == ["untuned", "sft", "dpo", "cotbs", "reempathy", "reempathy-reflect-off"]
     assert {n: m["config"]["strategy"]["name"] for n, m in runs.items()} == {
-        "sft": "sft", "dpo": "sft", "cotbs": "cotbs", "reempathy": "reempathy", "reempathy-reflect-off": "reempathy",
+        "untuned": "sft", "sft": "sft", "dpo": "sft", "cotbs": "cotbs", "reempathy": "reempathy",
+        "reempathy-reflect-off": "reempathy",
     }  # fmt: skip
+    assert runs["untuned"]["checkpoint"] is None  # the backbone as it ships: the paper's baseline row
     assert runs["reempathy"]["config"]["strategy"]["reflect"] is True
     assert runs["reempathy-reflect-off"]["config"]["strategy"]["reflect"] is False
     assert runs["reempathy-reflect-off"]["checkpoint"]["path"] == str((checkpoints / "reempathy").resolve())
-    assert loads == ["sft", "dpo", "cotbs", "reempathy"]  # the ablation reuses the reempathy backbone
+    assert loads == [None, "sft", "dpo", "cotbs", "reempathy"]  # the ablation reuses the reempathy backbone
     reflections = [json.loads(l)["result"]["hidden"] for l in (out / "reempathy-reflect-off" / "results.jsonl").open()]
     assert reflections == [[]]
+    assert {m["config"]["decode"]["max_spoken_tokens"] for m in runs.values()} == {6}  # one spoken budget for all
 
 
-def test_the_chunk_sweep_decodes_the_four_layouts(tmp_path, loads):
+def test_the_chunk_sweep_trains_and_decodes_one_checkpoint_per_layout(tmp_path, loads, monkeypatch):
+    import re
+
+    from reempathy.checkpoints import read_manifest
+
+    # The shipped file with one training step per layout (and the examples by absolute path).
+    text = (ROOT / "configs" / "sweep-chunks.toml").read_text(encoding="utf-8")
+    text = re.sub(r'("strategy.audio_tokens" = \d+) }', rf'\1, "train.max_steps" = 1, "data.path" = {json.dumps(str(EXAMPLES))} }}', text)
+    config = tmp_path / "sweep-chunks.toml"
+    config.write_text(text, encoding="utf-8")
+    monkeypatch.chdir(ROOT)  # the file names configs/train-reempathy.toml
     out = tmp_path / "chunks"
-    assert main(["sweep", "--config", str(ROOT / "configs" / "sweep-chunks.toml"), "--data", str(HELDOUT),
-                 "--limit", "1", "--out", str(out), *FEW]) == 0  # fmt: skip
+    assert main(["sweep", "--config", str(config), "--data", str(HELDOUT), "--limit", "1", "--out", str(out),
+                 *FEW_SPOKEN]) == 0  # fmt: skip
     layouts = []
     for run in json.loads((out / "sweep.json").read_text())["runs"]:
-        strategy = json.loads((out / run["dir"] / "manifest.json").read_text())["config"]["strategy"]
-        layouts.append((run["name"], strategy["text_tokens"], strategy["audio_tokens"]))
-    assert layouts == [("3+6", 3, 6), ("5+10", 5, 10), ("7+14", 7, 14), ("13+26", 13, 26)]
-    assert loads == [None]
+        manifest = json.loads((out / run["dir"] / "manifest.json").read_text())
+        strategy = manifest["config"]["strategy"]
+        trained = read_manifest(manifest["checkpoint"]["path"]).chunk_layout
+        layouts.append((run["name"], strategy["text_tokens"], strategy["audio_tokens"], trained.text_tokens, trained.audio_tokens))
+    assert layouts == [("3+6", 3, 6, 3, 6), ("5+10", 5, 10, 5, 10), ("7+14", 7, 14, 7, 14), ("13+26", 13, 26, 13, 26)]
+    assert loads == ["3+6", "5+10", "7+14", "13+26"]  # each layout decoded with its own checkpoint
 
 
 def test_the_alpha_sweep_reweights_the_reempathy_checkpoint(tmp_path, checkpoints, loads):
     plan = plan_sweep(ROOT / "configs" / "sweep-alpha.toml", checkpoints=str(checkpoints),
                       registry=_registry())  # fmt: skip
-    assert [s.cfg.processors[0].options["factor"] for s in plan.runs] == [1.0, 1.1, 1.2, 1.5]
+    assert [s.cfg.processors[0].options["factor"] for s in plan.runs] == [1.0, 1.1, 1.15, 1.2, 1.5, 2.0]
+    assert {s.cfg.processors[0].options["layers"] for s in plan.runs} == {"middle"}
     assert {s.cfg.strategy.name for s in plan.runs} == {"reempathy"}
     assert {s.cfg.decode.checkpoint for s in plan.runs} == {str(checkpoints / "reempathy")}
 
 
 def test_a_checkpoint_key_that_leads_nowhere_says_how_to_get_the_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # runs/train-sft does not exist here
+    config = tmp_path / "sweep.toml"
+    config.write_text('[sweep.checkpoints]\nsft = "runs/train-sft"\n\n[[sweep.runs]]\nname = "sft"\ncheckpoint = "sft"\n')
+    monkeypatch.chdir(tmp_path)  # runs/train-sft does not exist here, and no [sweep.train] makes it
+    assert main(["sweep", "--config", str(config), "--data", str(HELDOUT), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweep run 'sft'" in err and "--checkpoints" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_training_config_that_is_not_there_is_named_by_its_key_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # configs/train-sft.toml is not here
     assert main(["sweep", "--config", str(ROOT / "configs" / "sweep-table5.toml"), "--data", str(HELDOUT),
                  "--out", str(tmp_path / "out")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "sweep run 'sft'" in err and "--checkpoints" in err
+    assert len(err.splitlines()) == 1 and "sweep.train.sft" in err and "configs/train-sft.toml" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -217,6 +246,6 @@ def test_demo_checkpoints_that_were_never_trained_say_to_run_the_demo(tmp_path, 
 
 
 def _registry():
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     return default_discovery().registry

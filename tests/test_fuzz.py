@@ -87,7 +87,7 @@ def one_thread():
 def cached_tiny():
     """Build each tiny backbone once: decoding does not change a backbone it did not load a checkpoint into."""
     from reempathy.backbones.tiny import load_tiny
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     reg = default_discovery().registry.get("backbone", "tiny")
     real = reg.factory
@@ -362,7 +362,7 @@ def jsonl_files(draw) -> bytes:
 @given(content=jsonl_files(), strategy=st.sampled_from(["sft", "cotbs", "reempathy", "dpo"]), skip_bad=st.booleans())
 def test_fuzz_training_records(world, tiny, content, strategy, skip_bad):
     from reempathy.training.builders import BUILDERS, build_all
-    from reempathy.training.data import load_records
+    from reempathy.data.records import load_records
 
     cwd = example_dir(world[0])
     path = cwd / "d.jsonl"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reempathy.decoding import hookspecs
+from reempathy import hookspecs
 from reempathy.decoding.attention import KeyBias
 from reempathy.decoding.directives import Switch
 from reempathy.decoding.loop import LoopOptions, decode

@@ -9,7 +9,7 @@ import pytest
 from reempathy.cli import main
 from reempathy.errors import InputError
 from reempathy.runner import read_units
-from reempathy.training.data import load_records
+from reempathy.data.records import load_records
 
 GOOD = {"messages": [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello", "units": [1, 2]}]}
 

@@ -187,7 +187,7 @@ def test_endpoint_needs_the_key_variable_it_names(monkeypatch):
 
 
 def test_options_say_what_the_endpoint_back_end_needs():
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     with pytest.raises(ConfigError, match="needs endpoint"):
         default_discovery().registry.validate("evaluator", "llm-judge", {"model": "x"})
@@ -214,3 +214,89 @@ def test_local_back_end_runs_an_instruct_model_from_a_directory_and_records_unpa
     assert isinstance(ev.raw, str) and ev.raw  # the model's own words came back …
     assert not ev.ok and ev.scores == {}  # … and random words are never turned into scores
     json.dumps(ev.__dict__)
+
+
+# --- hostile endpoints and options (issue 25) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", ["http", "openai"])
+@pytest.mark.parametrize("mode", ["drip-headers", "drip-body"])
+def test_an_endpoint_that_drips_bytes_fails_at_the_whole_request_deadline(client, mode):
+    """Each byte comes well within timeout_s, so only a deadline on the whole request can end it."""
+    if client == "openai":
+        pytest.importorskip("openai")
+    from evaluation_helpers import RawServer
+
+    with RawServer(mode, interval=0.05, limit_s=5.0) as server:
+        [ev] = LlmJudge(options(endpoint=server.url, client=client, timeout_s=0.4, retries=0)).evaluate([item()])
+    assert not ev.ok and ev.scores == {}
+    assert "did not answer within 0.4 s (timeout_s, the whole request)" in ev.error
+
+
+@pytest.mark.parametrize("client", ["http", "openai"])
+def test_a_body_shorter_than_its_content_length_is_a_failed_request(client):
+    if client == "openai":
+        pytest.importorskip("openai")
+    from evaluation_helpers import RawServer
+
+    with RawServer("short") as server:
+        [ev] = LlmJudge(options(endpoint=server.url, client=client, retries=1)).evaluate([item()])
+    assert not ev.ok and ev.scores == {} and "after 2 tries" in ev.error
+    assert "cut short" in ev.error or "connection" in ev.error.lower()
+
+
+def test_a_deeply_nested_reply_body_is_a_failed_record():
+    from evaluation_helpers import RawServer
+
+    with RawServer("body", body=b"[" * 100_000 + b"]" * 100_000) as server:
+        [ev] = LlmJudge(options(endpoint=server.url, retries=0)).evaluate([item()])
+    assert not ev.ok and ev.scores == {} and "sent no chat completion" in ev.error
+
+
+def test_a_deeply_nested_reply_content_is_an_ordinary_failed_record():
+    nested = '{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with ChatServer(lambda body: (200, nested)) as server:
+        [ev] = LlmJudge(options(endpoint=server.url, retries=0)).evaluate([item()])
+    assert not ev.ok and ev.scores == {} and ev.error.startswith("unusable reply:") and "nested" in ev.error
+
+
+def test_parse_scores_calls_deeply_nested_json_a_parse_error():
+    with pytest.raises(ParseError, match="nested too deeply"):
+        parse_scores('{"need_support": ' + "[" * 100_000 + "]" * 100_000 + "}", EMPATHY_SCORES)
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1 8000", "127.0.0.1:8000/v1", "ftp://host/v1", "http://", "http://host name/v1"])
+def test_an_endpoint_that_is_not_an_http_url_is_refused_when_options_are_read(endpoint):
+    from reempathy.registry import default_discovery
+
+    with pytest.raises(ConfigError, match="endpoint") as info:
+        default_discovery().registry.validate("evaluator", "llm-judge", {"endpoint": endpoint, "model": "m"})
+    assert "http://" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_https_endpoint_with_a_port_and_path_is_accepted():
+    assert options(endpoint="https://api.example.com:8443/v1").endpoint == "https://api.example.com:8443/v1"
+
+
+@pytest.mark.parametrize(("option", "value"), [("timeout_s", 1e300), ("timeout_s", 7200.0), ("backoff_s", 1e9), ("backoff_s", float("inf"))])
+def test_time_options_are_bounded_when_options_are_read(option, value):
+    from reempathy.registry import default_discovery
+
+    with pytest.raises(ConfigError, match=option):
+        default_discovery().registry.validate("evaluator", "llm-judge", {"endpoint": "http://h/v1", "model": "m", option: value})
+
+
+def test_a_retry_never_waits_longer_than_the_longest_backoff(monkeypatch):
+    from reempathy.evaluation.judge import evaluator as judge_module
+
+    waits = []
+    monkeypatch.setattr(judge_module.time, "sleep", waits.append)
+
+    class Failing:
+        def complete(self, messages):
+            from reempathy.evaluation.judge.backends import BackendError
+
+            raise BackendError("HTTP 500")
+
+    LlmJudge(options(backoff_s=300.0, retries=10), Failing()).evaluate([item()])
+    assert len(waits) == 10 and max(waits) == judge_module.MAX_WAIT_S and waits[0] == 300.0

@@ -18,7 +18,7 @@ from reempathy.config import load_config
 from reempathy.decoding.attention import KeyBias
 from reempathy.decoding.batch import RowRequest, decode_batch
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.decoding.registry import discover
+from reempathy.registry import discover
 from reempathy.errors import ConfigError, DecodeError, PluginFailure
 from reempathy.hooks import hookimpl
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy

@@ -10,9 +10,9 @@ import pytest
 
 from data_evaluators import Scripted, ScriptedPlugin, unit_scores
 from reempathy.cli import main
-from reempathy.decoding import registry as registry_module
+from reempathy import registry as registry_module
 from reempathy.evaluation.base import Evaluation
-from reempathy.training.data import load_records
+from reempathy.data.records import load_records
 from reempathy.training.pairs import NoPair, pick_pair, sample_seed, score_total
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -93,3 +93,46 @@ def test_plugin_new_refuses_an_existing_folder_and_leaves_it_untouched(tmp_path)
 def test_plugin_new_refuses_a_name_that_is_not_a_package_name(tmp_path):
     code, _, err = run_cli("plugin", "new", "My Plugin!", "--kind", "observer", "--dir", str(tmp_path))
     assert code == 2 and "plugin name 'My Plugin!'" in err and len(err.strip().splitlines()) == 1
+
+
+def _plugin_module(kind: str, tmp_path: Path):
+    """The generated plugin module of ``kind``, imported from its rendered text."""
+    import importlib.util
+
+    text = render(f"my-{kind}", kind)[f"src/my_{kind}/__init__.py"]
+    path = tmp_path / f"my_{kind}_plugin.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"my_{kind}_plugin", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the postponed annotations through it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+@pytest.mark.parametrize(("kind", "option"), [("strategy", "spoken"), ("processor", "audio_bias"), ("backbone", "max_context")])
+def test_template_options_are_strict_like_the_built_ins(tmp_path, kind, option):
+    """``true`` is not 1 in a scaffolded plugin's options either: they derive from reempathy.api.PluginOptions."""
+    from pydantic import ValidationError
+
+    from reempathy.api import PluginOptions
+
+    options = _plugin_module(kind, tmp_path).Options
+    assert issubclass(options, PluginOptions) or options.model_config == PluginOptions.model_config
+    with pytest.raises(ValidationError, match="valid"):
+        options.model_validate({"path": "/m", option: True})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        options.model_validate({"path": "/m", "no_such_option": 1})
+
+
+def test_observer_template_options_refuse_any_option(tmp_path):
+    from pydantic import ValidationError
+
+    from reempathy.api import PluginOptions
+
+    options = _plugin_module("observer", tmp_path).Options
+    assert issubclass(options, PluginOptions)
+    with pytest.raises(ValidationError):
+        options.model_validate({"verbose": True})

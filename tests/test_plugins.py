@@ -181,7 +181,7 @@ def test_strict_plugins_turns_a_broken_plugin_into_a_clear_error(plugin_site, tm
 
 
 def test_reempathy_plugins_env_limits_which_external_plugins_load(plugin_site, monkeypatch, fresh_discovery):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     monkeypatch.syspath_prepend(str(plugin_site))
     monkeypatch.setenv("REEMPATHY_PLUGINS", "reempathy_short")
@@ -192,7 +192,7 @@ def test_reempathy_plugins_env_limits_which_external_plugins_load(plugin_site, m
 
 def test_plugin_registers_processor_and_backbone_through_discovery_hooks(plugin_site, monkeypatch, fresh_discovery, tmp_path):
     from reempathy.config import load_config
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.runner import run_decode
 
     monkeypatch.syspath_prepend(str(plugin_site))
@@ -211,7 +211,7 @@ def test_plugin_registers_processor_and_backbone_through_discovery_hooks(plugin_
 def test_plugin_whose_registration_raises_is_broken_not_fatal(monkeypatch, fresh_discovery):
     import types
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.hooks import hookimpl
 
     bad = types.ModuleType("bad_plugin")
@@ -299,7 +299,7 @@ def test_plugins_dir_loads_single_file_plugins_through_the_cli(tmp_path):
 
 
 def test_plugins_dir_environment_variable_loads_single_file_plugins(tmp_path, monkeypatch):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     monkeypatch.setenv("REEMPATHY_PLUGINS_DIR", str(_plugins_dir(tmp_path, shorty=SINGLE_FILE)))
     disc = discover()
@@ -309,7 +309,7 @@ def test_plugins_dir_environment_variable_loads_single_file_plugins(tmp_path, mo
 
 
 def test_plugin_calling_sys_exit_at_import_is_broken_not_fatal(tmp_path):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     disc = discover(plugins_dirs=[_plugins_dir(tmp_path, exiter="import sys\nsys.exit(3)\n")])
     assert disc.plugin("exiter").error == "SystemExit(3) at import"
@@ -317,7 +317,7 @@ def test_plugin_calling_sys_exit_at_import_is_broken_not_fatal(tmp_path):
 
 
 def test_registration_that_lost_a_clash_is_listed_as_lost_not_provided(tmp_path):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     disc = discover(plugins_dirs=[_plugins_dir(tmp_path, clashing=CLASHING)])
     row = disc.plugin("clashing")
@@ -327,7 +327,7 @@ def test_registration_that_lost_a_clash_is_listed_as_lost_not_provided(tmp_path)
 
 
 def test_strict_mode_makes_a_clash_an_error(tmp_path, monkeypatch):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.errors import PluginError
 
     monkeypatch.setenv("REEMPATHY_STRICT_PLUGINS", "1")
@@ -336,7 +336,7 @@ def test_strict_mode_makes_a_clash_an_error(tmp_path, monkeypatch):
 
 
 def test_hook_with_a_wrong_argument_name_is_one_line_in_strict_mode(tmp_path, monkeypatch):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.errors import PluginError
 
     bad = "from reempathy.api import hookimpl\n@hookimpl\ndef reempathy_register_strategies(reg):\n    pass\n"
@@ -349,7 +349,7 @@ def test_hook_with_a_wrong_argument_name_is_one_line_in_strict_mode(tmp_path, mo
 
 
 def test_module_level_run_hook_is_refused_and_not_listed_as_a_hook(tmp_path):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     row = discover(plugins_dirs=[_plugins_dir(tmp_path, watcher=MODULE_RUN_HOOK)]).plugin("watcher")
     assert not row.broken
@@ -358,7 +358,7 @@ def test_module_level_run_hook_is_refused_and_not_listed_as_a_hook(tmp_path):
 
 
 def test_hook_defined_without_hookimpl_makes_the_plugin_broken(tmp_path):
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     text = "def reempathy_register_strategies(register):\n    pass\n"
     row = discover(plugins_dirs=[_plugins_dir(tmp_path, unmarked=text)]).plugin("unmarked")
@@ -367,7 +367,7 @@ def test_hook_defined_without_hookimpl_makes_the_plugin_broken(tmp_path):
 
 def test_problems_warn_once_per_plugin_per_process_on_one_clean_line(tmp_path):
     d = _plugins_dir(tmp_path, clashing=CLASHING, watcher=MODULE_RUN_HOOK, exiter="raise SystemExit('bye')\n")
-    code = f"from reempathy.decoding.registry import discover\nfor _ in range(3): discover(plugins_dirs=[{str(d)!r}])"
+    code = f"from reempathy.registry import discover\nfor _ in range(3): discover(plugins_dirs=[{str(d)!r}])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -379,7 +379,7 @@ def test_problems_warn_once_per_plugin_per_process_on_one_clean_line(tmp_path):
 def test_extra_plugin_that_is_also_installed_replaces_it_instead_of_failing(plugin_site, monkeypatch):
     import importlib
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
 
     monkeypatch.syspath_prepend(str(plugin_site))
     monkeypatch.setenv("REEMPATHY_PLUGINS", "reempathy_short")
@@ -417,7 +417,7 @@ def test_a_factory_that_raises_is_a_plugin_failure_naming_plugin_and_factory(fre
 
     from pydantic import BaseModel
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.errors import PluginFailure
     from reempathy.hooks import hookimpl
 
@@ -446,7 +446,7 @@ def test_a_session_object_with_a_misnamed_hook_argument_is_refused_before_decodi
 
     from pydantic import BaseModel
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.errors import PluginError
     from reempathy.hooks import hookimpl
 
@@ -480,7 +480,7 @@ def test_a_backbone_that_breaks_the_contract_is_refused_with_one_line(tiny):
 
     from pydantic import BaseModel
 
-    from reempathy.decoding.registry import discover
+    from reempathy.registry import discover
     from reempathy.errors import PluginError
     from reempathy.hooks import hookimpl
 

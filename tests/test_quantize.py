@@ -18,7 +18,7 @@ from reempathy.backbones.quantize import quantize_weights, weight_bytes  # noqa:
 from reempathy.backbones.tiny import TinyOptions, load_tiny  # noqa: E402
 from reempathy.config import load_config  # noqa: E402
 from reempathy.decoding.loop import LoopOptions, decode  # noqa: E402
-from reempathy.decoding.registry import default_discovery  # noqa: E402
+from reempathy.registry import default_discovery  # noqa: E402
 from reempathy.errors import ConfigError, NotAvailableError  # noqa: E402
 from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions  # noqa: E402
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy  # noqa: E402

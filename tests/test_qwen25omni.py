@@ -318,8 +318,8 @@ def test_reweighting_on_the_thinker_matches_an_eager_reference(qwen, qwen_prompt
 
 
 def record(answer: str, assessment: str = "The user feels alone; name it and stay warm."):
-    from reempathy.training.data import SourcedRecord
-    from reempathy.training.schema import Record
+    from reempathy.data.records import SourcedRecord
+    from reempathy.data.schema import Record
 
     rec = Record.model_validate({
         "messages": [{"role": "user", "text": "I feel alone.", "units": [1, 2, 3]},
@@ -330,7 +330,7 @@ def record(answer: str, assessment: str = "The user feels alone; name it and sta
 
 
 def test_builders_lay_out_text_only_answers_as_the_strategy_decodes_them(qwen):
-    from reempathy.plugins.strategies.chunking import ChunkLayout
+    from reempathy.decoding.chunking import ChunkLayout
     from reempathy.training.builders import (
         ReempathyBuild,
         build_reempathy,
@@ -362,8 +362,8 @@ def test_builders_lay_out_text_only_answers_as_the_strategy_decodes_them(qwen):
 
 def test_text_only_answers_need_their_text(qwen):
     from reempathy.training.builders import build_sft
-    from reempathy.training.data import SourcedRecord
-    from reempathy.training.schema import Record
+    from reempathy.data.records import SourcedRecord
+    from reempathy.data.schema import Record
 
     rec = Record.model_validate({"messages": [{"role": "user", "text": "hi"}, {"role": "assistant", "units": [4, 5]}]})
     with pytest.raises(InputError, match="no text.*speaks text only"):

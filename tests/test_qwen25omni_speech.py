@@ -22,13 +22,13 @@ from reempathy.backbones.qwen25omni import Qwen25OmniOptions, load_qwen25omni
 from reempathy.cli import main
 from reempathy.config import load_config
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.decoding.spans import SPOKEN_TEXT
 from reempathy.hooks import hookimpl
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.plugins.strategies.sft import SftOptions, SftStrategy
 from reempathy.speech.audio import write_wav
-from reempathy.speech.pipeline import (
+from reempathy.streaming import (
     AudioEvent,
     DoneEvent,
     ReflectionEvent,

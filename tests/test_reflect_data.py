@@ -12,8 +12,8 @@ import pytest
 
 from data_evaluators import Scripted, ScriptedPlugin
 from reempathy.cli import main
-from reempathy.decoding import registry as registry_module
-from reempathy.plugins.strategies.chunking import ChunkLayout, split_spoken
+from reempathy import registry as registry_module
+from reempathy.decoding.chunking import ChunkLayout, split_spoken
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "empathy_dialogues.jsonl"
@@ -301,7 +301,7 @@ def test_reflect_data_output_trains_the_reempathy_strategy(scripted, tiny, tmp_p
 
 def test_the_reempathy_builder_places_each_written_reflection_after_its_chunk(scripted, tiny, tmp_path):
     from reempathy.training.builders import REFLECTION, ReempathyBuild, build_reempathy
-    from reempathy.training.data import load_records
+    from reempathy.data.records import load_records
 
     data = write_data(tmp_path / "train.jsonl", example_lines(2))
     out = tmp_path / "train.reflect.jsonl"

@@ -11,12 +11,12 @@ import pytest
 from reempathy.backbones.base import REFLECTION_CLOSE, REFLECTION_OPEN
 from reempathy.decoding.loop import LoopOptions, decode
 from reempathy.errors import InputError
-from reempathy.plugins.strategies.chunking import split_spoken
+from reempathy.decoding.chunking import split_spoken
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy
 from reempathy.training.builders import BUILDERS, REFLECTION, ReempathyBuild, build_all, build_reempathy
-from reempathy.training.data import RecordSet, SourcedRecord, load_records
+from reempathy.data.records import RecordSet, SourcedRecord, load_records
 from reempathy.training.reflections import fit_to_length, space_token, split_at_boundaries
-from reempathy.training.schema import Record
+from reempathy.data.schema import Record
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "empathy_dialogues.jsonl"
 ASSESSMENT = "The user feels ashamed. The reply names the hurt and gently challenges the word stupid."

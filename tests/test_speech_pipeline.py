@@ -12,13 +12,13 @@ from glm4voice_fixture import make_tiny_glm4voice_dir
 
 from reempathy.backbones.glm4voice import Glm4VoiceOptions, load_glm4voice
 from reempathy.config import load_config
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.errors import CheckpointError, ConfigError, InputError
 from reempathy.runner import load_backbone, run_decode
 from reempathy.speech.audio import read_wav, write_wav
 from reempathy.speech.decoder import GlmSpeechDecoder, load_speech_decoder
 from reempathy.speech.decoder.flow import mel_frames
-from reempathy.speech.pipeline import (
+from reempathy.streaming import (
     AudioEvent,
     DoneEvent,
     ReflectionEvent,

@@ -8,7 +8,7 @@ import pytest
 
 from reempathy.config import load_config
 from reempathy.decoding.loop import LoopOptions, decode
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.errors import ConfigError
 from reempathy.plugins.processors.attention_reweight import AttentionReweight, AttentionReweightOptions
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions, ReEmpathyStrategy

@@ -51,9 +51,9 @@ def test_reempathy_plugins_is_isolated_from_installed_and_directory_plugins(reem
     monkeypatch.setenv("REEMPATHY_PLUGINS_DIR", str(tmp_path))
     disc = reempathy_plugins(_plugin())
     names = [p.name for p in disc.plugins]
-    from reempathy.plugins import BUILTIN_PLUGINS
+    from reempathy.registry import BUILTIN_PLUGINS
 
-    assert names == [m.__name__ for m in BUILTIN_PLUGINS] + ["limit_plugin"]
+    assert names == list(BUILTIN_PLUGINS) + ["limit_plugin"]
 
 
 def test_reempathy_decode_runs_the_plugin_and_sees_every_token(reempathy_plugins, reempathy_decode):

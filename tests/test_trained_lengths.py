@@ -17,7 +17,7 @@ from reempathy.plugins.strategies.cotbs import CotbsOptions
 from reempathy.plugins.strategies.reempathy import ReEmpathyOptions
 from reempathy.training.builders import BUILDERS, build_all
 from reempathy.training.config import load_train_config
-from reempathy.training.data import load_records
+from reempathy.data.records import load_records
 from reempathy.training.train import longest_hidden, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from transformers import TrainerCallback
 from reempathy.backbones.base import DELIMITER_TOKENS, REFLECTION_CLOSE, REFLECTION_OPEN, Turn
 from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, SamplingConfig
-from reempathy.decoding.registry import default_discovery
+from reempathy.registry import default_discovery
 from reempathy.errors import CheckpointError, ConfigError, InputError
 from reempathy.runner import run_decode
-from reempathy.training.checkpoint import MANIFEST, apply_checkpoint, begin_run, plan_run, read_manifest
+from reempathy.jobs.trainrun import MANIFEST, apply_checkpoint, begin_run, plan_run, read_manifest
 from reempathy.training.cli import add_train_parser
 from reempathy.training.config import load_train_config
 from reempathy.checkpoints import CapWarning, checkpoint_config_overrides

@@ -8,6 +8,8 @@ layout and the training builders read that declaration; none of them branches on
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -27,6 +29,8 @@ THOUGHT_CLOSE = "<|end_of_thought|>"
 """Closes a thought."""
 DELIMITER_TOKENS = (REFLECTION_OPEN, REFLECTION_CLOSE, THOUGHT_OPEN, THOUGHT_CLOSE)
 """Every delimiter a backbone should hold in ``layout.special`` (strategies look them up by these names)."""
+# Characters per token assumed for a tokenizer whose vocabulary cannot be read (longer than any real token).
+_FALLBACK_TOKEN_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,7 @@ class Backbone:
 
     name: str
     model: Any  # a transformers PreTrainedModel
-    tokenizer: Any  # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer; plugins use encode_text / decode_text
     layout: VocabLayout
     stream: StreamPolicy
     max_context: int
@@ -232,6 +236,74 @@ class Backbone:
     talker: Talker | None = None
     # True when the prompt builder reads WAV files itself (``Turn.audio``) instead of taking units.
     reads_audio: bool = False
+
+    @functools.cached_property
+    def max_text_chars(self) -> int:
+        """Characters of text beyond which a prompt (or a training record) cannot fit ``max_context``, however it is tokenized.
+
+        A token covers at most as many characters as the vocabulary's longest token spells (a
+        byte-level token spells one character per byte; a character is at least one byte), so text
+        longer than ``max_context`` × that length needs more tokens than the context holds; twice
+        that leaves room for a tokenizer whose normalizer drops characters. Checked before
+        tokenizing, so that a 64 MB prompt is refused at once instead of tokenized for minutes.
+        """
+        longest = _FALLBACK_TOKEN_CHARS
+        get_vocab = getattr(self.tokenizer, "get_vocab", None)
+        if callable(get_vocab):
+            try:
+                longest = max((len(t) for t in get_vocab()), default=1) or 1
+            except Exception:  # noqa: BLE001 — a tokenizer without a readable vocabulary keeps the fallback
+                longest = _FALLBACK_TOKEN_CHARS
+        return 2 * self.max_context * longest
+
+    def add_special_tokens(self, names: Sequence[str]) -> list[str]:
+        """Add the special tokens of ``names`` this backbone lacks; the names added (in order).
+
+        A strategy declares the special tokens it forces or samples (``register(...,
+        special_tokens=...)``); the runner asks the backbone for them before the strategy is built
+        or a checkpoint applied. Each missing token is added to the tokenizer as a special token
+        with the next id after the largest it has, named in ``layout.special``; the model's input
+        and output embeddings grow when the id is beyond them (new rows the mean of the old, so
+        that an untrained token is no more likely than any other). Adding the same names in the
+        same order gives the same ids, which a checkpoint trained with them relies on.
+        """
+        from tokenizers import AddedToken
+
+        missing = [n for n in dict.fromkeys(names) if n not in self.layout.special]
+        if not missing:
+            return []
+        vocab = self.tokenizer.get_vocab()
+        present = [n for n in missing if n in vocab]
+        if present:
+            raise InputError(
+                f"backbone {self.name!r}: {present[0]!r} is already a token of its vocabulary but not a special one; "
+                "a strategy's special token must be new to the backbone (rename it)"
+            )
+        self.tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in missing], special_tokens=True)
+        ids = {n: int(self.tokenizer.convert_tokens_to_ids(n)) for n in missing}
+        layout = self.layout
+        clash = [n for n, i in ids.items() if layout.is_text(i) or layout.is_audio(i)]
+        if clash:
+            raise InputError(
+                f"backbone {self.name!r}: its tokenizer gave the new token {clash[0]!r} id {ids[clash[0]]}, which is a "
+                "text or audio-unit id; this backbone cannot take new special tokens"
+            )
+        rows = max(ids.values()) + 1
+        if rows > int(self.model.get_input_embeddings().weight.shape[0]):
+            grow_vocab_rows(self.model, rows)
+        self.layout = dataclasses.replace(
+            layout, special={**layout.special, **ids}, vocab_size=max(layout.vocab_size, rows)
+        )
+        self.__dict__.pop("max_text_chars", None)  # a cached property that reads the vocabulary
+        return missing
+
+    def check_text_fits(self, chars: int, what: str = "the prompt's text") -> None:
+        """An :class:`InputError` when ``chars`` characters of text cannot fit the context (:attr:`max_text_chars`)."""
+        if chars > self.max_text_chars:
+            raise InputError(
+                f"{what} is {chars:,} characters, more than the context of {self.max_context} tokens of backbone "
+                f"{self.name!r} can hold (at most {self.max_text_chars:,} characters, checked before tokenizing); shorten it"
+            )
 
     @property
     def _text_config(self) -> Any:
@@ -273,6 +345,44 @@ class Backbone:
             )
         return built.ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Text-token ids of ``text`` as the model reads it inside an answer: no special tokens added.
+
+        The typed way for a plugin to turn text into ids, e.g. text forced into a phase as part of it
+        (``Switch("reflection", forced=(open_id,), hidden=True, prefix=tuple(backbone.encode_text("Thinking:")))``).
+        Text is tokenized on its own: a word may split differently than it would after other text.
+        Text that spells a special token (``<|user|>``, a delimiter) is an :class:`InputError`: forced
+        into an answer, it would act as that control token; force such tokens by id
+        (``layout.token_id(name)``) instead.
+        """
+        ids = [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+        special = [i for i in ids if not self.layout.is_text(i)]
+        if special:
+            first = special[0]
+            names = {v: k for k, v in self.layout.special.items()}
+            shown = names.get(first) or (
+                f"audio unit {self.layout.token_to_unit(first)}" if self.layout.is_audio(first) else f"token id {first}"
+            )
+            raise InputError(
+                f"backbone {self.name!r}: the text {text[:60]!r} encodes the special token {shown}, not text; "
+                "force special tokens by id (backbone.layout.token_id(NAME)) and give only plain text here"
+            )
+        return ids
+
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text of text-token ids (non-text ids are dropped)."""
         return self.tokenizer.decode([i for i in ids if self.layout.is_text(i)], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def grow_vocab_rows(model: Any, rows: int) -> None:
+    """Resize input and output embeddings to ``rows``; new rows are the mean of the old (deterministic)."""
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    head = model.get_output_embeddings()
+    old_out = head.weight.detach().clone() if head is not None else None
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    n = old_in.shape[0]
+    model.get_input_embeddings().weight[n:] = old_in.mean(dim=0, keepdim=True)
+    out = model.get_output_embeddings()
+    if old_out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        out.weight[n:] = old_out.mean(dim=0, keepdim=True)

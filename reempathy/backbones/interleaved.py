@@ -24,12 +24,12 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, StreamPolicy, Turn, VocabLayout
+from reempathy.backbones.base import DELIMITER_TOKENS, Backbone, StreamPolicy, Turn, VocabLayout, grow_vocab_rows
 from reempathy.backbones.quantize import Quantize, quantize_weights
 from reempathy.backbones.quiet import no_loading_bar
 from reempathy.devices import DeviceName
 from reempathy.errors import CheckpointError, ConfigError, InputError
-from reempathy.options import MAX_SEGMENT, STRICT, RepetitionPenalty, Temperature, Text, TopK, TopP
+from reempathy.options import MAX_SEGMENT, STRICT, PluginOptions, RepetitionPenalty, Temperature, Text, TopK, TopP
 
 NAME = "hf-interleaved"
 
@@ -67,7 +67,7 @@ class InterleavedSampling(BaseModel):
     repetition_penalty: RepetitionPenalty | None = None
 
 
-class InterleavedOptions(BaseModel):
+class InterleavedOptions(PluginOptions):
     """Options of ``hf-interleaved``: the declaration of a local interleaved text+audio causal LM."""
 
     model_config = STRICT
@@ -190,19 +190,6 @@ class ChatTemplatePrompt:
             self.messages(turns), chat_template=self.template, add_generation_prompt=True, tokenize=False
         )
         return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-
-@torch.no_grad()
-def grow_vocab_rows(model: Any, rows: int) -> None:
-    """Resize input and output embeddings to ``rows``; new rows are the mean of the old (deterministic)."""
-    old_in = model.get_input_embeddings().weight.detach().clone()
-    head = model.get_output_embeddings()
-    old_out = head.weight.detach().clone() if head is not None else None
-    model.resize_token_embeddings(rows, mean_resizing=False)
-    n = old_in.shape[0]
-    model.get_input_embeddings().weight[n:] = old_in.mean(dim=0, keepdim=True)
-    if old_out is not None and model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        model.get_output_embeddings().weight[n:] = old_out.mean(dim=0, keepdim=True)
 
 
 class InterleavedBackbone:

@@ -40,6 +40,14 @@ to the biased implementation only while the loop runs (never across a ``yield``)
 row (``PluginFailure``, ``DecodeError``, ``InputError`` naming the record) ends the whole call;
 results yielded before it stand.
 
+**Continuous batching** (the server's scheduler, :mod:`reempathy.serve.scheduler`) uses three
+additions that change nothing for a plain iterable of requests: a source may yield :data:`WAIT`
+("nothing new right now": the running rows go on, and the source is asked again at the next step
+boundary), and a :class:`BatchControl` passed to :func:`decode_batch` cancels rows at the next step
+boundary (stop reason ``"cancelled"``), bounds the prompt tokens prefilled per boundary, and with
+``isolate`` ends only the failing row on a ``ReempathyError`` (its key is yielded with the error
+instead of a result). A request's ``options`` give that row its own greedy/budget/strategy name.
+
 With ``cache = "static"`` (and ``compile``) the same rows run in fixed shapes on a static cache
 through compiled step graphs: :mod:`reempathy.decoding.static_batch` (how refilled rows enter a
 static cache is decided there). Not supported (``NotAvailableError``): caches with
@@ -53,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -66,7 +75,7 @@ from reempathy.decoding.loop import LoopOptions, _cache_keyword
 from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.row import Row, choose
 from reempathy.decoding.transfer import to_device
-from reempathy.errors import ConfigError, NotAvailableError
+from reempathy.errors import ConfigError, DecodeError, NotAvailableError, ReempathyError
 
 
 @dataclass
@@ -74,6 +83,8 @@ class RowRequest:
     """One answer to decode: the caller's ``key`` (returned with the result), the prompt, this row's plugins and seed.
 
     ``prefill_inputs`` are extra keyword arguments of this row's prefill call (e.g. audio features).
+    ``options`` are this row's own loop options (greedy, ``max_new_tokens``, strategy name; None: the
+    loop's); ``cache``, ``compile`` and ``attention`` are always the loop's, and the seed is always ``seed``.
     """
 
     key: Any
@@ -82,6 +93,55 @@ class RowRequest:
     processors: Sequence[object] = field(default_factory=tuple)
     seed: int = 0
     prefill_inputs: dict[str, Any] | None = None
+    options: LoopOptions | None = None
+
+
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+WAIT: Any = _Wait()
+"""What a request source yields for "nothing new right now" (continuous batching).
+
+The loop goes on with its running rows and asks the source again at the next step boundary. A
+source must not yield it while no row is running (``BatchControl.rows == 0``): it should block
+until it has a request, or end.
+"""
+
+
+class BatchControl:
+    """A handle on a running :func:`decode_batch`, shared with other threads (the server's sessions).
+
+    ``cancel(key)`` ends that row at the next step boundary: its result (stop reason
+    ``"cancelled"``, the tokens so far, ``reempathy_decode_end`` called) is yielded like any other.
+    ``prefill_tokens`` bounds the prompt tokens prefilled at one step boundary (at least one new
+    row is always taken), so newcomers stall the running rows by about that many tokens of prefill
+    at a time rather than all at once; one prompt is never split. ``isolate`` ends only the row
+    whose plugin or logits fail (a ``ReempathyError``): ``(key, error)`` is yielded for it and the
+    other rows go on. What the loop writes for watchers: ``steps`` (forward calls of the batch so
+    far) and ``rows`` (rows running at the latest boundary).
+    """
+
+    def __init__(self, prefill_tokens: int | None = None, isolate: bool = False) -> None:
+        if prefill_tokens is not None and (isinstance(prefill_tokens, bool) or prefill_tokens < 1):
+            raise ConfigError(f"prefill_tokens must be a whole number of at least 1, got {prefill_tokens!r}")
+        self.prefill_tokens = prefill_tokens
+        self.isolate = isolate
+        self.steps = 0
+        self.rows = 0
+        self._lock = threading.Lock()
+        self._cancel: set[Any] = set()
+
+    def cancel(self, key: Any) -> None:
+        """End the row of ``key`` at the next step boundary (a key of no running row is forgotten there)."""
+        with self._lock:
+            self._cancel.add(key)
+
+    def _take_cancelled(self) -> set[Any]:
+        with self._lock:
+            keys, self._cancel = self._cancel, set()
+        return keys
 
 
 def row_seed(run_seed: int, record_id: str) -> int:
@@ -95,13 +155,15 @@ def decode_batch(
     requests: Iterable[RowRequest],
     options: LoopOptions | None = None,
     batch_size: int = 8,
+    control: BatchControl | None = None,
     prefill_rows: int = 8,
 ) -> Iterator[tuple[Any, DecodeResult]]:
     """Decode every request, ``batch_size`` rows per forward call; yield ``(key, result)`` as each row finishes.
 
-    ``options.seed`` is ignored: each row samples with its own ``RowRequest.seed``. Rows that
-    enter together are prefilled together, up to ``prefill_rows`` per forward call (1: one at a
-    time).
+    ``options.seed`` is ignored: each row samples with its own ``RowRequest.seed``. ``control``
+    (continuous batching): cancel rows, bound prefill per step, isolate failures (:class:`BatchControl`).
+    Rows that enter together are prefilled together, up to ``prefill_rows`` per forward call (1:
+    one at a time).
     """
     options = options or LoopOptions()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -115,8 +177,11 @@ def decode_batch(
     if options.cache == "static":
         from reempathy.decoding.static_batch import _StaticBatchLoop
 
-        return _StaticBatchLoop(backbone, options, batch_size, prefill_rows).run(iter(requests))
-    return _BatchLoop(backbone, options, batch_size, prefill_rows).run(iter(requests))
+        loop: _BatchLoop = _StaticBatchLoop(backbone, options, batch_size, prefill_rows)
+    else:
+        loop = _BatchLoop(backbone, options, batch_size, prefill_rows)
+    loop.control = control
+    return loop.run(iter(requests))
 
 
 class _BatchLoop:
@@ -139,6 +204,9 @@ class _BatchLoop:
         self.positions: torch.Tensor | None = None  # [B, 1] next position per row (with pads only)
         self.controller: Any = None
         self.exhausted = False
+        self.control: BatchControl | None = None
+        self._failed: list[tuple[Row | None, Any, ReempathyError]] = []  # isolated failures of this round
+        self._mixed = False  # some row's own options choose greedy differently from the loop's
         self._columns = torch.arange(0, device=self.device)
         self._last: tuple[torch.Tensor, list[Row]] | None = None  # the last step's logits and rows
 
@@ -162,30 +230,73 @@ class _BatchLoop:
             self.controller = BiasController()
         stack.enter_context(biased_attention(self.model, self.controller))
 
-    def _advance(self, requests: Iterator[RowRequest], stack: contextlib.ExitStack) -> list[tuple[Row, DecodeResult]]:
+    def _advance(self, requests: Iterator[RowRequest], stack: contextlib.ExitStack) -> list[tuple[Any, Any]]:
         """Refill, sample and step until some row finishes; its results (none once everything is done)."""
-        finished: list[tuple[Row, DecodeResult]] = []
+        finished: list[tuple[Any, Any]] = []
+        control = self.control
         while not finished:
+            if control is not None:
+                self._cancel(control, finished)
+                if finished:
+                    break  # their results go out before the source is asked again (it may block while nothing runs)
             self._refill(requests, stack)
+            if self._failed:
+                finished.extend((_Failed(key), error) for _, key, error in self._failed)
+                self._failed.clear()
             if not self.rows:
                 break
             self._sample(finished)
             if not finished:
                 self._step()
+                if control is not None:
+                    control.steps += 1
         return finished
+
+    def _cancel(self, control: BatchControl, finished: list[tuple[Any, Any]]) -> None:
+        """Rows cancelled since the last boundary end now, before anything else runs for them."""
+        keys = control._take_cancelled()
+        if not keys:
+            return
+        for row in self.rows:
+            if not row.done and row.key in keys:
+                row.stop_reason = "cancelled"
+                row.done = True
+                self.ready.pop(row, None)
+                finished.append((row, self._finish(row)))
 
     # --- rows in and out -------------------------------------------------------------------------
 
     def _refill(self, requests: Iterator[RowRequest], stack: contextlib.ExitStack) -> None:
         kept = [i for i, row in enumerate(self.rows) if not row.done]
         started: list[tuple[Row, list[int]]] = []
+        control = self.control
+        budget = control.prefill_tokens if control is not None else None
+        spent = 0
         while len(kept) + len(started) < self.batch_size and not self.exhausted:
+            if budget is not None and started and spent >= budget:
+                break  # the rest wait for the next boundary: the running rows step first
+            if control is not None:
+                control.rows = len(kept) + len(started)
             request = next(requests, None)
             if request is None:
                 self.exhausted = True
                 break
-            started.append(self._start(request, stack))
+            if request is WAIT:
+                if not kept and not started:
+                    raise RuntimeError("a request source yielded WAIT while no row was running; it must block instead")
+                break
+            spent += len(request.prompt_ids)
+            if control is not None and control.isolate:
+                try:
+                    started.append(self._start(request, stack))
+                except ReempathyError as exc:
+                    self._failed.append((None, request.key, exc))
+                    break  # its outcome is yielded before the source is asked again
+            else:
+                started.append(self._start(request, stack))
         new = self._prefill(started)
+        if control is not None:
+            control.rows = len(kept) + len(new)
         if new or len(kept) != len(self.rows):
             self._recompose(kept, new)
 
@@ -195,7 +306,12 @@ class _BatchLoop:
 
     def _start(self, request: RowRequest, stack: contextlib.ExitStack) -> tuple[Row, list[int]]:
         """A new row for ``request`` (its decode start hook run); the tokens of its prefill."""
-        options = dataclasses.replace(self.options, seed=request.seed)
+        own = request.options
+        if own is not None:
+            loop = self.options
+            own = dataclasses.replace(own, cache=loop.cache, compile=loop.compile, attention=loop.attention)
+            self._mixed = self._mixed or own.greedy != self.options.greedy
+        options = dataclasses.replace(own or self.options, seed=request.seed)
         row = Row(
             self.backbone,
             request.prompt_ids,
@@ -213,20 +329,34 @@ class _BatchLoop:
     def _prefill(self, started: list[tuple[Row, list[int]]]) -> list[tuple[Row, DynamicCache]]:
         """Prefill the new rows, in groups of up to ``prefill_rows`` (:func:`prefill_groups`); each is then ready to sample."""
         new: list[tuple[Row, DynamicCache]] = []
+        isolate = self.control is not None and self.control.isolate
         for group in prefill_groups([(row.prefill_inputs, len(ids)) for row, ids in started], self.prefill_rows):
             members = [started[i] for i in group]
             paused = self.controller.paused() if self.controller is not None else contextlib.nullcontext()
-            with paused:
-                if len(members) == 1:
-                    row, ids = members[0]
-                    parts = [self._prefill_one(row, ids)]
-                else:
-                    parts = self._prefill_together(members)
+            try:
+                with paused:
+                    if len(members) == 1:
+                        row, ids = members[0]
+                        parts = [self._prefill_one(row, ids)]
+                    else:
+                        parts = self._prefill_together(members)
+            except ReempathyError as exc:
+                if not isolate:
+                    raise
+                self._failed.extend((row, row.key, exc) for row, _ in members)  # the rows of that call
+                continue
             for (row, ids), (cache, logits) in zip(members, parts):
                 row.prefilled(len(ids))
+                try:
+                    plan = row.plan() if row.wants_plan else None
+                except ReempathyError as exc:
+                    if not isolate:
+                        raise
+                    self._failed.append((row, row.key, exc))
+                    continue
                 self.ready[row] = logits.float() if logits.dtype != torch.float32 else logits
                 if row.wants_plan:
-                    self.plans[row] = row.plan()
+                    self.plans[row] = plan
                 new.append((row, cache))
         return new
 
@@ -331,10 +461,9 @@ class _BatchLoop:
 
     # --- sampling and stepping ---------------------------------------------------------------------
 
-    def _sample(self, finished: list[tuple[Row, DecodeResult]]) -> None:
+    def _sample(self, finished: list[tuple[Any, Any]]) -> None:
         """Every ready row samples (again, while a dropped token leaves it nothing to forward)."""
-        greedy = self.options.greedy
-        controller = self.controller
+        isolate = self.control is not None and self.control.isolate
         while self.ready:
             rows = [row for row in self.rows if row in self.ready]
             last = self._last
@@ -345,21 +474,99 @@ class _BatchLoop:
             else:
                 scores = torch.stack([self.ready[row] for row in rows])
             self._last = None
-            for i, row in enumerate(rows):
-                row.logits(scores[i])
-            tokens = choose(rows, scores, greedy)
+            if isolate:
+                rows, scores = self._isolated_logits(rows, scores, finished)
+                if not rows:
+                    continue
+            else:
+                for i, row in enumerate(rows):
+                    row.logits(scores[i])
+            tokens = self._choose(rows, scores, finished) if (isolate or self._mixed) else choose(rows, scores, self.options.greedy)
             for i, (row, token) in enumerate(zip(rows, tokens)):
-                if row.accept(token) and row.wants_plan:
-                    plan = self.plans[row] = row.plan()
-                    if not row.done and controller is not None:
-                        controller.set_row_plan(self.rows.index(row), plan)
-                if row.done:
-                    del self.ready[row]
-                    finished.append((row, row.finish()))
-                elif row.pending:
-                    del self.ready[row]
+                if token is None:
+                    continue  # failed in _choose (isolated)
+                if isolate:
+                    try:
+                        self._accept(row, token, scores[i], finished)
+                    except ReempathyError as exc:
+                        self._fail(row, exc, finished)
                 else:
-                    self.ready[row] = scores[i]
+                    self._accept(row, token, scores[i], finished)
+
+    def _accept(self, row: Row, token: int, score: torch.Tensor, finished: list[tuple[Any, Any]]) -> None:
+        if row.accept(token) and row.wants_plan:
+            plan = self.plans[row] = row.plan()
+            if not row.done and self.controller is not None:
+                self.controller.set_row_plan(self.rows.index(row), plan)
+        if row.done:
+            del self.ready[row]
+            finished.append((row, self._finish(row)))
+        elif row.pending:
+            del self.ready[row]
+        else:
+            self.ready[row] = score
+
+    def _finish(self, row: Row) -> Any:
+        """The row's result; with ``isolate``, the ``ReempathyError`` of its ``reempathy_decode_end`` instead."""
+        if self.control is not None and self.control.isolate:
+            try:
+                return row.finish()
+            except ReempathyError as exc:
+                return exc
+        return row.finish()
+
+    # --- continuous batching: per-row choices and isolated failures -------------------------------
+
+    def _isolated_logits(
+        self, rows: list[Row], scores: torch.Tensor, finished: list[tuple[Any, Any]]
+    ) -> tuple[list[Row], torch.Tensor]:
+        """Run each row's logits hooks; a row whose plugin fails leaves the batch (the others go on)."""
+        ok: list[int] = []
+        for i, row in enumerate(rows):
+            try:
+                row.logits(scores[i])
+                ok.append(i)
+            except ReempathyError as exc:
+                self._fail(row, exc, finished)
+        if len(ok) == len(rows):
+            return rows, scores
+        return [rows[i] for i in ok], scores[ok] if ok else scores[:0]
+
+    def _choose(self, rows: list[Row], scores: torch.Tensor, finished: list[tuple[Any, Any]]) -> list[Any]:
+        """:func:`choose` per greedy setting (rows may have their own), and with ``isolate`` per failing row.
+
+        A token of None marks a row that failed here (its error is in ``finished``).
+        """
+        isolate = self.control is not None and self.control.isolate
+        groups: dict[bool, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.options.greedy, []).append(i)
+        tokens: list[Any] = [None] * len(rows)
+        for greedy, index in groups.items():
+            part_rows = [rows[i] for i in index]
+            part = scores if len(index) == len(rows) else scores[index]
+            try:
+                picked = choose(part_rows, part, greedy)
+            except DecodeError:
+                if not isolate:
+                    raise
+                picked = []
+                for j, row in enumerate(part_rows):  # rare: find the rows whose logits hold no token
+                    try:
+                        picked.extend(choose([row], part[j : j + 1], greedy))
+                    except DecodeError as exc:
+                        self._fail(row, exc, finished)
+                        picked.append(None)
+            for i, token in zip(index, picked):
+                tokens[i] = token
+        return tokens
+
+    def _fail(self, row: Row, error: ReempathyError, finished: list[tuple[Any, Any]]) -> None:
+        """End ``row`` with ``error`` (``isolate``): it leaves at the next boundary; its key is yielded with the error."""
+        row.stop_reason = "error"
+        row.done = True
+        self.ready.pop(row, None)
+        finished.append((row, error))
 
     def _step(self) -> None:
         """One forward call: ``q`` pending tokens of every row; rows left with nothing pending become ready."""
@@ -395,6 +602,13 @@ class _BatchLoop:
                 self.ready[row] = logits[i]
                 ready.append(row)
         self._last = (logits, ready) if len(ready) == len(rows) else None
+
+
+@dataclass
+class _Failed:
+    """Stands for a request that failed before it had a row (``isolate``): only its key is yielded."""
+
+    key: Any
 
 
 PREFILL_TOKENS = 8192
@@ -434,4 +648,4 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, missing, 0)) if missing > 0 else t
 
 
-__all__ = ["RowRequest", "row_seed", "decode_batch"]
+__all__ = ["BatchControl", "RowRequest", "WAIT", "row_seed", "decode_batch"]

@@ -17,13 +17,18 @@ class Switch:
     ``hidden`` marks a phase whose tokens are never spoken (reflection, thought). Entering a
     phase, even the same one again, starts a new segment. ``forced`` go through the model in the
     same forward call as the sampled token (in a batch: as that row's next inputs);
-    they are labelled ``control``.
+    they are labelled ``control`` (delimiters). ``prefix`` tokens are forced the same way, right
+    after them, but belong to the new phase: labelled as its tokens, inside its segment, part of
+    its text (``Switch("reflection", forced=(open_id,), hidden=True,
+    prefix=tuple(backbone.encode_text("Thinking:")))``). Token ids must be in the backbone's
+    vocabulary.
     """
 
     phase: str
     forced: tuple[int, ...] = ()
     hidden: bool = False
     keep_token: bool = True
+    prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

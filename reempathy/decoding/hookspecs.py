@@ -1,16 +1,15 @@
-"""Hook specifications: the whole contract between the decoder core and plugins.
+"""Run hook specifications: the contract between the token loop and a session's plugins.
 
-Discovery hooks are called once per process on the global plugin manager; each receives a
-``register`` callback. Run hooks are called by the token loop on a per-session plugin manager
-that holds only the strategy, processors and observers chosen for that session.
-Every hook is documented with its signature in docs/plugins.md.
+Run hooks are called by the token loop on a per-session plugin manager that holds only the
+strategy, processors and observers chosen for that session. The discovery hooks (called once,
+to register what plugins provide) are in :mod:`reempathy.hookspecs`, with the registry above the
+core. Every hook is documented with its signature in docs/plugins.md.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import pluggy
 import torch
 
 if TYPE_CHECKING:
@@ -19,33 +18,7 @@ if TYPE_CHECKING:
     from reempathy.decoding.result import DecodeResult
     from reempathy.decoding.session import DecodeSession
 
-hookspec = pluggy.HookspecMarker("reempathy")
-
-Register = Callable[..., None]
-"""The callback a discovery hook receives: ``register(name, factory, config_model, description="")``."""
-
-
-# --- discovery hooks (called once) -------------------------------------------------------
-
-
-@hookspec
-def reempathy_register_strategies(register: Register) -> None:
-    """Register strategies: ``register(name, factory, config_model)``; ``factory(options, backbone)`` returns the strategy plugin object."""
-
-
-@hookspec
-def reempathy_register_processors(register: Register) -> None:
-    """Register logits processors and observers: ``register(name, factory, config_model)``; ``factory(options, backbone)`` returns the plugin object."""
-
-
-@hookspec
-def reempathy_register_backbones(register: Register) -> None:
-    """Register backbones: ``register(name, factory, config_model)``; ``factory(options)`` returns a loaded ``Backbone``."""
-
-
-@hookspec
-def reempathy_register_evaluators(register: Register) -> None:
-    """Register evaluators: ``register(name, factory, config_model)``; ``factory(options)`` returns an ``Evaluator`` (``reempathy.evaluation.base``)."""
+from reempathy.hooks import Register, hookspec  # noqa: E402,F401 - Register kept here for plugins written before it moved
 
 
 # --- run hooks (called by the loop, per session) ------------------------------------------
@@ -101,11 +74,5 @@ RUN_HOOKS = (
     "reempathy_attention_plan",
     "reempathy_decode_end",
 )
-DISCOVERY_HOOKS = (
-    "reempathy_register_strategies",
-    "reempathy_register_processors",
-    "reempathy_register_backbones",
-    "reempathy_register_evaluators",
-)
 
-__all__ = ["hookspec", "Register", "RUN_HOOKS", "DISCOVERY_HOOKS", "Any"]
+__all__ = ["hookspec", "Register", "RUN_HOOKS", "Any"]

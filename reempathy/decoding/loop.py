@@ -39,9 +39,17 @@ class LoopOptions:
     ``attention`` picks how the static path carries a plan: ``"sdpa-bias"`` (a dense bias in
     SDPA's mask, the reference) or ``"flex"`` (key ranges in FlexAttention's fused kernel inside
     the compiled steps); ``"flex"`` needs the static cache.
+
+    Budgets: ``max_new_tokens`` caps every generated token (spoken, hidden and control) and is the
+    guard against runaway answers; ``max_spoken_tokens`` caps the spoken stream (text and audio
+    tokens) and ``max_hidden_tokens`` the hidden one (reflections and thoughts, all together), so
+    that strategies that think between spoken chunks get the same chance to speak as those that do
+    not. Whichever is reached first ends the answer and names itself as the stop reason.
     """
 
     max_new_tokens: int = 128
+    max_spoken_tokens: int | None = None
+    max_hidden_tokens: int | None = None
     greedy: bool = False
     seed: int = 0
     strategy_name: str = "custom"

@@ -59,6 +59,9 @@ class Counts:
 
     ``unforwarded`` are the tokens appended after the model's last call (the final sampled token
     and any tokens forced with it): the answer ended, so the model never needed to read them.
+    ``spoken`` and ``hidden`` split the generated tokens by stream: spoken text and audio tokens,
+    and the content of hidden segments (reflections, thoughts); the rest of ``generated`` are
+    control tokens the model sampled (a delimiter that closes a reflection, say).
     """
 
     prompt: int
@@ -66,6 +69,8 @@ class Counts:
     forced: int
     forwarded: int
     unforwarded: int = 0
+    spoken: int = 0
+    hidden: int = 0
 
 
 @dataclass
@@ -143,7 +148,10 @@ def build_result(session: DecodeSession, strategy_name: str, stop_reason: str, t
     spans = [
         {"label": s.label, "start": s.start, "end": s.end, "segment": s.segment} for s in session.spans()
     ]
-    counts = Counts(session.prompt_len, session.generated, session.forced, session.forwarded, session.unforwarded)
+    counts = Counts(
+        session.prompt_len, session.generated, session.forced, session.forwarded, session.unforwarded,
+        session.spoken_tokens, session.hidden_tokens,
+    )
     return DecodeResult(
         strategy=strategy_name,
         backbone=backbone.name,

@@ -18,7 +18,9 @@ the code a single answer does (the loops only decide which tokens go through the
 Where it decides: :meth:`Row.accept` turns a sampled token and the strategy's directive into
 appended, forced and observed tokens, a phase change, and the stop; :func:`choose` picks the
 token and refuses logits that allow none (all ``-inf``, NaN, ``+inf``). A plugin's hook that
-raises becomes ``PluginFailure`` naming the plugin and the hook (:mod:`failures`).
+raises becomes ``PluginFailure`` naming the plugin and the hook (:mod:`failures`), and so does an
+answer the loop cannot use (not a directive, a ``Switch`` whose token ids are not in the
+vocabulary), checked where it enters the loop: :meth:`Row.begin` and :meth:`Row.accept`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,23 @@ import torch
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding import hookspecs
-from reempathy.decoding.directives import CONTINUE, Stop, Switch
-from reempathy.decoding.failures import hook_failure, plugin_name
+from reempathy.decoding.directives import CONTINUE, Continue, Stop, Switch
+from reempathy.decoding.failures import (
+    DIRECTIVE_TYPES,
+    answer_failure,
+    hook_failure,
+    not_a_directive,
+    plugin_name,
+    register_checked,
+    switch_ids,
+)
 from reempathy.decoding.result import DecodeResult, Timings, build_result
 from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK, SPOKEN_AUDIO
 from reempathy.errors import DecodeError, InputError, ReempathyError
+
+
+_UNBOUNDED = 2**62  # a budget left out: never reached
 
 
 class _SessionPluginManager(pluggy.PluginManager):
@@ -85,8 +98,8 @@ def session_plugin_manager(strategy: object, processors: Sequence[object] = ()) 
     pm = _SessionPluginManager("reempathy")
     pm.add_hookspecs(hookspecs)
     for i, proc in enumerate(reversed(list(processors))):
-        pm.register(proc, name=f"processor-{len(processors) - 1 - i}-{type(proc).__name__}")
-    pm.register(strategy, name=f"strategy-{type(strategy).__name__}")
+        register_checked(pm, proc, f"processor-{len(processors) - 1 - i}-{type(proc).__name__}")
+    register_checked(pm, strategy, f"strategy-{type(strategy).__name__}")
     return pm
 
 
@@ -116,6 +129,13 @@ class Row:
             )
         if options.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {options.max_new_tokens}")
+        for stream in ("spoken", "hidden"):
+            value = getattr(options, f"max_{stream}_tokens")
+            if value is not None and not 1 <= value <= backbone.max_context:
+                raise InputError(
+                    f"decode.max_{stream}_tokens = {value}: a budget must be at least 1 and at most the backbone's "
+                    f"context of {backbone.max_context} tokens; leave it out for no {stream} budget"
+                )
         self.key = key
         self.pm = session_plugin_manager(strategy, processors)
         hook = self.hook = self.pm.hook
@@ -125,6 +145,8 @@ class Row:
         self.options = options
         self.stop_ids = frozenset(backbone.layout.stop_ids)
         self.budget = min(options.max_new_tokens, backbone.max_context - len(prompt_ids))
+        self.max_spoken = options.max_spoken_tokens or _UNBOUNDED
+        self.max_hidden = options.max_hidden_tokens or _UNBOUNDED
         self.context_limit = backbone.max_context if context_limit is None else context_limit
         self.prefill_inputs = dict(prefill_inputs or {})
         self.wants_plan = bool(hook.reempathy_attention_plan.get_hookimpls())
@@ -165,11 +187,15 @@ class Row:
             raise
         except Exception as exc:
             raise hook_failure(self.pm, "reempathy_decode_start", exc) from exc
+        for answer in answers:
+            if type(answer) not in DIRECTIVE_TYPES:
+                raise answer_failure(self.pm, "reempathy_decode_start", not_a_directive(answer))
         first = next((d for d in answers if type(d) is Switch), None)
         if first is not None:
-            self.session._append_forced(first.forced)
-            self._observe(first.forced, "forced")
-            self._enter(first.phase, first.hidden)
+            forced, prefix = switch_ids(self.pm, first, "reempathy_decode_start", self.session.backbone)
+            self.session._append_forced(forced)
+            self._observe(forced, "forced")
+            self._enter(first.phase, first.hidden, prefix)
         else:
             self._enter(SPEAK, False)
         return list(self.session.ids)
@@ -222,6 +248,8 @@ class Row:
             self.stop_reason = directive.reason
             self.done = True
             return False
+        if kind is not Continue and kind is not Switch:
+            raise answer_failure(self.pm, "reempathy_token", not_a_directive(directive))
         if kind is Switch and not directive.keep_token:
             self._observe((token,), "dropped")
         else:
@@ -231,11 +259,20 @@ class Row:
                 timings.time_to_first_audio_s = now - self.t_start
         changed = kind is Switch
         if changed:
-            if directive.forced:
-                session._append_forced(directive.forced)
-                self._observe(directive.forced, "forced")
-            self._enter(directive.phase, directive.hidden)
-        if session.generated >= self.budget:
+            forced, prefix = switch_ids(self.pm, directive, "reempathy_token", self.session.backbone)
+            if forced:
+                session._append_forced(forced)
+                self._observe(forced, "forced")
+            self._enter(directive.phase, directive.hidden, prefix)
+        # The experiment's budgets first: an answer that fills its spoken budget on the very token the
+        # guard is reached stopped on its budget, as every comparable answer does.
+        if session.spoken_tokens >= self.max_spoken:
+            self.stop_reason = "max_spoken_tokens"
+            self.done = True
+        elif session.hidden_tokens >= self.max_hidden:
+            self.stop_reason = "max_hidden_tokens"
+            self.done = True
+        elif session.generated >= self.budget:
             self.stop_reason = (
                 "max_new_tokens" if session.generated >= self.options.max_new_tokens else "max_context"
             )
@@ -324,10 +361,13 @@ class Row:
         except Exception as exc:
             raise hook_failure(self.pm, "reempathy_token_appended", exc) from exc
 
-    def _enter(self, phase: str, hidden: bool) -> None:
+    def _enter(self, phase: str, hidden: bool, prefix: tuple[int, ...] = ()) -> None:
         session = self.session
         old = session.phase
         session._enter(phase, hidden)
+        if prefix:  # in the new segment before anyone hears of it
+            session._append_prefix(prefix)
+            self._observe(prefix, "forced")
         try:
             self.hook.reempathy_phase_change(session=session, old=old, new=phase)
         except ReempathyError:

@@ -15,6 +15,9 @@ class DecodeSession:
 
     ``ids`` holds every position (prompt, generated, forced); ``labels`` the label of each;
     ``segments`` one entry per stay in a phase. ``forwarded`` counts tokens sent through the model.
+    ``spoken_tokens`` counts the generated tokens of the spoken stream (text and audio), ``hidden_tokens`` the
+    generated content tokens of hidden segments (reflections, thoughts); control tokens count in
+    neither. The token budgets (``max_spoken_tokens``, ``max_hidden_tokens``) are read against them.
     """
 
     def __init__(self, backbone: Backbone, prompt_ids: list[int], generator: torch.Generator, options: Any) -> None:
@@ -27,6 +30,8 @@ class DecodeSession:
         self.prompt_len = len(prompt_ids)
         self.segments: list[Segment] = []
         self.generated = 0
+        self.spoken_tokens = 0
+        self.hidden_tokens = 0
         self.forced = 0
         self.forwarded = 0
         self.unforwarded = 0
@@ -96,6 +101,10 @@ class DecodeSession:
         self.labels.append(label)
         self.generated += 1
         seg = self.segments[-1]
+        if label is SPOKEN_TEXT or label is SPOKEN_AUDIO:
+            self.spoken_tokens += 1
+        elif label != CONTROL:
+            self.hidden_tokens += 1
         if label != CONTROL:
             if seg.start == seg.end:
                 seg.start = pos
@@ -104,6 +113,20 @@ class DecodeSession:
     def _append_forced(self, tokens: tuple[int, ...]) -> None:
         self.ids.extend(tokens)
         self.labels.extend([CONTROL] * len(tokens))
+        self.forced += len(tokens)
+
+    def _append_prefix(self, tokens: tuple[int, ...]) -> None:
+        """Forced tokens that open the current segment (``Switch.prefix``): labelled, and in the segment, as if sampled."""
+        seg = self.segments[-1]
+        for token_id in tokens:
+            label = self._label_sampled(token_id)
+            pos = len(self.ids)
+            self.ids.append(token_id)
+            self.labels.append(label)
+            if label != CONTROL:
+                if seg.start == seg.end:
+                    seg.start = pos
+                seg.end = pos + 1
         self.forced += len(tokens)
 
     def _enter(self, phase: str, hidden: bool) -> Segment:

@@ -18,7 +18,7 @@ SPEAK = "speak"
 
 @dataclass(slots=True)
 class Segment:
-    """One stay in a phase: positions ``[start, end)`` of generated (not forced) tokens.
+    """One stay in a phase: positions ``[start, end)`` of its content — generated tokens and a ``Switch``'s ``prefix``, not delimiters.
 
     ``index`` counts the segments of that phase from 1 (reflection 1, reflection 2, …).
     """

@@ -6,6 +6,8 @@
 - ``registry``: building an evaluator by name through the plugin registry (kind ``evaluator``)
 - ``empathyeval``: the paper's evaluator (audio-in LM + LoRA + four regression heads) and its trainer
 - ``judge``: ``llm-judge`` (rubric, parsing, local and endpoint back ends, A/B)
+- ``speech``: speech quality of the answers' WAVs: ``audio-stats`` (no model) and ``asr-wer`` (Whisper + jiwer)
+- ``keywords``: ``keyword-empathy``, a word-list heuristic for offline runs (not the paper's EmpathyEval)
 - ``commands``: ``reempathy eval | ab | eval-check``
 
 This package sits above ``reempathy.decoding`` and is never imported by it.

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from reempathy.training.schema import SCORE_NAMES
+from reempathy.data.schema import SCORE_NAMES
 
-#: The four EmpathyEval dimensions, in the paper's order (1–5 each).
 EMPATHY_SCORES = SCORE_NAMES
+"""The four EmpathyEval dimensions, in the paper's order (1–5 each)."""
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
 
 
@@ -48,6 +48,7 @@ class Evaluation:
 
     @property
     def ok(self) -> bool:
+        """True when the item was scored (no ``error``)."""
         return self.error is None
 
 

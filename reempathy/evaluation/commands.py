@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from reempathy.errors import ConfigError, InputError, PluginFailure, ReempathyError
+from reempathy.errors import ConfigError, InputError
 
 
 def _registry() -> Any:
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     return default_discovery().registry
 
@@ -34,16 +34,9 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _call(evaluator: Any, name: str, method: str, batch: Sequence[Any]) -> list[Any]:
-    """Call an evaluator method; its own crash is a PluginFailure, a wrong answer count too."""
-    try:
-        out = list(getattr(evaluator, method)(batch))
-    except ReempathyError:
-        raise
-    except Exception as exc:  # the evaluator's own code failed
-        raise PluginFailure(name, f"evaluator.{method}", exc) from exc
-    if len(out) != len(batch):
-        raise PluginFailure(name, f"evaluator.{method}", ValueError(f"returned {len(out)} results for {len(batch)} items"))
-    return out
+    from reempathy.evaluation.registry import call_evaluator
+
+    return call_evaluator(evaluator, name, batch, method)
 
 
 def _with_run_decoder(registry: Any, name: str, options: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -56,36 +49,64 @@ def _with_run_decoder(registry: Any, name: str, options: dict[str, Any], manifes
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``reempathy eval DIR --evaluator NAME [--set K=V]… [--name LABEL] [--batch-size N] [--retry-failed]``."""
-    from tqdm import tqdm
+    from reempathy.evaluation.registry import parse_sets
 
-    from reempathy.evaluation.registry import build_evaluator, evaluator_options, parse_sets
-    from reempathy.evaluation.runs import ScoreFile, evaluation_line, read_run, run_manifest
+    summary, path = score_run(
+        args.dir, args.evaluator, parse_sets(args.overrides), name=args.name, batch_size=args.batch_size,
+        retry_failed=args.retry_failed, progress=not args.quiet,
+    )
+    print(format_summary(summary, path))
+    return 0
 
-    registry = _registry()
-    registry.get("evaluator", args.evaluator)
-    items = read_run(args.dir)
-    options = _with_run_decoder(registry, args.evaluator, parse_sets(args.overrides), run_manifest(args.dir))
-    validated = evaluator_options(registry, args.evaluator, options).model_dump(mode="json")
-    scores = ScoreFile(args.dir, args.name or args.evaluator)
-    done = scores.open(args.evaluator, validated, retry_failed=args.retry_failed)
-    todo = [item for item in items if item.id not in done]
-    names: Sequence[str] = ()
-    if todo:
-        evaluator = build_evaluator(registry, args.evaluator, options)
-        names = evaluator.score_names
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {args.evaluator}", unit="record",
-                  disable=args.quiet) as bar:
-            for batch in _batches(todo, args.batch_size):
-                results = _call(evaluator, args.evaluator, "evaluate", batch)
-                scores.append([evaluation_line(r, args.evaluator) for r in results])
-                bar.update(len(batch))
-    else:
+
+def score_run(
+    run_dir: str | Path,
+    evaluator_name: str,
+    options: dict[str, Any],
+    *,
+    name: str | None = None,
+    batch_size: int = 8,
+    retry_failed: bool = False,
+    progress: bool = True,
+    registry: Any = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score every record of ``run_dir`` not scored yet into ``scores/<name>.jsonl``; the summary and the file.
+
+    A job on the one driver (:func:`reempathy.jobs.driver.run_job`) with the score file as its
+    store: everything cheap is checked before the evaluator is built, and each record's line is
+    appended as soon as its batch is scored, so a kill loses at most one batch.
+    """
+    from reempathy.evaluation.registry import build_evaluator, evaluator_options
+    from reempathy.evaluation.runs import evaluation_line, read_run, run_manifest, write_summary
+    from reempathy.jobs.driver import Job, Outcome, run_job
+    from reempathy.jobs.scores import ScoreStore
+
+    registry = registry or _registry()
+    registry.get("evaluator", evaluator_name)
+    items = read_run(run_dir)
+    options = _with_run_decoder(registry, evaluator_name, options, run_manifest(run_dir))
+    validated = evaluator_options(registry, evaluator_name, options).model_dump(mode="json")
+    store = ScoreStore(run_dir, name or evaluator_name, {"evaluator": evaluator_name, "options": validated}, retry_failed)
+    built: dict[str, Any] = {}
+
+    def build() -> Any:
+        evaluator = build_evaluator(registry, evaluator_name, options)
+        built["names"] = evaluator.score_names
+        return evaluator
+
+    def work(evaluator: Any, todo: list[Any]) -> Any:
+        for batch in _batches(todo, batch_size):
+            for result in _call(evaluator, evaluator_name, "evaluate", batch):
+                yield Outcome(result.id, evaluation_line(result, evaluator_name))
+
+    run_job(Job(f"eval {evaluator_name}", "record", items, key=lambda item: item.id, store=store, build=build,
+                work=work), progress=progress)
+    names = built.get("names")
+    if names is None:
         from reempathy.evaluation.base import EMPATHY_SCORES
 
-        names = sorted({k for row in done.values() for k in (row.get("scores") or {})}) or EMPATHY_SCORES
-    summary = scores.write_summary(args.evaluator, names, len(items))
-    print(format_summary(summary, scores.path))
-    return 0
+        names = sorted({k for row in store.lines().values() for k in (row.get("scores") or {})}) or EMPATHY_SCORES
+    return write_summary(store, evaluator_name, names, len(items)), store.path
 
 
 def format_summary(summary: dict[str, Any], path: Path) -> str:
@@ -115,6 +136,12 @@ def cmd_ab(args: argparse.Namespace) -> int:
     registry.get("evaluator", args.judge)
     options = parse_sets(args.overrides)
     evaluator_options(registry, args.judge, options)
+    if args.out:  # checked before any pair is judged; never over a run's own files
+        from reempathy.jobs.rundir import check_not_run_file
+        from reempathy.safe_write import check_output_file
+
+        check_output_file(args.out, "--out")
+        check_not_run_file(args.out, "--out", "ab")
     a_items = read_run(args.dir_a)
     b_by_id = {i.id: i for i in read_run(args.dir_b)}
     pairs = [PairItem(a.id, a, b_by_id[a.id]) for a in a_items if a.id in b_by_id]
@@ -255,4 +282,4 @@ def add_eval_parser(subparsers: Any) -> None:
     p.set_defaults(func=cmd_eval_check)
 
 
-__all__ = ["add_eval_parser", "cmd_eval", "cmd_ab", "cmd_eval_check", "format_summary", "format_ab"]
+__all__ = ["add_eval_parser", "cmd_eval", "score_run", "cmd_ab", "cmd_eval_check", "format_summary", "format_ab"]

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from reempathy.errors import InputError
 from reempathy.evaluation.base import EvalItem
 from reempathy.evaluation.runs import read_jsonl
-from reempathy.training.schema import Scores, parse_units
+from reempathy.data.schema import Scores, parse_units
 
 
 class EvalMessage(BaseModel):

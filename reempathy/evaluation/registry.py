@@ -6,11 +6,11 @@ something other than our own errors is the plugin's fault: ``PluginFailure`` (ex
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel
 
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import PluginError, PluginFailure, ReempathyError
 from reempathy.evaluation.base import Evaluator
 
@@ -38,6 +38,23 @@ def build_evaluator(registry: Registry, name: str, options: dict[str, Any]) -> E
     return evaluator
 
 
+def call_evaluator(evaluator: Any, name: str, items: Sequence[Any], method: str = "evaluate") -> list[Any]:
+    """``evaluator.<method>(items)`` (``evaluate`` or ``compare``), one answer per item in order.
+
+    The evaluator's own crash is a :class:`PluginFailure` (exit 1) naming it, and so is an answer
+    with the wrong number of results; a per-item failure stays in the answer for the caller.
+    """
+    try:
+        out = list(getattr(evaluator, method)(list(items)))
+    except ReempathyError:
+        raise
+    except Exception as exc:  # the evaluator's own code failed, in any way
+        raise PluginFailure(name, f"evaluator.{method}", exc) from exc
+    if len(out) != len(items):
+        raise PluginFailure(name, f"evaluator.{method}", ValueError(f"returned {len(out)} results for {len(items)} items"))
+    return out
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``--set K=V`` pairs as an options dict (values read as TOML; dotted keys make tables)."""
     from reempathy.config import apply_overrides
@@ -45,4 +62,4 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return apply_overrides({}, items)
 
 
-__all__ = ["build_evaluator", "evaluator_options", "parse_sets"]
+__all__ = ["build_evaluator", "evaluator_options", "parse_sets", "call_evaluator"]

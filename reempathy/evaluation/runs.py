@@ -6,15 +6,8 @@ and ``DIR/scores/<name>.summary.json``.
 
 Where decisions are made:
 
-- ``ScoreFile.open`` decides what is already done: every complete line counts once (a record
-  scored twice keeps its first line); a trailing partial line, left by a killed process, is cut
-  off before anything is appended, so resuming never duplicates or mixes lines.
-- Every path is checked before any work (``ScoreFile.check``): a directory, a pipe or a link
-  where a score file goes is refused with one line, and nothing is written.
-- Each line is appended by :func:`reempathy.safe_write.append_line` (one ``write``, then
-  ``fsync``): a line is on disk whole or not at all (as far as the file system allows).
-- The options a score file was made with are kept beside it (``<name>.options.json``); resuming
-  with other options is refused instead of mixing two evaluators' scores in one file.
+- The score file itself (what is done, resuming, the options it was made with, appending whole
+  lines) is the job driver's store :class:`reempathy.jobs.scores.ScoreStore`.
 - Summaries are written through a temporary sibling and a rename.
 """
 
@@ -24,18 +17,15 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from reempathy.errors import ConfigError, InputError
+from reempathy.errors import InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
 from reempathy.evaluation.metrics import summarize_scores
+from reempathy.jobs.scores import SCORE_SCHEMA, ScoreStore
 from reempathy.safe_write import (
-    append_line,
-    check_output_dir,
-    check_output_file,
     write_text,
 )
 
 RUN_RECORD_SCHEMA = "reempathy.run-record/1"
-SCORE_SCHEMA = "reempathy.score/1"
 SUMMARY_SCHEMA = "reempathy.score-summary/1"
 RESULTS = "results.jsonl"
 MANIFEST = "manifest.json"
@@ -53,6 +43,8 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 if not line.endswith("\n"):
                     return  # a partial last line: the writer was interrupted
                 raise InputError(f"{what} {str(path)!r} line {n}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InputError(f"{what} {str(path)!r} line {n}: JSON nested too deeply to be a record") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{what} {str(path)!r} line {n}: expected a JSON object")
             yield n, obj
@@ -81,6 +73,8 @@ def run_manifest(run_dir: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a run manifest") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -142,90 +136,22 @@ def evaluation_line(ev: Evaluation, evaluator: str) -> dict[str, Any]:
     }
 
 
-class ScoreFile:
-    """``scores/<name>.jsonl`` of a run: what is done, appending whole lines, the summary."""
-
-    def __init__(self, run_dir: str | Path, name: str) -> None:
-        if not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"score name {name!r}: give a plain file name (letters, digits, - or _)")
-        self.dir = Path(run_dir) / "scores"
-        self.name = name
-        self.path = self.dir / f"{name}.jsonl"
-        self.summary_path = self.dir / f"{name}.summary.json"
-        self.options_path = self.dir / f"{name}.options.json"
-
-    def check(self) -> None:
-        """Refuse (``InputError``, one line) a score directory or file that cannot be written; writes nothing."""
-        check_output_dir(self.dir, "score directory")
-        if self.dir.is_dir():
-            for path in (self.path, self.options_path, self.summary_path):
-                check_output_file(path, "score file")
-
-    def open(self, evaluator: str, options: dict[str, Any], retry_failed: bool = False) -> dict[str, dict[str, Any]]:
-        """Check every path, prepare for appending and return the lines already written, by id.
-
-        Cuts a partial last line; with ``retry_failed`` drops failed lines (rewriting the file
-        atomically) so that those records are scored again.
-        """
-        self.check()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        identity = {"evaluator": evaluator, "options": options}
-        if self.options_path.is_file() and self.path.is_file():
-            before = json.loads(self.options_path.read_text(encoding="utf-8"))
-            if before != identity:
-                raise ConfigError(
-                    f"{self.path} was written by evaluator {before.get('evaluator')!r} with other options "
-                    f"({json.dumps(before.get('options'), sort_keys=True)}); pass the same options, choose another "
-                    "--name, or delete the file to start over"
-                )
-        atomic_text(self.options_path, json.dumps(identity, indent=2, sort_keys=True))
-        if not self.path.is_file():
-            return {}
-        self._cut_partial_line()
-        done: dict[str, dict[str, Any]] = {}
-        for _, obj in read_jsonl(self.path, "score file"):
-            done.setdefault(str(obj.get("id")), obj)
-        if retry_failed and any(o.get("error") for o in done.values()):
-            done = {k: v for k, v in done.items() if not v.get("error")}
-            atomic_text(self.path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
-        return done
-
-    def _cut_partial_line(self) -> None:
-        with self.path.open("rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
-
-    def append(self, lines: Sequence[dict[str, Any]]) -> None:
-        """Append each line whole (:func:`reempathy.safe_write.append_line`: one write, then fsync)."""
-        for line in lines:
-            append_line(self.path, json.dumps(line, ensure_ascii=False), "score file")
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Every line, first per id."""
-        if not self.path.is_file():
-            return []
-        done: dict[str, dict[str, Any]] = {}
-        for _, obj in read_jsonl(self.path, "score file"):
-            done.setdefault(str(obj.get("id")), obj)
-        return list(done.values())
-
-    def write_summary(self, evaluator: str, names: Sequence[str], total: int) -> dict[str, Any]:
-        """Per-score mean with a 95 % bootstrap interval, n, failures; written atomically."""
-        rows = self.rows()
-        ok = [r["scores"] for r in rows if not r.get("error")]
-        failed = [r for r in rows if r.get("error")]
-        summary = {
-            "schema": SUMMARY_SCHEMA,
-            "evaluator": evaluator,
-            "records": total,
-            "scored": len(ok),
-            "failures": len(failed),
-            "failed_ids": [str(r.get("id")) for r in failed],
-            "scores": summarize_scores(ok, names),
-        }
-        atomic_text(self.summary_path, json.dumps(summary, indent=2, ensure_ascii=False))
-        return summary
+def write_summary(store: ScoreStore, evaluator: str, names: Sequence[str], total: int) -> dict[str, Any]:
+    """``<name>.summary.json``: per-score mean with a 95 % bootstrap interval, n, failures; written atomically."""
+    rows = list(store.lines().values())
+    ok = [r["scores"] for r in rows if not r.get("error")]
+    failed = [r for r in rows if r.get("error")]
+    summary = {
+        "schema": SUMMARY_SCHEMA,
+        "evaluator": evaluator,
+        "records": total,
+        "scored": len(ok),
+        "failures": len(failed),
+        "failed_ids": [str(r.get("id")) for r in failed],
+        "scores": summarize_scores(ok, names),
+    }
+    atomic_text(store.summary_path, json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
 
 
 def atomic_text(path: Path, text: str) -> None:
@@ -243,5 +169,5 @@ def evaluation_from_line(line: dict[str, Any]) -> Evaluation:
 
 __all__ = [
     "RUN_RECORD_SCHEMA", "SCORE_SCHEMA", "SUMMARY_SCHEMA", "read_run", "read_jsonl", "run_manifest",
-    "run_results", "item_from_record", "evaluation_line", "evaluation_from_line", "ScoreFile", "atomic_text",
+    "run_results", "item_from_record", "evaluation_line", "evaluation_from_line", "write_summary", "atomic_text",
 ]

@@ -1,8 +1,9 @@
 """``reempathy train`` with an ``[evaluator]`` table: find the evaluator's trainer through the registry.
 
-Generic: an evaluator registration whose factory carries a ``trainer`` attribute
-(``trainer(raw_config, options, progress, where) -> result with .format()``) can be trained;
-the ``[evaluator]`` table names it and holds its options, validated by its config model.
+Generic: an evaluator registered with a ``trainer`` field
+(``register(name, factory, model, trainer=fn)``, ``fn(raw_config, options, progress, where) ->
+result with .format()``) can be trained; the ``[evaluator]`` table names it and holds its
+options, validated by its config model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def is_evaluator_config(path: str | Path) -> bool:
 
 def train_evaluator(path: str | Path, overrides: list[str], progress: bool = True) -> Any:
     """Validate the config, build the evaluator's options, and run its trainer."""
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
 
     raw = apply_overrides(read_toml(path), overrides)
     where = f"config file {str(path)!r}"
@@ -37,7 +38,7 @@ def train_evaluator(path: str | Path, overrides: list[str], progress: bool = Tru
     name = str(table["name"])
     options = registry.validate("evaluator", name, {k: v for k, v in table.items() if k != "name"})
     reg = registry.get("evaluator", name)
-    trainer = getattr(reg.factory, "trainer", None)
+    trainer = reg.trainer
     if trainer is None:
         raise NotAvailableError(f"evaluator {name!r} (plugin {reg.plugin!r}) cannot be trained by `reempathy train`")
     return trainer(raw, options, progress, where)

@@ -29,9 +29,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.experiments.run import RunOptions, run_experiment
-    from reempathy.experiments.shard import release_group
+    from reempathy.jobs.shard import release_group
 
     registry = default_discovery().registry
     cfg = load_config(args.config, _overrides(args), args.strategy, registry)
@@ -45,13 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.experiments.run import RunOptions
-    from reempathy.experiments.shard import release_group
+    from reempathy.jobs.shard import release_group
     from reempathy.experiments.sweep import plan_sweep, run_sweep
 
     registry = default_discovery().registry
-    plan = plan_sweep(args.config, args.grid, args.overrides, checkpoints=args.checkpoints, registry=registry)
+    plan = plan_sweep(args.config, args.grid, args.overrides, checkpoints=args.checkpoints, registry=registry, out=args.out)
     opts = RunOptions(data=args.data, out=args.out, batch_size=args.batch_size, limit=args.limit,
                       speech=args.speech, force=args.force)
     try:
@@ -62,8 +62,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from reempathy.jobs import rundir
     from reempathy.experiments.report import build_report, write_csv, write_plot
-    from reempathy.safe_write import check_output_file
+    from reempathy.safe_write import check_output_file, same_file
 
     if (args.x is None or args.y is None) and args.plot:
         raise ConfigError("--plot needs --x KEY (a swept key, e.g. processors.0.factor) and --y METRIC (a column)")
@@ -73,7 +74,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
-    report = build_report(args.dirs)
+            rundir.check_not_run_file(path, flag, "report")  # never over a run's own files (its results)
+    if args.csv and args.plot and same_file(args.csv, args.plot):
+        raise ConfigError(f"--csv and --plot are the same file {args.csv!r}; give each its own path")
+    report = build_report(args.dirs, baseline=args.baseline)
     print(report.markdown())
     if args.csv:
         write_csv(report, args.csv)
@@ -116,15 +120,44 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="plot --y against --x (one line per other setting)")
     p.add_argument("--x", metavar="KEY", help="a swept key or config key, e.g. processors.0.factor")
     p.add_argument("--y", metavar="COLUMN", help="a column, e.g. hidden_per_spoken or empathyeval.emotional_support")
+    p.add_argument("--baseline", metavar="RUN",
+                   help="compare every run with this one record by record: mean difference with a paired 95%% "
+                   "interval, win/tie/loss, Wilcoxon p (e.g. --baseline sft)")
     p.set_defaults(func=cmd_report)
     return p
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from reempathy.registry import default_discovery
+    from reempathy.jobs.shard import release_group
+    from reempathy.experiments.study import read_study, run_study
+
+    registry = default_discovery().registry
+    study = read_study(args.file, args.overrides)
+    try:
+        run_study(study, registry, out=args.out, say=print)
+    finally:
+        release_group()
+    return 0
+
+
+def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``reempathy study``: train what is missing, sweep, score and report, from one file."""
+    p = subparsers.add_parser("study", help="a whole comparison from one file: train what is missing, sweep, eval, report")
+    p.add_argument("file", metavar="FILE", help="a study file (a sweep file with a [study] table), e.g. configs/study-table5.toml")
+    p.add_argument("--out", metavar="DIR", help="the study's directory (default: study.out in the file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the sweep, e.g. --set decode.max_spoken_tokens=80 (repeatable)")
+    p.set_defaults(func=cmd_study)
+    return p
+
+
 def add_experiment_parsers(subparsers: Any) -> None:
-    """Add ``run``, ``sweep`` and ``report`` to the ``reempathy`` command."""
+    """Add ``run``, ``sweep``, ``report`` and ``study`` to the ``reempathy`` command."""
     add_run_parser(subparsers)
     add_sweep_parser(subparsers)
     add_report_parser(subparsers)
+    add_study_parser(subparsers)
 
 
-__all__ = ["add_run_parser", "add_sweep_parser", "add_report_parser", "add_experiment_parsers"]
+__all__ = ["add_run_parser", "add_sweep_parser", "add_report_parser", "add_study_parser", "add_experiment_parsers"]

@@ -11,10 +11,19 @@ Where it decides:
   for every ``scores/<evaluator>.jsonl`` one column per score, ``<evaluator>.<score>`` (mean with
   its 95 % bootstrap interval), plus ``<evaluator>.n`` (records scored) and
   ``<evaluator>.failures``. Times are in milliseconds.
+- **budget hits**: ``budget_hit_share`` is the share of answers a token budget ended; above
+  :data:`~reempathy.experiments.metrics.BUDGET_FLAG` (10 %) the cell is flagged and a note under
+  the table names the run: its scores compare answers cut short against whole ones.
+- **against a baseline** (``--baseline NAME``, :mod:`reempathy.experiments.paired`): for every
+  other run, record by record against the baseline run — the answer's length (spoken tokens) and
+  every score (``average`` included) — the mean difference with its paired 95 % bootstrap
+  interval, wins / ties / losses and the Wilcoxon signed-rank p-value. Printed as a second table;
+  in the CSV as columns ``<column>.vs_baseline`` (``.lo``, ``.hi``), ``<column>.wins``,
+  ``.ties``, ``.losses``, ``.p`` on each run's row, beside a ``baseline`` column.
 - **output**: the table is Markdown, padded so it also reads in a terminal; ``--csv`` writes the
   raw numbers (each score also as ``.lo``/``.hi``); ``--plot`` draws a column against a swept key
-  (or any config key), one line per combination of the other settings, scores with their
-  intervals as error bars. Files are written atomically.
+  (or any config key), one line per combination of the other settings, scores (and paired
+  differences) with their intervals as error bars. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -27,15 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from reempathy.errors import ConfigError, InputError
-from reempathy.experiments import rundir
-from reempathy.experiments.metrics import EvaluatorScores, RunMetrics, evaluator_scores, run_metrics
+from reempathy.jobs import rundir
+from reempathy.experiments.metrics import BUDGET_FLAG, EvaluatorScores, RunMetrics, evaluator_scores, run_metrics
+from reempathy.experiments.paired import Paired, paired
 from reempathy.safe_write import write_with
 
 DEFAULT_AUDIO_RATE_HZ = 12.5
 # (column, attribute of RunMetrics, scale, decimals)
 METRIC_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("spoken_tokens", "spoken_tokens", 1.0, 1),
+    ("audio_s", "audio_s", 1.0, 2),
     ("hidden_per_spoken", "hidden_per_spoken", 1.0, 2),
+    ("budget_hit_share", "budget_hit_share", 1.0, 2),
     ("ttft_p50_ms", "ttft_p50", 1e3, 1),
     ("ttft_p90_ms", "ttft_p90", 1e3, 1),
     ("first_audio_p50_ms", "first_audio_p50", 1e3, 1),
@@ -76,12 +88,23 @@ class RunRow:
         return node
 
 
+PAIRED_STATS = ("vs_baseline", "wins", "ties", "losses", "p")
+"""The CSV columns each paired quantity gets (``<column>.<stat>``; ``vs_baseline`` with ``.lo``/``.hi``)."""
+LENGTH = "spoken_tokens"
+
+
 @dataclass
 class Report:
-    """The rows, the setting keys and score columns they have, and the sub-runs not started yet."""
+    """The rows, the setting keys and score columns they have, and the sub-runs not started yet.
+
+    With a ``baseline`` (a row's name), ``paired`` holds every other row's comparisons with it:
+    row name → column (``spoken_tokens`` or ``<evaluator>.<score>``) → :class:`Paired`.
+    """
 
     rows: list[RunRow]
     missing: list[str] = field(default_factory=list)
+    baseline: str | None = None
+    paired: dict[str, dict[str, Paired]] = field(default_factory=dict)
 
     @property
     def setting_keys(self) -> list[str]:
@@ -106,14 +129,21 @@ class Report:
             names.update(dict.fromkeys(ev.evaluator for ev in row.evaluators))
         return list(names)
 
-    def columns(self) -> list[str]:
-        """Every column name (what ``--y`` and the CSV header use)."""
+    def columns(self, paired: bool = True) -> list[str]:
+        """Every column name (what ``--y`` and the CSV header use); ``paired=False``: those of the main table."""
         cols = ["run", *self.setting_keys, "strategy", "records", "records_total", "stop_reasons"]
         cols += [c for c, *_ in METRIC_COLUMNS]
         for ev in self.evaluators:
             cols += [f"{e}.{s}" for e, s in self.score_columns if e == ev]
             cols += [f"{ev}.n", f"{ev}.failures"]
+        if self.baseline is not None and paired:
+            cols.append("baseline")
+            cols += [f"{q}.{stat}" for q in self.paired_columns() for stat in PAIRED_STATS]
         return cols
+
+    def paired_columns(self) -> list[str]:
+        """The quantities compared with the baseline: the answer's length, then every score column."""
+        return [LENGTH] + [f"{e}.{s}" for e, s in self.score_columns]
 
     def values(self, row: RunRow) -> dict[str, Any]:
         """Raw values of one row by column (scores: the mean; ``.lo``/``.hi`` for the interval)."""
@@ -134,13 +164,24 @@ class Report:
                 out[f"{ev.evaluator}.{name}.hi"] = stat.hi
             out[f"{ev.evaluator}.n"] = ev.scored
             out[f"{ev.evaluator}.failures"] = ev.failures
+        if self.baseline is not None:
+            out["baseline"] = self.baseline
+            for column, stat in self.paired.get(row.name, {}).items():
+                out[f"{column}.vs_baseline"] = stat.diff
+                out[f"{column}.vs_baseline.lo"] = stat.lo
+                out[f"{column}.vs_baseline.hi"] = stat.hi
+                out[f"{column}.wins"] = stat.wins
+                out[f"{column}.ties"] = stat.ties
+                out[f"{column}.losses"] = stat.losses
+                out[f"{column}.p"] = stat.p
         return out
 
     def markdown(self) -> str:
-        """The table as padded Markdown (readable in a terminal, pasteable in a document)."""
-        header = self.columns()
+        """The table as padded Markdown (readable in a terminal, pasteable in a document); the paired table after it."""
+        header = self.columns(paired=False)
         decimals = {c: d for c, _, _, d in METRIC_COLUMNS}
         body = []
+        flagged = []
         for row in self.rows:
             v = self.values(row)
             cells = []
@@ -149,6 +190,9 @@ class Report:
                     cells.append(f"{v['records']}/{v['records_total']}")
                 elif col == "records_total":
                     continue
+                elif col == "budget_hit_share" and v[col] is not None and v[col] > BUDGET_FLAG:
+                    cells.append(f"{v[col]:.2f} (!)")
+                    flagged.append(row.name)
                 elif col in decimals:
                     cells.append(_num(v[col], decimals[col]))
                 elif f"{col}.lo" in v:
@@ -157,14 +201,50 @@ class Report:
                     cells.append(_cell(v.get(col)))
             body.append(cells)
         header = [c for c in header if c != "records_total"]
-        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-        lines = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        lines += [line(cells) for cells in body]
+        lines = _table(header, body)
+        if flagged:
+            lines.append("")
+            lines.append(
+                f"(!) more than {BUDGET_FLAG:.0%} of the answers were ended by a token budget in: {', '.join(flagged)}; "
+                "their scores compare cut answers with whole ones (raise the budget, or compare with care)"
+            )
+        if self.baseline is not None:
+            lines.append("")
+            lines += self.paired_markdown()
         if self.missing:
             lines.append("")
             lines.append("not started yet: " + ", ".join(self.missing))
         return "\n".join(lines)
+
+    def paired_markdown(self) -> list[str]:
+        """Lines of the table of every run against the baseline, one row per run and quantity."""
+        body = []
+        for row in self.rows:
+            for column, stat in self.paired.get(row.name, {}).items():
+                body.append([
+                    row.name, column, str(stat.n),
+                    f"{stat.diff:+.2f} [{stat.lo:+.2f}, {stat.hi:+.2f}]",
+                    f"{stat.wins}/{stat.ties}/{stat.losses}",
+                    _p(stat.p),
+                ])
+        title = (
+            f"against baseline {self.baseline!r}, record by record (mean difference, paired 95 % bootstrap interval; "
+            "Wilcoxon signed-rank p):"
+        )
+        if not body:
+            return [title, "(no other run shares records with the baseline)"]
+        header = ["run", "quantity", "n", "difference [95% CI]", "win/tie/loss", "p"]
+        return [title, *_table(header, body)]
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(cells) for cells in body)]
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
 def _num(value: Any, decimals: int) -> str:
@@ -198,7 +278,7 @@ def expand_dirs(dirs: list[str | Path]) -> tuple[list[tuple[str, Path]], list[st
             try:
                 sweep = json.loads((p / rundir.SWEEP_MANIFEST).read_text(encoding="utf-8"))
                 subs = [s["dir"] for s in sweep["runs"]]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
                 raise InputError(f"{p / rundir.SWEEP_MANIFEST}: not a sweep manifest; the sweep directory is damaged") from None
             for sub in subs:
                 if (p / sub / rundir.MANIFEST).is_file():
@@ -243,8 +323,8 @@ def read_scores(directory: Path, ids: set[str]) -> list[EvaluatorScores]:
     return out
 
 
-def build_report(dirs: list[str | Path]) -> Report:
-    """Read every run the arguments name."""
+def build_report(dirs: list[str | Path], baseline: str | None = None) -> Report:
+    """Read every run the arguments name; with ``baseline`` (a run's name), compare every other run with it."""
     runs, missing = expand_dirs(dirs)
     rows = []
     names: dict[str, int] = {}
@@ -258,7 +338,35 @@ def build_report(dirs: list[str | Path]) -> Report:
         names[name] = 1
         total = (manifest.get("data") or {}).get("records") or len(docs)
         rows.append(RunRow(name, path, manifest, run_metrics(docs, float(rate)), int(total), read_scores(path, ids)))
-    return Report(rows, missing)
+    report = Report(rows, missing)
+    if baseline is not None:
+        compare_with(report, baseline)
+    return report
+
+
+def compare_with(report: Report, baseline: str) -> None:
+    """Fill ``report.paired``: every run against the run named ``baseline``, over the records both have."""
+    names = [row.name for row in report.rows]
+    if baseline not in names:
+        raise ConfigError(f"--baseline {baseline!r} is not a run of this report; its runs: {', '.join(names) or '(none)'}")
+    report.baseline = baseline
+    base = report.rows[names.index(baseline)]
+    base_scores = {ev.evaluator: ev.by_record for ev in base.evaluators}
+    for row in report.rows:
+        if row is base:
+            continue
+        out: dict[str, Paired] = {}
+        lengths = base.metrics.spoken_by_record
+        shared = [rid for rid in row.metrics.spoken_by_record if rid in lengths]
+        if shared:
+            out[LENGTH] = paired([row.metrics.spoken_by_record[r] for r in shared], [lengths[r] for r in shared])
+        for ev in row.evaluators:
+            theirs = base_scores.get(ev.evaluator, {})
+            for name in ev.scores:
+                ids = [r for r, s in ev.by_record.items() if name in s and name in theirs.get(r, {})]
+                if ids:
+                    out[f"{ev.evaluator}.{name}"] = paired([ev.by_record[r][name] for r in ids], [theirs[r][name] for r in ids])
+        report.paired[row.name] = out
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -353,5 +461,5 @@ def write_plot(report: Report, path: str | Path, x: str, y: str) -> None:
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-__all__ = ["Report", "RunRow", "build_report", "expand_dirs", "read_results", "read_scores", "write_csv",
+__all__ = ["Report", "RunRow", "build_report", "compare_with", "PAIRED_STATS", "expand_dirs", "read_results", "read_scores", "write_csv",
            "write_plot", "plot_series", "METRIC_COLUMNS"]

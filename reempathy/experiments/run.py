@@ -1,16 +1,17 @@
 """``reempathy run``: decode every record of a test set into a resumable run directory.
 
-The path: read and check the records → load the backbone (with its checkpoint) → check the
-records against it → (rank 0) claim the directory: write the manifest, consolidate what an
-earlier attempt left → every rank takes its share of the records not yet done → each row gets
-its own strategy and processor objects from the registered factories and its own seed →
-:func:`reempathy.decoding.batch.decode_batch` → each finished row is appended to the rank's
-file as one whole line → (rank 0) merge the shards in record order, finish the manifest.
+A job on the one driver (:func:`reempathy.jobs.driver.run_job`) with a run directory as its
+store (:class:`reempathy.jobs.rundir.RunStore`). What this module adds: read the records →
+(build) load the backbone with its checkpoint and check the records against it → (work) each
+row gets its own strategy and processor objects from the registered factories and its own seed
+→ :func:`reempathy.decoding.batch.decode_batch` → each finished row is one line of the
+directory's results. The driver claims the directory, shares the records among processes,
+appends, merges and finishes the manifest.
 
 Where it decides:
 
 - **resuming**: a record is done when its line is in results.jsonl; nothing else is trusted
-  (:mod:`reempathy.experiments.rundir` says how a crash is survived). ``--limit N`` decodes
+  (:mod:`reempathy.jobs.rundir` says how a crash is survived). ``--limit N`` decodes
   only the first N records of the file, so a later run with a larger limit continues.
 - **a directory of another run**: the resolved config, the checkpoint and the data file's hash
   must match the manifest's; otherwise the run is refused before anything is written, unless
@@ -28,24 +29,23 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import re
-import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from reempathy.backbones.base import Backbone, PromptInputs
-from reempathy.checkpoints import now_iso, read_manifest
+from reempathy.checkpoints import read_manifest
 from reempathy.config import DecodeConfig
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.decoding.result import DecodeResult
-from reempathy.errors import ConfigError, InputError, ReempathyError
-from reempathy.experiments import rundir
-from reempathy.experiments.records import DataSet, RunRecord, check_records, prompt_inputs, read_records
-from reempathy.experiments.shard import Group, process_group
-from reempathy.runner import build_plugins, load_backbone, loop_options
+from reempathy.errors import ConfigError
+from reempathy.jobs import rundir
+from reempathy.data.testset import DataSet, RunRecord, check_records, prompt_inputs, read_records
+from reempathy.jobs.driver import Job, Outcome, run_job
+from reempathy.jobs.shard import Group, process_group
+from reempathy.runner import build_plugins, load_backbone, loop_options, run_config
 
 VERSIONED = ("reempathy", "torch", "transformers", "peft", "accelerate", "numpy", "pluggy", "pydantic")
 
@@ -117,127 +117,57 @@ def run_experiment(
         raise ConfigError(f"--limit must be at least 1, got {opts.limit}")
     cfg = run_config(cfg)
     options = loop_options(cfg)
-    data = read_records(opts.data)
     out = rundir.check_out_dir(opts.out, "run")
+    rundir.check_data_outside(opts.data, out)
+    data = read_records(opts.data)
     manifest = new_manifest(cfg, data, opts.settings)
-    old = rundir.read_run_manifest(out) if out.is_dir() else None
-    if old is not None and not opts.force:
-        rundir.check_same_run(out, old, manifest)
-    if old is None and not opts.force and ((out / rundir.RESULTS).exists() or (out / rundir.SHARDS).exists()):
-        raise ConfigError(
-            f"{str(out)!r} holds results but no {rundir.MANIFEST}, so nothing says which config made them; "
-            "use another --out, or --force to discard them"
-        )
-    backbone = backbone or load_backbone(cfg, registry)
-    if opts.speech and backbone.speech_decoder is None:
-        raise ConfigError(
-            f"--speech needs a speech decoder, and backbone {backbone.name!r} has none; use glm-4-voice with "
-            "backbone.decoder_path = the glm-4-voice-decoder directory, or leave out --speech"
-        )
-    ready = check_records(data, backbone, cfg.decode.system_prompt)
-    # decode_batch checks its options when called (and starts nothing until iterated): refuse
-    # settings the batched loop cannot run before the directory is touched.
-    decode_batch(backbone, (), options, opts.batch_size)
-    manifest["backbone"] = {"name": backbone.name, "audio_rate_hz": backbone.stream.audio_rate_hz,
-                            "device": str(backbone.model.device), "dtype": str(backbone.model.dtype)}
     manifest["processes"] = group.size
     selected = data.records[: opts.limit] if opts.limit else data.records
+    loaded: dict[str, Any] = {}
 
-    # Rank 0 claims the directory; the others wait for it, and fail with it if it fails.
-    error = None
-    if group.main:
-        try:
-            claim(out, manifest, old, opts.force)
-        except (ReempathyError, OSError) as exc:
-            error = _error_report(exc)
-    error = group.broadcast(error)
-    if error is not None:
-        raise _reraise(error)
+    def build() -> Backbone:
+        """The backbone and the records checked against it — before the directory is touched."""
+        model = backbone or load_backbone(cfg, registry)
+        if opts.speech and model.speech_decoder is None:
+            raise ConfigError(
+                f"--speech needs a speech decoder, and backbone {model.name!r} has none; use glm-4-voice with "
+                "backbone.decoder_path = the glm-4-voice-decoder directory, or leave out --speech"
+            )
+        loaded["ready"] = check_records(data, model, cfg.decode.system_prompt)
+        # decode_batch checks its options when called (and starts nothing until iterated).
+        decode_batch(model, (), options, opts.batch_size)
+        manifest["backbone"] = {"name": model.name, "audio_rate_hz": model.stream.audio_rate_hz,
+                                "device": str(model.model.device), "dtype": str(model.model.dtype)}
+        return model
 
-    decode_started = time.perf_counter()
-    done = rundir.done_ids(out)
-    todo = [r for r in selected if r.id not in done]
-    mine = group.share(todo)
-    sink_path = out / rundir.RESULTS if group.size == 1 else rundir.shard_path(out, group.rank)
-    failure: dict[str, Any] | None = None
-    counts: Counter = Counter()
-    tokens = 0
-    try:
-        with rundir.LineAppender(sink_path) as sink:
-            bar = _progress_bar(len(mine), opts.progress if group.main else False, group)
-            t0 = time.perf_counter()
-            try:
-                requests = _requests(mine, cfg, registry, backbone, ready)
-                for record, result in _decode(backbone, mine, requests, options, opts.batch_size):
-                    wav = write_speech(out, record, result, backbone) if opts.speech else None
-                    sink.append(record_json(record, result, wav))
-                    counts[result.stop_reason] += 1
-                    tokens += result.counts.generated
-                    bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
-                    bar.update(1)
-            finally:
-                bar.close()
-    except ReempathyError as exc:
-        if group.size == 1:
-            raise
-        failure = _error_report(exc)  # told to every rank below, so none waits for this one forever
+    def work(model: Backbone, mine: list[RunRecord]) -> Iterator[Outcome]:
+        requests = _requests(mine, cfg, registry, model, loaded["ready"])
+        for record, result in _decode(model, mine, requests, options, opts.batch_size):
+            wav = write_speech(out, record, result, model) if opts.speech else None
+            yield Outcome(record.id, record_json(record, result, wav),
+                          tally={f"stop:{result.stop_reason}": 1, "tokens": result.counts.generated})
 
-    # Every rank meets here, failed or not; rank 0 merges what was written either way.
-    reports = group.gather({"rank": group.rank, "error": failure, "decoded": sum(counts.values()),
-                            "tokens": tokens, "stops": dict(counts)})
-    total_stops: Counter = Counter()
-    for rep in reports:
-        total_stops.update(rep["stops"])
-    decoded = sum(rep["decoded"] for rep in reports)
-    complete = False
-    if group.main:
-        docs = rundir.consolidate(out)
-        complete = len(docs) == len(data.records)
-        finish(out, complete)
-    complete = group.broadcast(complete)
-    failed = [rep for rep in reports if rep["error"] is not None]
-    if failed:
-        first = failed[0]
-        raise _reraise(dict(first["error"], message=f"rank {first['rank']} of {group.size} failed: {first['error']['message']}"))
+    job = Job("run", "rec", selected, key=lambda r: r.id, store=rundir.RunStore(out, manifest, len(data.records)),
+              build=build, work=work, postfix=lambda tally, s: f"{tally['tokens'] / max(s, 1e-9):.0f} tok/s")
+    report = run_job(job, force=opts.force, progress=opts.progress, group=group)
     summary = RunSummary(
         out=out,
         records=len(data.records),
         selected=len(selected),
-        already_done=len(selected) - len(todo),
-        decoded=decoded,
+        already_done=report.already_done,
+        decoded=report.processed,
         processes=group.size,
-        seconds=time.perf_counter() - decode_started,
-        generated_tokens=sum(rep["tokens"] for rep in reports),
-        stop_reasons=dict(total_stops),
-        complete=complete,
+        seconds=report.seconds,
+        generated_tokens=int(report.tally["tokens"]),
+        stop_reasons={k.split(":", 1)[1]: int(v) for k, v in report.tally.items() if k.startswith("stop:")},
+        complete=report.complete,
     )
     if group.main and say is not None:
         say(summary.line())
     return summary
 
 
-def _error_report(exc: BaseException) -> dict[str, Any]:
-    """An error as it travels between ranks: its message and the exit status it stands for."""
-    if isinstance(exc, ReempathyError):
-        return {"message": str(exc), "exit_code": exc.exit_code}
-    return {"message": f"{type(exc).__name__}: {exc}", "exit_code": 2}
-
-
-def _reraise(report: dict[str, Any]) -> ReempathyError:
-    error = ReempathyError(report["message"])
-    error.exit_code = report["exit_code"]
-    return error
-
-
 # --- the directory -----------------------------------------------------------------------
-
-
-def run_config(cfg: DecodeConfig) -> DecodeConfig:
-    """``cfg`` as a run uses it: ``[decode] prompt``/``units`` cleared, since the records are the prompts."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.decode.prompt = None
-    cfg.decode.units = None
-    return cfg
 
 
 def new_manifest(cfg: DecodeConfig, data: DataSet, settings: dict[str, Any]) -> dict[str, Any]:
@@ -276,35 +206,6 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def claim(out: Path, manifest: dict[str, Any], old: dict[str, Any] | None, force: bool) -> None:
-    """Rank 0, before any decoding: clear (``--force``), write the manifest, consolidate an earlier attempt."""
-    out.mkdir(parents=True, exist_ok=True)
-    if force:
-        rundir.clear_run(out)
-        old = None
-    history = list(old.get("history", [])) if old else []
-    history.append({"started": now_iso(), "finished": None, "processes": manifest.get("processes", 1),
-                    "command": " ".join(sys.argv[1:]) or None})
-    manifest["started"] = old.get("started") if old and old.get("started") else history[-1]["started"]
-    manifest["finished"] = None
-    manifest["history"] = history
-    rundir.write_json_atomic(out / rundir.MANIFEST, manifest)
-    rundir.consolidate(out)
-
-
-def finish(out: Path, complete: bool) -> None:
-    """Rank 0, after the merge: close this attempt in the history; ``finished`` once every record is done."""
-    path = out / rundir.MANIFEST
-    manifest = rundir.read_run_manifest(out)
-    if manifest is None:
-        raise InputError(f"{path}: disappeared while the run was going on")
-    now = now_iso()
-    if manifest.get("history"):
-        manifest["history"][-1]["finished"] = now
-    manifest["finished"] = now if complete else None
-    rundir.write_json_atomic(path, manifest)
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -383,14 +284,6 @@ def write_speech(out: Path, record: RunRecord, result: DecodeResult, backbone: B
     result.extra["speech"] = {"synthesis_s": time.perf_counter() - started, "audio_s": wave.shape[0] / decoder.sample_rate,
                               "sample_rate": decoder.sample_rate, "seed": DEFAULT_SEED}
     return rel
-
-
-def _progress_bar(total: int, enabled: bool | None, group: Group) -> Any:
-    from tqdm.auto import tqdm
-
-    desc = "run" if group.size == 1 else f"run (rank 0 of {group.size})"
-    disable = None if enabled is None else not enabled
-    return tqdm(total=total, unit="rec", desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr)
 
 
 __all__ = ["RunOptions", "RunSummary", "run_experiment", "run_config", "record_json", "new_manifest", "versions", "wav_name"]

@@ -15,6 +15,25 @@ Sub-runs are ``runs × grid`` (either may be missing, not both); ``--grid KEY=V1
 replaces a grid key. Each sub-run is a run directory ``DIR/<name>``; ``DIR/sweep.json`` lists
 them (``reempathy report DIR`` expands it).
 
+A sweep may also say how its checkpoints are made, so that a comparison that needs one model
+per setting (the paper's chunk sizes) is one command::
+
+    [sweep.train]                          # checkpoint key -> its training config (+ overrides)
+    sft = "configs/train-sft.toml"
+    "3+6" = { config = "configs/train-reempathy.toml", set = { "strategy.text_tokens" = 3, "strategy.audio_tokens" = 6 } }
+
+    [[sweep.runs]]
+    name = "3+6"
+    checkpoint = "3+6"                     # or inline: train = { config = …, set = … }
+
+A key whose checkpoint directory holds no finished checkpoint is trained first (``reempathy
+train`` with ``resume = true``, so a killed training continues), once however many runs use it,
+into ``--checkpoints DIR/<key>``, else ``[sweep.checkpoints]``'s directory, else
+``OUT/checkpoints/<key>``. When the sweep file has a ``[backbone]`` table, every training uses
+that backbone (its name and options replace the training config's), so the trained rows and the
+untuned row (a run with no checkpoint) share one base. ``--checkpoints demo`` makes the demo's
+base model that backbone when the file names ``tiny`` without a ``path`` (or no backbone).
+
 Where it decides:
 
 - **merging** (:func:`merge_config`): a run's tables are laid over the base key by key; a list
@@ -26,7 +45,9 @@ Where it decides:
   then the grid's ``k=v``; characters unsafe in a file name become ``_``.
 - **checking**: every sub-run's config is built and validated against the registry, the data
   file read and every existing sub-run directory's identity checked *before* anything runs or
-  is written; an error names the ``--grid`` value or the run it comes from.
+  is written; an error names the ``--grid`` value or the run it comes from. A sub-run whose
+  checkpoint is still to be trained is checked through its training config (read and validated
+  at plan time, an error naming ``sweep.train.<key>``) and built once it is trained.
 - **loading the backbone once** (:func:`run_sweep`): sub-runs are grouped by backbone and
   checkpoint, and the backbone is reused while only strategy, processor, sampling or decode
   settings change. When the checkpoint changes, the backbone is *reloaded*, not unmerged:
@@ -46,6 +67,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,14 +75,16 @@ from typing import Any, Callable
 
 from reempathy.checkpoints import now_iso
 from reempathy.config import DecodeConfig, apply_overrides, load_config, parse_override, read_toml
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import CheckpointError, ConfigError, InputError, ReempathyError
-from reempathy.experiments import rundir
-from reempathy.experiments.records import read_records
+from reempathy.jobs import rundir
+from reempathy.jobs.identity import flatten
+from reempathy.data.testset import read_records
 from reempathy.experiments.run import RunOptions, RunSummary, new_manifest, run_experiment
-from reempathy.experiments.shard import Group, process_group
+from reempathy.jobs.shard import Group, process_group
 
-SWEEP_KEYS = ("runs", "grid", "checkpoints")
+SWEEP_KEYS = ("runs", "grid", "checkpoints", "train")
+TRAIN_KEYS = ("config", "set")
 DEMO = "demo"
 _PLUGIN_TABLES = ("strategy", "backbone")
 
@@ -80,12 +104,35 @@ class SubRun:
 
 
 @dataclass
+class TrainSpec:
+    """How checkpoint ``key`` is made: a training config, overrides of it, and where the checkpoint goes."""
+
+    key: str
+    config: str
+    overrides: list[str]
+    directory: Path
+    origin: str  # for messages: sweep.train.<key> or the run that names it
+
+    def trained(self) -> bool:
+        """True when the directory holds a finished checkpoint (a manifest that reads)."""
+        from reempathy.checkpoints import read_manifest
+
+        try:
+            read_manifest(self.directory)
+        except ReempathyError:
+            return False
+        return True
+
+
+@dataclass
 class SweepPlan:
-    """The sub-runs of a sweep, in the order they will run."""
+    """The sub-runs of a sweep, in the order they will run, and the checkpoints to train first."""
 
     source: str
     grid: dict[str, list[Any]]
     runs: list[SubRun] = field(default_factory=list)
+    train: dict[str, TrainSpec] = field(default_factory=dict)
+    backbone: list[str] = field(default_factory=list)  # overrides every training takes (the sweep's [backbone])
 
 
 # --- reading the sweep --------------------------------------------------------------------
@@ -138,10 +185,17 @@ def plan_sweep(
     overrides: list[str] | None = None,
     checkpoints: str | None = None,
     registry: Registry | None = None,
+    out: str | Path | None = None,
+    data: dict[str, Any] | None = None,
 ) -> SweepPlan:
-    """Read a sweep (or plain decode) config, expand its runs × grid, and (with ``registry``) validate each sub-run."""
-    data = apply_overrides(read_toml(config), list(overrides or []))
+    """Read a sweep (or plain decode) config, expand its runs × grid, and (with ``registry``) validate each sub-run.
+
+    ``out`` is the sweep's directory (where checkpoints to train go by default); ``data``, when
+    given, is the sweep file's content already read (``config`` then only names it).
+    """
+    data = apply_overrides(copy.deepcopy(data) if data is not None else read_toml(config), list(overrides or []))
     where = f"config file {str(config)!r}"
+    data.pop("study", None)  # a study file is a sweep file with a [study] table (reempathy study)
     sweep = data.pop("sweep", {})
     if not isinstance(sweep, dict):
         raise ConfigError(f"{where}: sweep must be a table ([sweep])")
@@ -161,24 +215,40 @@ def plan_sweep(
     if not runs and not grid:
         raise ConfigError(f"{where}: nothing to sweep; give --grid KEY=V1,V2,… or [[sweep.runs]] tables")
     ckpt_dir = resolve_checkpoints_dir(checkpoints)
+    if checkpoints == DEMO:
+        data = _with_demo_base(data, ckpt_dir)  # type: ignore[arg-type]
 
     plan = SweepPlan(source=str(config), grid=grid)
+    train_table = sweep.get("train", {})
+    if not isinstance(train_table, dict):
+        raise ConfigError(f"{where}: sweep.train must map checkpoint keys to training configs ([sweep.train])")
+    for key, value in train_table.items():
+        _add_train(plan, key, value, f"sweep.train.{key}", where, ckpt_dir, table, out)
+    if isinstance(data.get("backbone"), dict):
+        plan.backbone = _backbone_overrides(data["backbone"])
     names: dict[str, str] = {}
     for i, run in enumerate(runs or [{}], start=1):
         run = dict(run)
         label = run.pop("name", None)
         key = run.pop("checkpoint", None)
+        train_value = run.pop("train", None)
         if label is not None and (not isinstance(label, str) or not label.strip()):
             raise ConfigError(f"{where}: sweep.runs[{i}].name must be a non-empty string")
         if key is not None and not isinstance(key, str):
             raise ConfigError(f"{where}: sweep.runs[{i}].checkpoint must be a string (a checkpoint key or directory)")
-        run_settings = _flatten(run)
+        if train_value is not None:
+            if key is None and label is None:
+                raise ConfigError(f"{where}: sweep.runs[{i}] trains a checkpoint (train = …): give it a name or a checkpoint key")
+            key = key if key is not None else label
+            _add_train(plan, key, train_value, f"sweep.runs[{i}].train", where, ckpt_dir, table, out)
+        run_settings = flatten(run) if run else {}
         if key is not None:
             run_settings = {"checkpoint": key, **run_settings}
             run.setdefault("decode", {})
             if not isinstance(run["decode"], dict):
                 raise ConfigError(f"{where}: sweep.runs[{i}].decode must be a table")
-            run["decode"]["checkpoint"] = _checkpoint_path(key, ckpt_dir, table)
+            spec = plan.train.get(key)
+            run["decode"]["checkpoint"] = str(spec.directory) if spec else _checkpoint_path(key, ckpt_dir, table)
         run_name = label or (sub_run_name(run_settings) if runs else "")
         origin = f"sweep run {label or run_name or str(i)!r}" if runs else f"the base config {str(config)!r}"
         merged = merge_config(data, run)
@@ -193,8 +263,105 @@ def plan_sweep(
             plan.runs.append(SubRun(name, {**run_settings, **point}, sub, merged, point, origin, key))
     if registry is not None:
         for sub in plan.runs:
-            sub.cfg = build_config(sub, registry)
+            if not pending(plan, sub):
+                sub.cfg = build_config(sub, registry)
     return plan
+
+
+def pending(plan: SweepPlan, sub: SubRun) -> bool:
+    """True when ``sub``'s checkpoint is still to be trained (its config can be built only afterwards)."""
+    spec = plan.train.get(sub.checkpoint_key) if sub.checkpoint_key is not None else None
+    return spec is not None and not spec.trained()
+
+
+def _add_train(
+    plan: SweepPlan, key: Any, value: Any, origin: str, where: str, ckpt_dir: Path | None,
+    table: dict[str, str], out: str | Path | None,
+) -> None:
+    """Read one training spec (``"FILE"`` or ``{config = FILE, set = {KEY = VALUE}}``) and check its config now."""
+    from reempathy.training.config import load_train_config
+
+    if not isinstance(key, str) or not key.strip():
+        raise ConfigError(f"{where}: {origin}: a checkpoint key must be a non-empty string")
+    if isinstance(value, str):
+        value = {"config": value}
+    if not isinstance(value, dict) or not isinstance(value.get("config"), str) or not value["config"]:
+        raise ConfigError(
+            f"{where}: {origin} must be a training config file, or a table {{ config = FILE, set = {{ KEY = VALUE }} }}"
+        )
+    unknown = [k for k in value if k not in TRAIN_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: {origin}: unknown key {unknown[0]!r}; valid keys: {', '.join(TRAIN_KEYS)}")
+    sets = value.get("set", {})
+    if not isinstance(sets, dict):
+        raise ConfigError(f"{where}: {origin}.set must be a table of training config keys, e.g. {{ \"train.max_steps\" = 40 }}")
+    overrides = [f"{k}={toml_value(v, f'{origin}.set.{k}')}" for k, v in sets.items()]
+    if ckpt_dir is not None or key in table:
+        directory = Path(_checkpoint_path(key, ckpt_dir, table))
+    else:
+        directory = Path(out if out is not None else ".") / "checkpoints" / safe_name(key)
+    spec = TrainSpec(key, value["config"], overrides, directory, origin)
+    known = plan.train.get(key)
+    if known is not None:
+        if (known.config, known.overrides) != (spec.config, spec.overrides):
+            raise ConfigError(f"{where}: checkpoint key {key!r} is trained two ways ({known.origin} and {origin}); give one")
+        return
+    if not spec.trained():  # a config is read only when it is to be used: a finished checkpoint needs none
+        try:
+            load_train_config(spec.config, spec.overrides)
+        except ReempathyError as exc:
+            raise ConfigError(f"{where}: {origin}: {exc}") from None
+    plan.train[key] = spec
+
+
+def _backbone_overrides(table: dict[str, Any]) -> list[str]:
+    """The sweep's ``[backbone]`` as training-config overrides (``name`` first, so another backbone's options go)."""
+    keys = sorted(table, key=lambda k: k != "name")
+    return [f"backbone.{_plain_key(k, 'backbone')}={toml_value(table[k], f'backbone.{k}')}" for k in keys]
+
+
+def _with_demo_base(data: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+    """``--checkpoints demo``: the demo's base model as the sweep's backbone, when the file leaves it to tiny's default."""
+    base = ckpt_dir / "base"
+    backbone = data.get("backbone")
+    if not (base / "config.json").is_file():
+        return data
+    if backbone is None or (isinstance(backbone, dict) and backbone.get("name", "tiny") == "tiny" and "path" not in backbone):
+        data = dict(data)
+        data["backbone"] = {**(backbone or {}), "name": "tiny", "path": str(base.resolve())}
+    return data
+
+
+def train_missing(plan: SweepPlan, say: Callable[[str], None] | None = None, progress: bool = True) -> list[str]:
+    """Train every checkpoint of ``plan.train`` some run needs and whose directory holds no finished one; their keys.
+
+    Each training is ``reempathy train`` of its config with its overrides, the sweep's backbone,
+    ``output_dir`` the checkpoint's directory and ``resume = true`` (a killed training goes on
+    from its last save). A failure is a ``ConfigError`` naming the key; what trained before stands.
+    """
+    from reempathy.training.config import load_train_config
+    from reempathy.training.train import train
+
+    needed = {sub.checkpoint_key for sub in plan.runs}
+    trained = []
+    for key, spec in plan.train.items():
+        if key not in needed or spec.trained():
+            continue
+        overrides = [*spec.overrides, *plan.backbone,
+                     f"train.output_dir={json.dumps(str(spec.directory))}", "train.resume=true", "train.overwrite=false"]
+        if say is not None:
+            say(f"training checkpoint {key!r} ({spec.config}) into {spec.directory}")
+        try:
+            cfg = load_train_config(spec.config, overrides)
+            result = train(cfg, progress=progress)
+        except ReempathyError as exc:
+            error = ConfigError(f"{spec.origin}: training checkpoint {key!r} failed: {exc}")
+            error.exit_code = exc.exit_code
+            raise error from None
+        if say is not None and result.losses:
+            say(f"  {key}: {result.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+        trained.append(key)
+    return trained
 
 
 def resolve_checkpoints_dir(value: str | None) -> Path | None:
@@ -384,15 +551,6 @@ def _toml(value: Any, key: str) -> str:
     raise ConfigError(f"config key {key!r}: value {value!r} ({type(value).__name__}) has no TOML form")
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value} if prefix else {}
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -436,16 +594,20 @@ def run_sweep(
     from reempathy.runner import load_backbone
 
     group = group or process_group()
+    out = rundir.check_out_dir(opts.out, "sweep")
+    data = read_records(opts.data)
+    _check_sub_runs(plan, out, data, opts.force)  # those that can be checked now: before any training
+    if any(pending(plan, sub) for sub in plan.runs):
+        if group.size > 1:
+            raise ConfigError(
+                "this sweep has checkpoints to train first; train them in one process (run the sweep once without "
+                "torchrun, or `reempathy train` each), then decode with many"
+            )
+        train_missing(plan, say, progress=opts.progress if opts.progress is not None else sys.stderr.isatty())
     for sub in plan.runs:
         if sub.cfg is None:
             sub.cfg = build_config(sub, registry)
-    out = rundir.check_out_dir(opts.out, "sweep")
-    data = read_records(opts.data)
-    if not opts.force:  # refuse another config's directory before any sub-run starts
-        for sub in plan.runs:
-            old = rundir.read_run_manifest(out / sub.name) if (out / sub.name).is_dir() else None
-            if old is not None:
-                rundir.check_same_run(out / sub.name, old, new_manifest(sub.cfg, data, sub.settings))
+    _check_sub_runs(plan, out, data, opts.force)
     order: dict[str, int] = {}
     runs = sorted(plan.runs, key=lambda s: order.setdefault(_load_key(s.cfg), len(order)))
     if group.main:
@@ -470,6 +632,18 @@ def run_sweep(
         if say is not None:
             say(f"sweep {out}: {len(runs)} runs; report: reempathy report {out}")
     return summaries
+
+
+def _check_sub_runs(plan: SweepPlan, out: Path, data: Any, force: bool) -> None:
+    """Refuse a sub-run directory made by another config before any sub-run starts (``--force`` discards it)."""
+    if force:
+        return
+    for sub in plan.runs:
+        if sub.cfg is None:
+            continue
+        old = rundir.read_run_manifest(out / sub.name) if (out / sub.name).is_dir() else None
+        if old is not None:
+            rundir.check_same_run(out / sub.name, old, new_manifest(sub.cfg, data, sub.settings))
 
 
 def _empty_cuda_cache() -> None:
@@ -504,6 +678,9 @@ def write_sweep_manifest(out: Path, plan: SweepPlan, opts: RunOptions, finished:
 __all__ = [
     "SubRun",
     "SweepPlan",
+    "TrainSpec",
+    "train_missing",
+    "pending",
     "plan_sweep",
     "run_sweep",
     "parse_grid",

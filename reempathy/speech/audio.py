@@ -85,7 +85,11 @@ def read_wav(path: str | Path, max_seconds: float | None = None) -> Audio:
         raise InputError(f"audio file {name!r} is a directory; pass a WAV file")
     if kind not in ("file", "fifo"):
         raise InputError(f"audio file {name!r} is {describe_kind(kind)}; pass a WAV file")
-    data = _read_capped(p, name)
+    return parse_wav(_read_capped(p, name), name, max_seconds)
+
+
+def parse_wav(data: bytes, name: str, max_seconds: float | None = None) -> Audio:
+    """The samples of a WAV file's bytes (``name`` is what the errors call it), checked as :func:`read_wav` checks them."""
     if not data:
         raise InputError(f"audio file {name!r} is empty (0 bytes); pass a WAV file with speech")
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
@@ -93,7 +97,7 @@ def read_wav(path: str | Path, max_seconds: float | None = None) -> Audio:
         if kind_name:
             raise InputError(
                 f"audio file {name!r} is {kind_name} audio; only WAV is read: convert it, e.g. "
-                f"`ffmpeg -i {p.name} {p.stem}.wav`"
+                f"`ffmpeg -i {Path(name).name} {Path(name).stem}.wav`"
             )
         raise InputError(f"audio file {name!r} is not a WAV file (no RIFF/WAVE header); pass a WAV recording")
     fmt, payload = _chunks(data, name)

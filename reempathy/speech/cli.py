@@ -40,15 +40,17 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_synthesize(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from reempathy.runner import read_units
-    from reempathy.safe_write import check_output_file, write_bytes
+    from reempathy.speech.units import read_units
+    from reempathy.safe_write import check_not_input, check_output_file, write_bytes
     from reempathy.speech.audio import write_wav
     from reempathy.speech.decoder import load_speech_decoder
 
     units = read_units(args.units)
     check_output_file(args.out, "--out")  # every output is checked before the synthesis work
+    check_not_input(args.out, "--out", [("--units", args.units)])
     if args.save_mel:
         check_output_file(args.save_mel, "--save-mel")
+        check_not_input(args.save_mel, "--save-mel", [("--units", args.units), ("--out", args.out)])
     decoder = load_speech_decoder(args.decoder, device=args.device)
     out = decoder.synthesize_full(units, seed=args.seed)
     write_wav(args.out, out.waveform, decoder.sample_rate, float32=args.float)

@@ -43,15 +43,15 @@ from reempathy.backbones.base import (
     THOUGHT_CLOSE,
     THOUGHT_OPEN,
     Backbone,
-    Turn,
 )
 from reempathy.decoding.spans import CONTROL, PROMPT, SPOKEN_AUDIO, SPOKEN_TEXT
 from reempathy.errors import InputError
 from reempathy.options import STRICT
-from reempathy.plugins.strategies.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
-from reempathy.training.data import BadRecord, RecordSet, SourcedRecord, bad_records_message
+from reempathy.decoding.chunking import DEFAULT_AUDIO_TOKENS, ChunkLayout, layout_for_stream, split_spoken
+from reempathy.data.dialogue import prompt_turn, split_record
+from reempathy.data.records import BadRecord, RecordSet, SourcedRecord, bad_records_message
 from reempathy.training.reflections import fit_to_length, reflection_texts, space_token
-from reempathy.training.schema import Answer, Message
+from reempathy.data.schema import Answer, Message
 
 IGNORE_INDEX = -100
 REFLECTION = "reflection"
@@ -152,27 +152,6 @@ def encode_text(backbone: Backbone, text: str, where: str, what: str) -> list[in
     if any(not backbone.layout.is_text(i) for i in ids):
         raise InputError(f"{where}: the {what} contains special-token text such as '<|...|>'; remove it")
     return ids
-
-
-def prompt_turn(message: Message, hears_units: bool = True) -> Turn:
-    """A message as a prompt turn: a user turn is heard as its units when it has them (and the backbone
-    has audio-unit tokens), else read as its text."""
-    if message.role == "user" and message.units and (hears_units or not message.text):
-        return Turn("user", units=list(message.units))
-    if not hears_units:
-        return Turn(message.role, text=message.text)
-    return Turn(message.role, text=message.text, units=list(message.units) if message.units else None)
-
-
-def split_record(sr: SourcedRecord) -> tuple[list[Message], Message]:
-    """The context messages and the final assistant answer of a record."""
-    messages = sr.record.messages
-    answer = messages[-1]
-    if answer.role != "assistant":
-        raise InputError(f"{sr.where}: the last message must be the assistant's answer, not a {answer.role} message")
-    if len(messages) < 2 or messages[-2].role != "user":
-        raise InputError(f"{sr.where}: the assistant's answer must follow a user message")
-    return list(messages[:-1]), answer
 
 
 def prompt_ids(sr: SourcedRecord, backbone: Backbone) -> list[int]:

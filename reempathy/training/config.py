@@ -22,9 +22,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reempathy.config import ComponentConfig, apply_overrides, describe_config_error, read_toml
-from reempathy.decoding.registry import describe_validation_error
+from reempathy.registry import describe_validation_error
 from reempathy.errors import ConfigError
-from reempathy.options import STRICT, TrainSeed
+from reempathy.jobs.trainrun import TrainSettings
+from reempathy.options import STRICT
 from reempathy.training.builders import BUILDERS, BuilderSpec
 
 TOP_LEVEL_KEYS = ("backbone", "strategy", "data", "train")
@@ -36,26 +37,6 @@ class DataConfig(BaseModel):
     model_config = STRICT
     path: str = Field(min_length=1)
     skip_bad: bool = Field(False, description="skip (and count) bad records instead of stopping at them")
-
-
-class TrainSettings(BaseModel):
-    """``[train]``: where checkpoints go and how long and how hard to train (LoRA rank 8, alpha 32 as in the paper)."""
-
-    model_config = STRICT
-    output_dir: str = Field(min_length=1)
-    max_steps: int = Field(100, ge=1, lt=2**31)
-    learning_rate: float = Field(2e-4, gt=0.0, le=10.0)
-    batch_size: int = Field(4, ge=1, le=65536, description="sequences per device per step")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
-    seed: TrainSeed = 0
-    lora_rank: int = Field(8, ge=1, le=4096)
-    lora_alpha: float = Field(32.0, gt=0.0, le=1e6)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    save_steps: int = Field(50, ge=1, lt=2**31, description="write a resumable checkpoint-N every this many steps")
-    save_total_limit: int | None = Field(2, ge=1, lt=2**31, description="keep at most this many checkpoint-N folders")
-    logging_steps: int = Field(1, ge=1, lt=2**31)
-    resume: bool = Field(False, description="continue from the last checkpoint-N in output_dir")
-    overwrite: bool = Field(False, description="delete an earlier run's checkpoints in output_dir and start over")
 
 
 class TrainConfig(BaseModel):

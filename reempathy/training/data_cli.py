@@ -24,7 +24,7 @@ def _positive(value: str) -> int:
 
 
 def _unfinished(summary: Any, out: str) -> int:
-    from reempathy.training.resumable import unfinished_message
+    from reempathy.jobs.partial import unfinished_message
 
     print(f"reempathy: error: {unfinished_message(summary.failed, out)}", file=sys.stderr)
     return 1
@@ -32,7 +32,7 @@ def _unfinished(summary: Any, out: str) -> int:
 
 def cmd_reflect_data(args: argparse.Namespace) -> int:
     """``reempathy reflect-data --data FILE --evaluator NAME --out FILE [--layout T+A] [--config FILE] [--template FILE] [--set K=V]…``."""
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.training.evaluator_calls import split_sets
     from reempathy.training.reflect_data import CONFIG_TABLES, DEFAULT_TEMPLATE, ReflectOptions, read_template, reflect_data
 
@@ -50,7 +50,7 @@ def cmd_reflect_data(args: argparse.Namespace) -> int:
 def cmd_pairs(args: argparse.Namespace) -> int:
     """``reempathy pairs --checkpoint DIR --data FILE --samples N --evaluator NAME --out FILE [--batch-size B] [--config FILE] [--set K=V]…``."""
     from reempathy.config import load_config
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.training.evaluator_calls import split_sets
     from reempathy.training.pairs import DECODE_TABLES, PairsOptions, make_pairs
 

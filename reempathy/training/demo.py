@@ -88,8 +88,8 @@ def units_path(directory: Path, heldout: bool = False) -> Path:
 def demo_prompt(root: Path, directory: Path, heldout: bool = False) -> tuple[str, Path]:
     """The user transcript of the first training record (or, with ``heldout``, of the first held-out one) and a
     units file of its speech: what the model hears."""
-    from reempathy.training.data import load_records
-    from reempathy.training.builders import split_record
+    from reempathy.data.records import load_records
+    from reempathy.data.dialogue import split_record
 
     records = load_records(root / (HELDOUT if heldout else DATASET))
     context, _ = split_record(records.records[0])
@@ -103,7 +103,7 @@ def demo_prompt(root: Path, directory: Path, heldout: bool = False) -> tuple[str
 
 def prepare_base(root: Path, directory: Path, say: Callable[[str], None], settings: BaseSettings) -> Path:
     """Train (or find in the cache) the demo's base model; its directory is a ``tiny`` ``path``."""
-    from reempathy.training.data import load_records
+    from reempathy.data.records import load_records
 
     out = directory / "base"
     if (out / "config.json").is_file():
@@ -173,7 +173,7 @@ def train_checkpoints(
 def decode_with(directory: Path, units_file: Path) -> object:
     """Decode the prompt in ``units_file`` with one checkpoint: its backbone, its strategy, greedy."""
     from reempathy.config import ComponentConfig, DecodeConfig, DecodeSettings, SamplingConfig
-    from reempathy.decoding.registry import default_discovery
+    from reempathy.registry import default_discovery
     from reempathy.runner import load_backbone, run_decode
     from reempathy.checkpoints import apply_checkpoint, checkpoint_config_overrides, read_manifest
 

@@ -35,7 +35,7 @@ from reempathy.backbones.base import Backbone
 from reempathy.backbones.tiny import TinyOptions, load_tiny
 from reempathy.safe_write import replacing_dir
 from reempathy.training.builders import BUILDERS, IGNORE_INDEX, TrainingSequence, build_all
-from reempathy.training.data import RecordSet
+from reempathy.data.records import RecordSet
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ Where it decides:
 - :func:`split_sets`: a ``--set KEY=VALUE`` whose first key part names a config table the command
   reads (``backbone.seed=1``, ``sampling.temperature=1.0``) overrides the config; every other key is
   an option of the evaluator, spelled as in ``reempathy eval`` (``--set endpoint=URL``).
-- :func:`call_evaluator`: an evaluator's own crash is a :class:`PluginFailure` (exit 1) naming it,
-  and so is an answer with the wrong number of results; a per-item failure stays an
-  ``Evaluation.error`` for the command to handle.
+- :func:`call_evaluator` (from :mod:`reempathy.evaluation.registry`): an evaluator's own crash is a
+  :class:`PluginFailure` (exit 1) naming it, and so is an answer with the wrong number of results;
+  a per-item failure stays an ``Evaluation.error`` for the command to handle.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from reempathy.config import parse_override
-from reempathy.errors import PluginFailure, ReempathyError
-from reempathy.evaluation.base import EvalItem, Evaluation
+from reempathy.evaluation.registry import call_evaluator  # noqa: F401 - the one place an evaluator is called
 
 
 def split_sets(items: Sequence[str], config_tables: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
@@ -29,19 +28,6 @@ def split_sets(items: Sequence[str], config_tables: Sequence[str]) -> tuple[list
         path, _ = parse_override(item)  # a malformed item is a ConfigError naming it
         (config if path[0] in config_tables else evaluator).append(item)
     return config, parse_sets(evaluator)
-
-
-def call_evaluator(evaluator: Any, name: str, items: Sequence[EvalItem]) -> list[Evaluation]:
-    """``evaluator.evaluate(items)``, one ``Evaluation`` per item in order; its own crash is a PluginFailure."""
-    try:
-        out = list(evaluator.evaluate(list(items)))
-    except ReempathyError:
-        raise
-    except Exception as exc:  # the evaluator's own code failed, in any way
-        raise PluginFailure(name, "evaluator.evaluate", exc) from exc
-    if len(out) != len(items):
-        raise PluginFailure(name, "evaluator.evaluate", ValueError(f"returned {len(out)} results for {len(items)} items"))
-    return out
 
 
 __all__ = ["split_sets", "call_evaluator"]

@@ -5,7 +5,7 @@ checkpoint's backbone and adapter → every prompt not done yet becomes N rows o
 (:func:`reempathy.decoding.batch.decode_batch`), each with its own plugin objects and its own
 seed → when a prompt's N answers are in, the evaluator scores them in one call → the best and the
 worst become one training record → appended to the progress file; ``OUT`` is written when every
-prompt is done (:class:`reempathy.training.resumable.ResumableJsonl`).
+prompt is done (the one job driver with a :class:`reempathy.jobs.partial.PartialJsonl`).
 
 Where it decides:
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -56,16 +55,17 @@ from reempathy.backbones.base import Backbone
 from reempathy.checkpoints import read_manifest
 from reempathy.config import DecodeConfig
 from reempathy.decoding.batch import RowRequest, decode_batch, row_seed
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
-from reempathy.experiments.records import DataSet, RunRecord, check_records, read_records, uses_wav
+from reempathy.data.testset import DataSet, RunRecord, check_records, read_records, uses_wav
 from reempathy.training.builders import build_dpo, prompt_ids, sequence_length, spoken_chunks, stream_layout
-from reempathy.training.data import BadRecord, SourcedRecord, bad_records_message
+from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message
 from reempathy.training.evaluator_calls import call_evaluator
-from reempathy.training.resumable import ResumableJsonl, progress_bar
-from reempathy.training.schema import SCORE_NAMES, Message, Record
+from reempathy.jobs.driver import Job, Outcome, run_job
+from reempathy.jobs.partial import PartialJsonl
+from reempathy.data.schema import SCORE_NAMES, Message, Record
 
 #: ``--set`` keys that go to the decode config (everything else is an evaluator option).
 DECODE_TABLES = ("backbone", "strategy", "processors", "sampling", "decode")
@@ -258,8 +258,7 @@ def make_pairs(
 ) -> PairsSummary:
     """Sample, score and pair every prompt of ``opts.data`` with the policy of ``cfg.decode.checkpoint`` (module docstring)."""
     from reempathy.evaluation.registry import build_evaluator, evaluator_options
-    from reempathy.experiments.run import run_config
-    from reempathy.runner import build_plugins, load_backbone, loop_options
+    from reempathy.runner import build_plugins, load_backbone, loop_options, run_config
 
     started = time.perf_counter()
     if isinstance(opts.samples, bool) or not isinstance(opts.samples, int) or opts.samples < 2:
@@ -288,72 +287,60 @@ def make_pairs(
     }
     if isinstance(opts.batch_size, bool) or not isinstance(opts.batch_size, int) or opts.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {opts.batch_size!r}")
-    output = ResumableJsonl(opts.out, identity, "pairs")
-    output.check(opts.force)
+    output = PartialJsonl(opts.out, identity, "pairs", [("--data", opts.data)], skip_bad=opts.skip_bad)
+    loaded: dict[str, Any] = {}
 
-    backbone = load_backbone(cfg, registry)
-    decode_batch(backbone, (), options, opts.batch_size)  # refuses loop settings it cannot run; starts nothing
-    system_prompt = cfg.decode.system_prompt
-    ready = trainable_prompts(data, backbone, system_prompt)
-    done = output.done_ids(opts.force)
-    todo = [r for r in data.records if r.id not in done]
-    evaluator, names = None, ()
-    if todo:  # built before anything is written: a model to load, options a factory may still refuse
+    def build() -> Any:
+        """The policy and the evaluator — before anything is written (a model to load, options a factory may refuse)."""
+        backbone = load_backbone(cfg, registry)
+        decode_batch(backbone, (), options, opts.batch_size)  # refuses loop settings it cannot run; starts nothing
+        loaded["ready"] = trainable_prompts(data, backbone, cfg.decode.system_prompt)
         evaluator = build_evaluator(registry, opts.evaluator, opts.evaluator_options)
         names = tuple(evaluator.score_names)
         if not names:
             raise ConfigError(f"evaluator {opts.evaluator!r} gives no scores (its score_names are empty); "
                               "pairs ranks answers by their scores: use a scoring evaluator such as llm-judge")
+        return backbone, evaluator, names
 
-    output.open(opts.force)
-    failed: list[BadRecord] = []
-    no_pair: Counter = Counter()
-    made = unusable = 0
-    try:
-        if todo:
-            bar = progress_bar(len(data.records), len(data.records) - len(todo), "prompt", "pairs", opts.progress)
+    def work(worker: Any, todo: list[RunRecord]) -> Iterator[Outcome]:
+        backbone, evaluator, names = worker
+        ready, system_prompt = loaded["ready"], cfg.decode.system_prompt
 
-            def requests() -> Iterator[RowRequest]:
-                for record in todo:
-                    inputs = ready[record.index]
-                    for i in range(opts.samples):
-                        strategy, processors = build_plugins(cfg, backbone, registry)
-                        yield RowRequest(key=(record.id, i), prompt_ids=inputs.ids, strategy=strategy,
-                                         processors=processors, seed=sample_seed(cfg.sampling.seed, record.id, i))
+        def requests() -> Iterator[RowRequest]:
+            for record in todo:
+                inputs = ready[record.index]
+                for i in range(opts.samples):
+                    strategy, processors = build_plugins(cfg, backbone, registry)
+                    yield RowRequest(key=(record.id, i), prompt_ids=inputs.ids, strategy=strategy,
+                                     processors=processors, seed=sample_seed(cfg.sampling.seed, record.id, i))
 
-            by_id = {r.id: r for r in todo}
-            results: dict[str, dict[int, DecodeResult]] = {}
-            try:
-                for (record_id, i), result in decode_batch(backbone, requests(), options, opts.batch_size):
-                    got = results.setdefault(record_id, {})
-                    got[i] = result
-                    if len(got) < opts.samples:
-                        continue
-                    record = by_id[record_id]
-                    samples = [Sample(j, sample_seed(cfg.sampling.seed, record_id, j), got[j]) for j in range(opts.samples)]
-                    del results[record_id]
-                    entry, failure = _pair_one(record, samples, backbone, ready[record.index].ids, system_prompt,
-                                               evaluator, opts.evaluator, names)
-                    unusable += sum(1 for s in samples if s.note is not None and s.evaluation is None)
-                    if failure is not None:
-                        failed.append(failure)
-                    else:
-                        output.append(entry)
-                        if entry["record"] is not None:
-                            made += 1
-                        else:
-                            no_pair[entry["no_pair"]] += 1
-                    bar.update(1)
-            finally:
-                bar.close()
-        finished = not failed or opts.skip_bad
-        final_count = output.finish() if finished else None
-    finally:
-        output.close()
+        by_id = {r.id: r for r in todo}
+        results: dict[str, dict[int, DecodeResult]] = {}
+        for (record_id, i), result in decode_batch(backbone, requests(), options, opts.batch_size):
+            got = results.setdefault(record_id, {})
+            got[i] = result
+            if len(got) < opts.samples:
+                continue
+            record = by_id[record_id]
+            samples = [Sample(j, sample_seed(cfg.sampling.seed, record_id, j), got[j]) for j in range(opts.samples)]
+            del results[record_id]
+            entry, failure = _pair_one(record, samples, backbone, ready[record.index].ids, system_prompt,
+                                       evaluator, opts.evaluator, names)
+            tally = {"unusable": sum(1 for s in samples if s.note is not None and s.evaluation is None)}
+            if failure is not None:
+                yield Outcome(record.id, failure=failure, tally=tally)
+            elif entry["record"] is not None:
+                yield Outcome(record.id, entry, tally={**tally, "made": 1})
+            else:
+                yield Outcome(record.id, entry, tally={**tally, f"no_pair:{entry['no_pair']}": 1})
+
+    report = run_job(Job("pairs", "prompt", data.records, key=lambda r: r.id, store=output, build=build, work=work),
+                     force=opts.force, progress=opts.progress)
     summary = PairsSummary(
-        out=Path(opts.out), prompts=len(data.records), samples=opts.samples, already_done=len(data.records) - len(todo),
-        pairs=made, no_pair=dict(no_pair), unusable=unusable, failed=failed, finished=finished,
-        final_count=final_count, seconds=time.perf_counter() - started,
+        out=Path(opts.out), prompts=len(data.records), samples=opts.samples, already_done=report.already_done,
+        pairs=int(report.tally["made"]), unusable=int(report.tally["unusable"]), failed=report.failures,
+        no_pair={k.split(":", 1)[1]: int(v) for k, v in report.tally.items() if k.startswith("no_pair:")},
+        finished=report.complete, final_count=output.final_count, seconds=time.perf_counter() - started,
     )
     if say is not None:
         say(summary.line())

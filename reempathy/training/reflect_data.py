@@ -24,7 +24,7 @@ Where it decides:
   hole), it is reported with ``FILE:LINE`` and which reflection failed, and a rerun asks again.
   The output is finished only when every record is written, unless ``--skip-bad``, which
   finishes without the failed records and counts them.
-- **resuming and atomicity**: :class:`reempathy.training.resumable.ResumableJsonl` (one line per
+- **resuming and atomicity**: the one job driver with a :class:`reempathy.jobs.partial.PartialJsonl` (one line per
   record done in ``OUT.partial``; ``OUT`` written at the end by rename). A record's id there is
   its line number; the data file's hash is part of what a rerun must match.
 """
@@ -38,21 +38,23 @@ import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import ValidationError
 
 from reempathy.backbones.base import Backbone
 from reempathy.config import ComponentConfig, apply_overrides, read_toml
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.errors import ConfigError, InputError
 from reempathy.evaluation.base import EvalItem, Evaluation
-from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, ChunkLayout, layout_for_stream
-from reempathy.training.builders import encode_text, split_record, spoken_chunks
-from reempathy.training.data import BadRecord, SourcedRecord, bad_records_message, describe_record_error
+from reempathy.decoding.chunking import DEFAULT_TEXT_TOKENS, ChunkLayout, layout_for_stream
+from reempathy.data.dialogue import split_record
+from reempathy.training.builders import encode_text, spoken_chunks
+from reempathy.data.records import BadRecord, SourcedRecord, bad_records_message, describe_record_error
 from reempathy.training.evaluator_calls import call_evaluator
-from reempathy.training.resumable import ResumableJsonl, progress_bar
-from reempathy.training.schema import Record
+from reempathy.jobs.driver import Job, Outcome, run_job
+from reempathy.jobs.partial import PartialJsonl
+from reempathy.data.schema import Record
 
 #: What the evaluator is asked for each prefix (``EvalItem.instruction``). The evaluator shows the
 #: dialogue and the answer so far itself; this replaces its task line.
@@ -214,7 +216,7 @@ def read_data(path: str | Path, backbone: Backbone, layout: ChunkLayout) -> Data
         raise InputError(f"dataset {name!r} not found; give the path of a JSONL file of training records")
     raw_bytes = p.read_bytes()
     data = DataFile(name, hashlib.sha256(raw_bytes).hexdigest(), [], [])
-    context = {"audio_count": backbone.layout.audio_count or None}
+    context = {"audio_count": backbone.layout.audio_count or None, "max_text_chars": backbone.max_text_chars}
     for lineno, line in enumerate(raw_bytes.decode("utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
@@ -223,6 +225,9 @@ def read_data(path: str | Path, backbone: Backbone, layout: ChunkLayout) -> Data
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             data.bad.append(BadRecord(where, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except RecursionError:
+            data.bad.append(BadRecord(where, "JSON nested too deeply to be a record"))
             continue
         if not isinstance(obj, dict):
             data.bad.append(BadRecord(where, f"expected a JSON object, got {type(obj).__name__}"))
@@ -365,44 +370,32 @@ def reflect_data(opts: ReflectOptions, registry: Registry, say: Callable[[str], 
         "layout": layout_name(layout),
         "template": template,
     }
-    output = ResumableJsonl(opts.out, identity, "reflect-data")
-    output.check(opts.force)
-    done = output.done_ids(opts.force)
-    todo = [e for e in data.entries if str(e.line) not in done]
-    # Built before anything is written: a model to load, options its factory may still refuse.
-    evaluator = build_evaluator(registry, opts.evaluator, opts.evaluator_options) if todo else None
+    output = PartialJsonl(opts.out, identity, "reflect-data", [("--data", opts.data), ("--config", opts.config)],
+                          skip_bad=opts.skip_bad)
 
-    output.open(opts.force)
-    failed: list[BadRecord] = []
-    written = reflections = 0
-    try:
-        if todo:
-            bar = progress_bar(len(data.entries), len(data.entries) - len(todo), "record", "reflect-data", opts.progress)
-            try:
-                for entry in todo:
-                    texts: list[str] = []
-                    if entry.prefixes:
-                        evaluations = call_evaluator(evaluator, opts.evaluator, eval_items(entry, template, data_path.parent))
-                        try:
-                            texts = reflections_from(evaluations, backbone, entry.where)
-                        except RecordFailed as exc:
-                            failed.append(BadRecord(entry.where, str(exc)))
-                            bar.update(1)
-                            continue
-                    record = dict(entry.raw, reflections=texts, reflections_layout=layout_name(layout))
-                    output.append({"id": str(entry.line), "line": entry.line, "record": record})
-                    written += 1
-                    reflections += len(texts)
-                    bar.update(1)
-            finally:
-                bar.close()
-        finished = not failed or opts.skip_bad
-        final_count = output.finish() if finished else None
-    finally:
-        output.close()
+    def build() -> Any:  # before anything is written: a model to load, options its factory may still refuse
+        return build_evaluator(registry, opts.evaluator, opts.evaluator_options)
+
+    def work(evaluator: Any, todo: list[Entry]) -> Iterator[Outcome]:
+        for entry in todo:
+            texts: list[str] = []
+            if entry.prefixes:
+                evaluations = call_evaluator(evaluator, opts.evaluator, eval_items(entry, template, data_path.parent))
+                try:
+                    texts = reflections_from(evaluations, backbone, entry.where)
+                except RecordFailed as exc:
+                    yield Outcome(str(entry.line), failure=BadRecord(entry.where, str(exc)))
+                    continue
+            record = dict(entry.raw, reflections=texts, reflections_layout=layout_name(layout))
+            yield Outcome(str(entry.line), {"id": str(entry.line), "line": entry.line, "record": record},
+                          tally={"written": 1, "reflections": len(texts)})
+
+    job = Job("reflect-data", "record", data.entries, key=lambda e: str(e.line), store=output, build=build, work=work)
+    report = run_job(job, force=opts.force, progress=opts.progress)
     summary = ReflectSummary(
-        out=Path(opts.out), records=len(data.entries), already_done=len(data.entries) - len(todo), written=written,
-        reflections=reflections, skipped=data.bad, failed=failed, finished=finished, final_count=final_count,
+        out=Path(opts.out), records=len(data.entries), already_done=report.already_done,
+        written=int(report.tally["written"]), reflections=int(report.tally["reflections"]), skipped=data.bad,
+        failed=report.failures, finished=report.complete, final_count=output.final_count,
         seconds=time.perf_counter() - started,
     )
     if say is not None:

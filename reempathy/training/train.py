@@ -18,10 +18,10 @@ import torch
 from pydantic import BaseModel
 
 from reempathy.backbones.base import Backbone
-from reempathy.decoding.registry import Registry
+from reempathy.registry import Registry
 from reempathy.checkpoints import HiddenLengths, ReflectionRecord, runtime_options
 from reempathy.training.builders import REFLECTION, THOUGHT, BuilderSpec, PreferencePair, TrainingSequence, build_all
-from reempathy.training.checkpoint import (
+from reempathy.jobs.trainrun import (
     ChunkLayoutRecord,
     Component,
     Manifest,
@@ -36,7 +36,7 @@ from reempathy.training.checkpoint import (
 )
 from reempathy.training.collate import PadCollator
 from reempathy.training.config import TrainConfig
-from reempathy.training.data import BadRecord, load_records
+from reempathy.data.records import BadRecord, load_records
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TrainResult:
 
 def _registry(registry: Registry | None) -> Registry:
     if registry is None:
-        from reempathy.decoding.registry import default_discovery
+        from reempathy.registry import default_discovery
 
         registry = default_discovery().registry
     return registry
@@ -252,7 +252,7 @@ def train(
 ) -> TrainResult:
     """Train the configured strategy's adapter and write a complete checkpoint to ``[train] output_dir``.
 
-    The output directory is planned first (:func:`~reempathy.training.checkpoint.plan_run`),
+    The output directory is planned first (:func:`~reempathy.jobs.trainrun.plan_run`),
     before anything is loaded, so a refused run costs nothing and changes nothing. ``on_note``
     hears each decision about earlier checkpoints (an incomplete one skipped, nothing left to train).
     """
@@ -278,7 +278,7 @@ def train(
         )
     backbone, backbone_options = load_training_backbone(cfg, registry)
     # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
-    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad)
+    records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad, backbone.max_text_chars)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     if plan.finish_from is not None:
         return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records, built, main)

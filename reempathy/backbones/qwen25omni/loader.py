@@ -33,7 +33,8 @@ from reempathy.backbones.base import (
     VocabLayout,
 )
 from reempathy.backbones.glm4voice.config_map import read_config_json
-from reempathy.backbones.glm4voice.loader import grow_vocab_rows, resolve_dtype
+from reempathy.backbones.base import grow_vocab_rows
+from reempathy.backbones.glm4voice.loader import resolve_dtype
 from reempathy.backbones.glm4voice.weights import read_shard_plan
 from reempathy.backbones.quiet import no_loading_bar
 from reempathy.backbones.qwen25omni.prompt import Qwen25OmniPrompt

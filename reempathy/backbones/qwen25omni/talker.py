@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import queue
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -43,9 +43,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from reempathy.decoding.result import DecodeResult
 from reempathy.errors import ConfigError
 from reempathy.hooks import hookimpl
+
+if TYPE_CHECKING:
+    from reempathy.decoding.result import DecodeResult
 
 SAMPLE_RATE = 24000  # BigVGAN of the published checkpoint: 100 mel frames/s × 240 samples, 2 mel frames per codec token
 

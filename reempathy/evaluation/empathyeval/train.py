@@ -38,8 +38,7 @@ from reempathy.evaluation.empathyeval.options import EmpathyEvalOptions
 from reempathy.evaluation.empathyeval.prompt import Example, collate
 from reempathy.evaluation.metrics import Agreement, agreement_table, format_agreement
 from reempathy.safe_write import replacing_dir
-from reempathy.training.checkpoint import begin_run, checkpoint_dirs, plan_run
-from reempathy.training.config import TrainSettings
+from reempathy.jobs.trainrun import TrainSettings, begin_run, checkpoint_dirs, plan_run
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"

@@ -3,7 +3,7 @@
 Where it decides:
 
 - ``_ask`` retries: a reply that does not parse, or a request that fails, is tried again up to
-  ``retries`` more times (waiting ``backoff_s``, doubling, after a failed request); after the
+  ``retries`` more times (waiting ``backoff_s``, doubling, at most :data:`MAX_WAIT_S`, after a failed request); after the
   last try the record is a failure carrying the last error and the raw reply — never a score.
 - ``compare`` asks twice per pair, A shown first and then B shown first, and combines the two
   verdicts with ``combine_orders`` (contradicting verdicts are a tie), cancelling position bias.
@@ -19,6 +19,9 @@ from reempathy.evaluation.judge.backends import BackendError, ChatBackend, make_
 from reempathy.evaluation.judge.options import JudgeOptions
 from reempathy.evaluation.judge.parsing import ParseError, parse_scores, parse_verdict
 from reempathy.evaluation.judge.rubric import pair_messages, score_messages
+
+MAX_WAIT_S = 600.0
+"""The longest wait before a retry: ``backoff_s`` doubles per failed request, up to this."""
 
 
 class LlmJudge:
@@ -39,7 +42,7 @@ class LlmJudge:
             except BackendError as exc:
                 error, raw = str(exc), None
                 if attempt < self.options.retries and self.options.backoff_s > 0:
-                    time.sleep(self.options.backoff_s * 2**attempt)
+                    time.sleep(min(self.options.backoff_s * 2**attempt, MAX_WAIT_S))
                 continue
             try:
                 return parse(raw), None, raw
@@ -89,4 +92,4 @@ class LlmJudge:
         return out
 
 
-__all__ = ["LlmJudge"]
+__all__ = ["LlmJudge", "MAX_WAIT_S"]

@@ -61,6 +61,8 @@ def find_json_object(text: str) -> dict[str, Any]:
                 obj = json.loads(span)
             except json.JSONDecodeError:
                 continue
+            except RecursionError:
+                raise ParseError("JSON nested too deeply to be an answer") from None
             if isinstance(obj, dict):
                 return obj
     raise ParseError("no JSON object in the reply")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reempathy.decoding.hookspecs import Register
+from reempathy.hooks import Register
 from reempathy.hooks import hookimpl
 
 

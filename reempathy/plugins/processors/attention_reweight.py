@@ -40,8 +40,9 @@ class AttentionReweightOptions(BaseModel):
     )
     layers: str | list[int | str] | None = Field(
         None,
-        description='layer indices and ranges, both ends included, e.g. "10-30" or [2, "5-7"]; default: the middle '
-        "half, depth/4 to 3·depth/4 inclusive (10-30 of 40, the paper's)",
+        description='layer indices and ranges, both ends included, e.g. "10-30" or [2, "5-7"]; or relative to the '
+        'depth, so that a preset means the same on every backbone: "middle", "all", or fractions such as '
+        '"0.25-0.75" (10-30 of 40 layers); default: "middle", depth/4 to 3·depth/4 inclusive (10-30 of 40, the paper\'s)',
     )
     heads: list[int] | dict[str, list[int]] | None = Field(
         None, description="heads to steer: a list for every chosen layer, or {layer: [heads]}; default all"
@@ -63,22 +64,59 @@ def middle_layers(depth: int) -> list[int]:
     return list(range(depth // 4, min(depth - depth // 4, depth - 1) + 1))
 
 
+def relative_layers(lo: float, hi: float, depth: int) -> list[int]:
+    """Layers from fraction ``lo`` to fraction ``hi`` of the depth, both ends included.
+
+    The lower end is ``floor(lo·depth)``, the upper ``depth - floor((1-hi)·depth)`` clipped to the
+    last layer: ``0.25-0.75`` is exactly :func:`middle_layers` on every depth (10-30 of 40, 7-21 of
+    28), ``0.25-0.5`` is 10-20 of 40, ``0.0-1.0`` every layer.
+    """
+    eps = 1e-9  # 0.3·10 is 2.9999999999999996 in binary floating point
+    first = math.floor(lo * depth + eps)
+    last = min(depth - math.floor((1.0 - hi) * depth + eps), depth - 1)
+    return list(range(min(first, depth - 1), last + 1))
+
+
+_FRACTION = r"(\d*\.\d+|\d+\.)"
+
+
 def parse_layers(spec: str | list[int | str], depth: int) -> list[int]:
-    """``"10-30"``, ``"3,5,7-9"`` or ``[2, "5-7"]`` → sorted layer indices (ranges inclusive), checked against ``depth``."""
+    """``"10-30"``, ``"3,5,7-9"``, ``[2, "5-7"]``, ``"middle"``, ``"all"`` or ``"0.25-0.75"`` → sorted layer indices.
+
+    Integers are layer indices (ranges inclusive), checked against ``depth``; a range of fractions
+    (with a decimal point) is relative to the depth (:func:`relative_layers`).
+    """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: set[int] = set()
     for item in items:
         text = str(item).strip()
+        if text in ("middle", "all"):
+            out.update(middle_layers(depth) if text == "middle" else range(depth))
+            continue
+        rel = re.fullmatch(rf"{_FRACTION}\s*-\s*{_FRACTION}", text)
+        if rel:
+            lo, hi = float(rel[1]), float(rel[2])
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ConfigError(
+                    f"processor {NAME!r}: option 'layers': relative range {text!r} must run upwards within 0-1 "
+                    '(fractions of the depth, e.g. "0.25-0.75"); use whole numbers for layer indices'
+                )
+            out.update(relative_layers(lo, hi, depth))
+            continue
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", text)
         if not m:
-            raise ConfigError(f"processor {NAME!r}: option 'layers': cannot read {text!r}; use e.g. \"10-30\" or [2, 5]")
+            raise ConfigError(
+                f"processor {NAME!r}: option 'layers': cannot read {text!r}; use layer indices such as \"10-30\" or "
+                '[2, 5], fractions of the depth such as "0.25-0.75", "middle" or "all"'
+            )
         lo, hi = (int(m[1]), int(m[2])) if m[1] is not None else (int(m[3]), int(m[3]))
         if lo > hi:
             raise ConfigError(f"processor {NAME!r}: option 'layers': range {text!r} runs backwards")
         if hi >= depth:
             raise ConfigError(
                 f"processor {NAME!r}: option 'layers': layer {hi} is beyond the model's depth "
-                f"({depth} layers, 0..{depth - 1})"
+                f"({depth} layers, 0..{depth - 1}); a range relative to the depth (\"0.25-0.75\", \"middle\") "
+                "means the same on every backbone"
             )
         out.update(range(lo, hi + 1))
     if not out:

@@ -18,7 +18,7 @@ from reempathy.decoding.session import DecodeSession
 from reempathy.decoding.spans import SPEAK
 from reempathy.hooks import hookimpl
 from reempathy.options import MAX_SEGMENT, STRICT
-from reempathy.plugins.strategies.chunking import DEFAULT_TEXT_TOKENS, SpokenChunker, layout_for_stream
+from reempathy.decoding.chunking import DEFAULT_TEXT_TOKENS, SpokenChunker, layout_for_stream
 
 REFLECTION = "reflection"
 
@@ -28,7 +28,10 @@ class ReEmpathyOptions(BaseModel):
 
     model_config = STRICT
 
-    text_tokens: int = Field(DEFAULT_TEXT_TOKENS, ge=1, le=MAX_SEGMENT, description="text slots at the start of each spoken chunk")
+    text_tokens: int = Field(
+        DEFAULT_TEXT_TOKENS, ge=1, le=MAX_SEGMENT,
+        description="text slots at the start of each spoken chunk (default 5 on every backbone, whatever interleave it declares)",
+    )
     audio_tokens: int | None = Field(
         None,
         ge=0,

@@ -17,7 +17,8 @@ assessment is split into reflections (:mod:`reempathy.training.reflections`).
 
 Keys this schema does not name are ignored, so records carrying more fields (audio paths, ids)
 load as they are. Audio units are checked against the backbone's range when the caller passes
-``audio_count`` in the validation context (see :func:`reempathy.training.data.load_records`).
+``audio_count`` in the validation context, and the record's text against what the context can
+hold when it passes ``max_text_chars`` (see :func:`reempathy.data.records.load_records`).
 """
 
 from __future__ import annotations
@@ -138,6 +139,25 @@ class Record(BaseModel):
             if not text.strip():
                 raise ValueError(f"reflection {k} is empty; write what the model thinks after chunk {k}")
         return value
+
+    @model_validator(mode="after")
+    def _fits_the_context(self, info: ValidationInfo) -> "Record":
+        # Checked on the text, before anything is tokenized: a 64 MB answer would take minutes to
+        # tokenize only to be refused as too long. The limit is Backbone.max_text_chars.
+        limit = (info.context or {}).get("max_text_chars")
+        if limit is None:
+            return self
+        before = sum(len(m.text or "") for m in self.messages[:-1])
+        chosen = before + len(self.messages[-1].text or "") + sum(map(len, self.reflections or ()))
+        chosen += len(self.assessment.text) if self.assessment else 0
+        rejected = before + len(self.rejected.text or "") if self.rejected else 0
+        longest = max(chosen, rejected)
+        if longest > limit:
+            raise ValueError(
+                f"the record's text is {longest:,} characters, more than the backbone's context can hold "
+                f"(at most {limit:,} characters, checked before tokenizing); shorten it"
+            )
+        return self
 
 
 __all__ = ["Record", "Message", "Answer", "Assessment", "Scores", "SCORE_NAMES", "parse_units"]

@@ -1,4 +1,7 @@
-"""The spoken-chunk layout, shared by the ``reempathy`` strategy and the training builders.
+"""The spoken-chunk layout: the contract between strategies that speak in chunks and the training builders.
+
+It lives in the core (the one module both sides import downward) because it describes the spoken
+stream, not any one strategy: a chunk is so many text slots, then so many audio slots.
 
 A spoken chunk has ``text_tokens`` text slots, then ``audio_tokens`` audio slots. An audio token
 in a text slot means the text is finished: that chunk and every later one are filled with audio

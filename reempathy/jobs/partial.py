@@ -1,4 +1,4 @@
-"""A JSONL output built record by record that survives a crash: ``reflect-data`` and ``pairs`` write through it.
+"""A JSONL output built record by record that survives a crash: the store of ``reflect-data`` and ``pairs``.
 
 While the work goes on, nothing is at ``OUT`` itself::
 
@@ -11,9 +11,12 @@ complete, and a half-done job is visibly half done.
 
 Where it decides:
 
-- **appending** reuses :class:`reempathy.experiments.rundir.LineAppender` (one ``write`` per
+- **appending** reuses :class:`reempathy.jobs.rundir.LineAppender` (one ``write`` per
   whole line, then ``fsync``): a crash, even SIGKILL, loses at most the line being written.
-- **resuming** (:meth:`ResumableJsonl.open`): the complete lines of ``OUT.partial`` are the
+- **finishing** (:meth:`PartialJsonl.finish`, called by the job driver): ``OUT`` is written only
+  when no record failed, or with ``skip_bad`` (the failed ones left out); otherwise the progress
+  stays, and a rerun tries the failed records again.
+- **resuming** (:meth:`PartialJsonl.claim`): the complete lines of ``OUT.partial`` are the
   records done (the first line of an id stands: no duplicates); a torn last line is cut off
   before anything is appended (its record is done again). A damaged line that is not the last
   is not a crash: it is reported, never dropped.
@@ -28,25 +31,42 @@ Where it decides:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from reempathy.checkpoints import now_iso
 from reempathy.errors import ConfigError, InputError
-from reempathy.experiments.rundir import LineAppender, dumps_line, scan_results, write_bytes_atomic, write_json_atomic
-from reempathy.safe_write import check_output_file
+from reempathy.jobs.rundir import (
+    LineAppender,
+    check_not_run_file,
+    dumps_line,
+    scan_results,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from reempathy.jobs.identity import first_difference
+from reempathy.safe_write import check_not_input, check_output_file
 
 PROGRESS_SCHEMA = "reempathy.progress/1"
 
 
-class ResumableJsonl:
-    """``OUT`` and its progress files (module docstring). ``kind`` names the command in messages."""
+class PartialJsonl:
+    """``OUT`` and its progress files (module docstring), as the job driver's store. ``kind`` names the command."""
 
-    def __init__(self, out: str | Path, identity: dict[str, Any], kind: str) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        identity: dict[str, Any],
+        kind: str,
+        inputs: Sequence[tuple[str, str | Path | None]] = (),
+        skip_bad: bool = False,
+    ) -> None:
         self.out = Path(out)
         self.identity = identity
         self.kind = kind
+        self.skip_bad = skip_bad
+        self.final_count: int | None = None
+        self.inputs = list(inputs)  # (flag, path) of the files the command reads: never one of its outputs
         self.lines_path = self.out.with_name(self.out.name + ".partial")
         self.identity_path = self.out.with_name(self.out.name + ".partial.json")
         self.done: dict[str, dict[str, Any]] = {}
@@ -58,7 +78,10 @@ class ResumableJsonl:
         """Refuse what cannot be continued (another identity, a finished OUT) before anything is loaded or written."""
         # Each path must be a regular file or nothing, in a writable folder: the shared write discipline's check.
         for path in (self.out, self.lines_path, self.identity_path):
-            check_output_file(path, "--out" if path == self.out else "progress file")
+            what = "--out" if path == self.out else "progress file"
+            check_output_file(path, what)
+            check_not_input(path, what, self.inputs)
+            check_not_run_file(path, what, self.kind)
         if force:
             return
         if self.identity_path.is_file():
@@ -79,8 +102,8 @@ class ResumableJsonl:
             return set()
         return {str(doc["id"]) for doc in scan_results(self.lines_path, required=("id", "line")).docs}
 
-    def open(self, force: bool = False) -> dict[str, dict[str, Any]]:
-        """Claim the output: clear it (``force``), write the identity, cut a torn line; the lines done, by id."""
+    def claim(self, force: bool = False) -> None:
+        """Take the output: clear it (``force``), write the identity, cut a torn line, read the lines done."""
         self.check(force)
         if force:
             for path in (self.lines_path, self.identity_path, self.out):
@@ -94,15 +117,18 @@ class ResumableJsonl:
         self.done = {}
         for doc in scanned.docs:
             self.done.setdefault(str(doc["id"]), doc)
+
+    def writer(self, group: Any) -> "PartialJsonl":
+        """This output appends its own lines (one process)."""
         self._appender = LineAppender(self.lines_path)
-        return dict(self.done)
+        return self
 
     # --- while working -----------------------------------------------------------------------
 
     def append(self, entry: dict[str, Any]) -> None:
         """Record one finished record: ``entry`` has ``id``, ``line`` and ``record`` (None: nothing to write for it)."""
         if self._appender is None:
-            raise RuntimeError("ResumableJsonl.append before open")
+            raise RuntimeError("PartialJsonl.append before writer()")
         key = str(entry["id"])
         if key in self.done:
             return
@@ -117,18 +143,19 @@ class ResumableJsonl:
 
     # --- at the end --------------------------------------------------------------------------
 
-    def finish(self) -> int:
-        """Write ``OUT`` from the records done, in data-file order, atomically; remove the progress files.
-
-        Returns the number of records written.
-        """
+    def finish(self, report: Any) -> bool:
+        """Write ``OUT`` from the records done, in data-file order, atomically, and remove the progress files —
+        unless a record failed and failures are not skipped (the progress stays for a rerun). True when written."""
         self.close()
+        if report.failures and not self.skip_bad:
+            return False
         entries = sorted(self.done.values(), key=lambda e: int(e["line"]))
         records = [e["record"] for e in entries if e.get("record") is not None]
         write_bytes_atomic(self.out, b"".join(dumps_line(r) for r in records))
         self.lines_path.unlink(missing_ok=True)
         self.identity_path.unlink(missing_ok=True)
-        return len(records)
+        self.final_count = len(records)
+        return True
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -144,18 +171,13 @@ class ResumableJsonl:
         return doc.get("identity") or {}
 
     def _check_same(self, old: dict[str, Any]) -> None:
-        a, b = flatten(old), flatten(json.loads(json.dumps(self.identity)))
-        for key in sorted(set(a) | set(b)):
-            if a.get(key, _MISSING) != b.get(key, _MISSING):
-                there = json.dumps(a[key]) if key in a else "unset"
-                here = json.dumps(b[key]) if key in b else "unset"
-                raise ConfigError(
-                    f"{str(self.out)!r} is half made with other settings ({key}: {there} there, {here} now); "
-                    "rerun with the same settings to continue it, use another --out, or --force to start over"
-                )
-
-
-_MISSING = object()
+        diff = first_difference(old, self.identity)
+        if diff is not None:
+            key, there, here = diff
+            raise ConfigError(
+                f"{str(self.out)!r} is half made with other settings ({key}: {there} there, {here} now); "
+                "rerun with the same settings to continue it, use another --out, or --force to start over"
+            )
 
 
 def unfinished_message(failed: Sequence[Any], out: str | Path) -> str:
@@ -168,22 +190,4 @@ def unfinished_message(failed: Sequence[Any], out: str | Path) -> str:
     )
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{"a.b.c": leaf}`` (for naming the first setting that differs)."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
-def progress_bar(total: int, initial: int, unit: str, desc: str, enabled: bool | None) -> Any:
-    """The tqdm bar on stderr of a resumable command: ``initial`` items already done; ``enabled=None`` lets tqdm decide (a terminal)."""
-    from tqdm.auto import tqdm
-
-    disable = None if enabled is None else not enabled
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr)
-
-
-__all__ = ["progress_bar", "ResumableJsonl", "PROGRESS_SCHEMA", "flatten", "unfinished_message"]
+__all__ = ["PartialJsonl", "PROGRESS_SCHEMA", "unfinished_message"]

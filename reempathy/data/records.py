@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from reempathy.errors import InputError
 from reempathy.paths import check_name, describe_kind, resolved_kind
-from reempathy.training.schema import Record
+from reempathy.data.schema import Record
 
 # How many bad lines one error message lists before it says "and N more".
 SHOWN_BAD = 3
@@ -83,10 +83,14 @@ def _lone_surrogate(line: str, data: Any) -> str | None:
     return None
 
 
-def load_records(path: str | Path, audio_count: int | None = None, skip_bad: bool = False) -> RecordSet:
+def load_records(
+    path: str | Path, audio_count: int | None = None, skip_bad: bool = False, max_text_chars: int | None = None
+) -> RecordSet:
     """Read and validate every line of a JSONL file.
 
-    ``audio_count`` is the backbone's number of audio units (units at or above it are bad).
+    ``audio_count`` is the backbone's number of audio units (units at or above it are bad);
+    ``max_text_chars`` its :attr:`~reempathy.backbones.base.Backbone.max_text_chars` (a record with
+    more text cannot fit the context, and is bad before anything is tokenized).
     Without ``skip_bad`` any bad record raises an InputError naming ``FILE:LINE`` of each bad
     line (the first few); with it, bad records are left out and listed in ``RecordSet.skipped``.
     Blank lines are ignored.
@@ -98,7 +102,7 @@ def load_records(path: str | Path, audio_count: int | None = None, skip_bad: boo
         state = "not found" if kind == "missing" else describe_kind(kind)
         raise InputError(f"dataset {name!r}: {state}; give the path of a JSONL file")
     result = RecordSet(path=name)
-    context = {"audio_count": audio_count}
+    context = {"audio_count": audio_count, "max_text_chars": max_text_chars}
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{name}:{lineno}"

@@ -12,7 +12,7 @@ Where it decides:
   or ``audio``, a WAV path (relative paths are read from the data file's folder) that the
   backbone's speech tokenizer turns into units when the record is decoded. A user message is
   heard as its units when it has them, else read as its text — the same rule the training
-  builders use (:func:`reempathy.training.builders.prompt_turn`), so that what is trained is
+  builders use (:func:`reempathy.data.dialogue.prompt_turn`), so that what is trained is
   what is run. A backbone without audio-unit tokens (a text-only spoken stream) reads the text,
   or, if it reads audio itself (``Backbone.reads_audio``, e.g. Qwen2.5-Omni), the user's WAV.
 
@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from reempathy.backbones.base import Backbone, PromptInputs, Turn
 from reempathy.errors import ConfigError, InputError
-from reempathy.training.data import BadRecord, bad_records_message, describe_record_error
-from reempathy.training.schema import parse_units
+from reempathy.data.records import BadRecord, bad_records_message, describe_record_error
+from reempathy.data.schema import parse_units
 
 
 class PromptMessage(BaseModel):
@@ -172,6 +172,8 @@ def _parse_line(line: str, lineno: int, where: str, folder: Path, index: int) ->
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to be a record") from None
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" not in obj:
@@ -259,8 +261,8 @@ def check_records(data: DataSet, backbone: Backbone, system_prompt: str | None =
 
 def prompt_inputs(record: RunRecord, backbone: Backbone, system_prompt: str | None = None) -> PromptInputs:
     """A record's prompt as the model reads it (ids and any prefill inputs); WAVs are tokenized or read here."""
-    from reempathy.training.builders import prompt_turn
-    from reempathy.training.schema import Message
+    from reempathy.data.dialogue import prompt_turn
+    from reempathy.data.schema import Message
 
     hears_units = backbone.layout.audio_count > 0
     turns: list[Turn] = []
@@ -275,6 +277,7 @@ def prompt_inputs(record: RunRecord, backbone: Backbone, system_prompt: str | No
             units = _tokenize(backbone, m.audio, record.where)
         turns.append(prompt_turn(Message(role=m.role, text=m.text, units=units), hears_units))
     try:
+        backbone.check_text_fits(sum(len(t.text or "") for t in turns))  # before a huge text is tokenized
         built = backbone.build_prompt_inputs(turns)
     except InputError as exc:
         raise InputError(f"{record.where}: {exc}") from None

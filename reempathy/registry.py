@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import inspect
 import logging
 import os
 import re
@@ -32,13 +31,15 @@ import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from types import FunctionType, ModuleType
+from types import ModuleType
 from typing import Any, Callable, Iterable, Sequence
 
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from reempathy.decoding import hookspecs
+from reempathy import hookspecs
+from reempathy.decoding.hookcheck import check_hooks as _check_hooks
+from reempathy.decoding.hookcheck import spec_args
 from reempathy.errors import ConfigError, PluginError, PluginFailure, ReempathyError
 
 ENTRY_POINT_GROUP = "reempathy"
@@ -52,7 +53,24 @@ KIND_HOOKS: dict[str, str] = {
     "processor": "reempathy_register_processors",
     "backbone": "reempathy_register_backbones",
     "evaluator": "reempathy_register_evaluators",
+    "command": "reempathy_register_commands",
 }
+#: kind → the registration fields a plugin may give besides name, factory, model and description.
+KIND_FIELDS: dict[str, frozenset[str]] = {
+    "strategy": frozenset({"special_tokens"}),  # tokens the strategy forces or samples: backbones add missing ones
+    "evaluator": frozenset({"trainer"}),  # trainer(raw, options, progress, where): `reempathy train` an evaluator
+}
+#: kinds that have no options (their factory is not built from a config): ``config_model`` is None.
+OPTIONLESS_KINDS = frozenset({"command"})
+#: the plugins that ship with reempathy, loaded by name like any other (llm's DEFAULT_PLUGINS pattern):
+#: the registry imports none of them, so the packages they live in may sit above it.
+BUILTIN_PLUGINS = (
+    "reempathy.plugins.strategies",
+    "reempathy.plugins.processors",
+    "reempathy.plugins.backbones",
+    "reempathy.evaluation.plugin",
+    "reempathy.commands",
+)
 KINDS = tuple(KIND_HOOKS)
 #: kinds whose factories return session plugin objects (their run hooks are checked).
 SESSION_KINDS = frozenset({"strategy", "processor"})
@@ -67,9 +85,16 @@ class Registration:
     kind: str
     name: str
     factory: Callable[..., Any]
-    config_model: type[BaseModel]
+    config_model: type[BaseModel] | None
     description: str
     plugin: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # A registration field of the kind (``special_tokens``, ``trainer``) reads as an attribute; None if not given.
+        if name in KIND_FIELDS.get(self.__dict__.get("kind", ""), ()):
+            return self.__dict__.get("fields", {}).get(name)
+        raise AttributeError(name)
 
 
 @dataclass
@@ -239,74 +264,10 @@ class DiscoveryResult:
 
 # --- hook checks --------------------------------------------------------------------------------
 
-_SPEC_ARGS: dict[str, tuple[str, ...]] = {
-    name: tuple(inspect.signature(getattr(hookspecs, name)).parameters)
-    for name in hookspecs.RUN_HOOKS + hookspecs.DISCOVERY_HOOKS
-}
-_IMPL_MARKER = pluggy.HookimplMarker("reempathy")
-_HOOK_PREFIX = "reempathy_"
-
-
-def _known_hooks() -> dict[str, tuple[str, ...]]:
-    # Read at call time: a hookspec added later (another kind) is known without an edit here.
-    names = [n for n in vars(hookspecs) if n.startswith(_HOOK_PREFIX) and callable(getattr(hookspecs, n))]
-    for n in names:
-        if n not in _SPEC_ARGS:
-            _SPEC_ARGS[n] = tuple(inspect.signature(getattr(hookspecs, n)).parameters)
-    return {n: _SPEC_ARGS[n] for n in names}
-
-
-def _signature(name: str, args: Sequence[str]) -> str:
-    return f"{name}({', '.join(args)})"
-
 
 def check_hooks(plugin: object) -> tuple[list[str], list[str]]:
-    """``(errors, run_hooks)`` of a plugin's hook implementations (a module, class or object).
-
-    Errors: an argument that is not in the hookspec, an unknown ``reempathy_*`` hook marked
-    ``@hookimpl``, and a ``reempathy_*`` hook name defined without ``@hookimpl`` (never called).
-    ``run_hooks`` are the names of run hooks implemented with ``@hookimpl``.
-    """
-    known = _known_hooks()
-    errors: list[str] = []
-    run: list[str] = []
-    for attr in sorted(dir(plugin)):
-        if not attr.startswith(_HOOK_PREFIX):
-            continue
-        try:
-            raw = inspect.getattr_static(plugin, attr)
-        except AttributeError:
-            continue
-        fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-        # A function found on the class of an object is called bound: its first argument is the object.
-        bound = (
-            not isinstance(plugin, (ModuleType, type))
-            and isinstance(raw, (classmethod, FunctionType))
-            and attr not in getattr(plugin, "__dict__", {})
-        )
-        if not callable(fn):
-            continue
-        marked = getattr(fn, "reempathy_impl", None) is not None
-        if attr not in known:
-            if marked:
-                errors.append(f"@hookimpl {attr} is not a reempathy hook (known: {', '.join(sorted(known))})")
-            continue
-        if not marked:
-            errors.append(f"{attr} is defined without @hookimpl (from reempathy.api import hookimpl) and would never be called")
-            continue
-        params = list(inspect.signature(fn).parameters)
-        if bound:
-            params = params[1:]
-        extra = [p for p in params if p not in known[attr]]
-        if extra:
-            errors.append(
-                f"hook {_signature(attr, params)}: argument {extra[0]!r} is not in the hookspec "
-                f"{_signature(attr, known[attr])}"
-            )
-            continue
-        if attr in hookspecs.RUN_HOOKS:
-            run.append(attr)
-    return errors, run
+    """``(errors, run_hooks)`` of a plugin's hook implementations, against every hook (:mod:`reempathy.hookspecs`)."""
+    return _check_hooks(plugin, spec_args(hookspecs), hookspecs.RUN_HOOKS)
 
 
 # Session objects are created for every decode; their class's hooks are checked once.
@@ -355,6 +316,15 @@ def _problem(key: str, what: str, consequence: str) -> None:
     _warn(key, f"{what}; {consequence}")
 
 
+def plugin_command_failed(reg: Registration, exc: BaseException) -> None:
+    """A registered command whose ``add_parser`` raised: one warning line (an error in strict mode); it is left out."""
+    _problem(
+        f"command:{reg.plugin}:{reg.name}",
+        f"plugin {reg.plugin!r}: command {reg.name!r} failed to add its parser: {_one_line(exc)}",
+        "the command is left out",
+    )
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r}) at import"
@@ -363,9 +333,23 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _builtin_modules() -> list[Any]:
-    from reempathy.plugins import BUILTIN_PLUGINS
+    import importlib
 
-    return list(BUILTIN_PLUGINS)
+    return [importlib.import_module(name) for name in BUILTIN_PLUGINS]
+
+
+def _special_tokens(name: str, value: Any) -> tuple[str, ...]:
+    """A strategy's ``special_tokens``: a sequence of distinct ``<|…|>`` strings."""
+    tokens = (value,) if isinstance(value, str) else value
+    try:
+        tokens = tuple(tokens)
+    except TypeError:
+        tokens = (None,)
+    if not all(isinstance(t, str) and re.fullmatch(r"<\|[A-Za-z0-9_]+\|>", t) for t in tokens) or len(set(tokens)) != len(tokens):
+        raise PluginError(
+            f"register({name!r}): special_tokens must be distinct strings such as '<|begin_of_aside|>', got {value!r}"
+        )
+    return tokens
 
 
 def plugins_dirs_from_env() -> list[Path]:
@@ -470,6 +454,7 @@ class _Discovery:
                 self.broken(row, exc.args[0] if isinstance(exc, PluginError) else _one_line(exc))
                 continue
             clashes = []
+            lost = []
             for reg in mine:
                 if registry.add(reg):
                     row.provides.append(f"{reg.kind}:{reg.name}")
@@ -477,25 +462,40 @@ class _Discovery:
                 kept = registry.items[reg.kind][reg.name]
                 row.lost.append(f"{reg.kind}:{reg.name} (kept from {kept.plugin!r})")
                 clashes.append(f"{reg.kind} {reg.name!r} (already registered by {kept.plugin!r})")
+                lost.append(f"{reg.kind} {reg.name!r}")
             if clashes:
                 _problem(
                     f"clash:{name}",
-                    f"plugin {name!r} registers {', '.join(clashes)}",
-                    f"the earlier registration is kept (give {name!r}'s another name)",
+                    f"plugin {name!r} registers {', '.join(clashes)}: give {', '.join(lost)} another name in plugin {name!r}",
+                    "until then the earlier registration is kept",
                 )
 
     @staticmethod
     def _register_callback(kind: str, plugin: str, out: list[Registration]) -> Callable[..., None]:
+        allowed = KIND_FIELDS.get(kind, frozenset())
+
         def register(
-            name: str, factory: Callable[..., Any], config_model: type[BaseModel], description: str = ""
+            name: str, factory: Callable[..., Any], config_model: type[BaseModel] | None = None,
+            description: str = "", **fields: Any,
         ) -> None:
             if not isinstance(name, str) or not name.strip():
                 raise PluginError(f"register(): the {kind} name must be a non-empty string, got {name!r}")
             if not callable(factory):
                 raise PluginError(f"register({name!r}): factory must be callable, got {factory!r}")
-            if not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
+            if kind in OPTIONLESS_KINDS:
+                if config_model is not None:
+                    raise PluginError(f"register({name!r}): a {kind} has no options; pass config_model=None")
+            elif not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
                 raise PluginError(f"register({name!r}): config_model must be a pydantic model class")
-            out.append(Registration(kind, name, factory, config_model, str(description or ""), plugin))
+            unknown = sorted(set(fields) - allowed)
+            if unknown:
+                known = ", ".join(sorted(allowed)) or "none"
+                raise PluginError(f"register({name!r}): unknown {kind} field {unknown[0]!r} (fields of a {kind}: {known})")
+            if "special_tokens" in fields:
+                fields["special_tokens"] = _special_tokens(name, fields["special_tokens"])
+            if fields.get("trainer") is not None and not callable(fields["trainer"]):
+                raise PluginError(f"register({name!r}): trainer must be callable, got {fields['trainer']!r}")
+            out.append(Registration(kind, name, factory, config_model, str(description or ""), plugin, dict(fields)))
 
         return register
 
@@ -574,6 +574,9 @@ __all__ = [
     "Registration",
     "Registry",
     "check_hooks",
+    "plugin_command_failed",
+    "BUILTIN_PLUGINS",
+    "KIND_FIELDS",
     "default_discovery",
     "describe_validation_error",
     "discover",

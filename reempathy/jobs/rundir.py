@@ -27,11 +27,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from reempathy.checkpoints import now_iso
 from reempathy.errors import ConfigError, InputError
+from reempathy.jobs.identity import first_difference
+from reempathy.paths import check_name, describe_kind, resolved_kind
 from reempathy.safe_write import write_bytes
 
 RUN_SCHEMA = "reempathy.run/1"
@@ -145,7 +149,7 @@ def scan_results(path: str | Path, required: Iterable[str] = ("id", "line")) -> 
             continue
         try:
             doc = json.loads(line.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             doc = None
         if not isinstance(doc, dict) or any(k not in doc for k in required):
             raise InputError(
@@ -201,6 +205,8 @@ def read_run_manifest(directory: str | Path) -> dict[str, Any] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); the run directory is damaged") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a run manifest; the run directory is damaged") from None
     if not isinstance(doc, dict) or doc.get("schema") != RUN_SCHEMA:
         raise InputError(f"{path}: not a run manifest (schema {RUN_SCHEMA!r}); is {str(directory)!r} a run directory?")
     return doc
@@ -220,27 +226,57 @@ def run_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def check_same_run(directory: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     """``ConfigError`` naming the first difference when ``old`` (on disk) and ``new`` describe different runs."""
-    a, b = _flatten(run_identity(old)), _flatten(run_identity(new))
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, _MISSING) != b.get(key, _MISSING):
-            there = json.dumps(a.get(key)) if key in a else "unset"
-            here = json.dumps(b.get(key)) if key in b else "unset"
-            raise ConfigError(
-                f"{str(directory)!r} holds a run made with another config ({key}: {there} there, {here} now); "
-                "use another --out, or --force to discard its results and start again"
-            )
+    diff = first_difference(run_identity(old), run_identity(new))
+    if diff is not None:
+        key, there, here = diff
+        raise ConfigError(
+            f"{str(directory)!r} holds a run made with another config ({key}: {there} there, {here} now); "
+            "use another --out, or --force to discard its results and start again"
+        )
 
 
-_MISSING = object()
+def run_file(path: str | Path) -> tuple[Path, str] | None:
+    """``(directory, name)`` when ``path`` is one of the files a run or sweep directory keeps, else None.
+
+    A run directory (it holds ``manifest.json``) keeps :data:`RUN_OUTPUTS` (``results.jsonl``,
+    ``manifest.json`` and everything under ``shards/``, ``wav/``, ``scores/``); a sweep directory its
+    ``sweep.json``. Symbolic links are followed, so a link into a run directory is caught too.
+    """
+    p = Path(os.path.realpath(path))
+    for folder in p.parents:
+        first = p.relative_to(folder).parts[0]
+        if (first in RUN_OUTPUTS and (folder / MANIFEST).is_file()) or (
+            first == SWEEP_MANIFEST and (folder / SWEEP_MANIFEST).is_file()
+        ):
+            return folder, p.relative_to(folder).as_posix()
+    return None
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
+def check_not_run_file(path: str | Path, flag: str, command: str) -> None:
+    """``InputError`` when the output ``path`` of ``command`` is a file a run directory keeps (:func:`run_file`).
+
+    An output must never be a file of a run directory the command does not own: ``report D --csv
+    D/results.jsonl`` would replace the run's results with a table.
+    """
+    owner = run_file(path)
+    if owner is not None:
+        directory, name = owner
+        example = f" (e.g. {str(directory / 'table.csv')!r})" if command == "report" else ""
+        raise InputError(
+            f"{flag} {str(path)!r} is {name!r} of the run directory {str(directory)!r}, which `reempathy {command}` "
+            f"does not write; give a path outside that run's own files{example}"
+        )
+
+
+def check_data_outside(data: str | Path, directory: str | Path) -> None:
+    """``InputError`` when the data file a run reads is one of the files it writes (or ``--force`` clears) in ``directory``."""
+    p, d = Path(os.path.realpath(data)), Path(os.path.realpath(directory))
+    if d in p.parents and p.relative_to(d).parts[0] in RUN_OUTPUTS:
+        raise InputError(
+            f"--data {str(data)!r} is {p.relative_to(d).as_posix()!r} of the run directory --out {str(directory)!r}, "
+            "which the run writes (and --force clears): an output must not be an input of the same command; "
+            "copy the data elsewhere first"
+        )
 
 
 def clear_run(directory: str | Path) -> None:
@@ -254,11 +290,92 @@ def clear_run(directory: str | Path) -> None:
             p.unlink()
 
 
+class RunStore:
+    """A run directory as the job driver's store (:mod:`reempathy.jobs.driver`): identity, claim, appends, merge.
+
+    ``manifest`` is the run's manifest as :func:`reempathy.experiments.run.new_manifest` makes
+    it; the job may fill in more (the backbone it loaded) before the claim writes it.
+    ``records`` is the number of records in the data file: the run is complete when
+    results.jsonl holds them all.
+    """
+
+    def __init__(self, out: Path, manifest: dict[str, Any], records: int) -> None:
+        self.out = out
+        self.manifest = manifest
+        self.records = records
+        self.old: dict[str, Any] | None = None
+
+    def check(self, force: bool) -> None:
+        """Another config's directory, or results without a manifest, are refused (unless ``force``)."""
+        out = self.out
+        self.old = read_run_manifest(out) if out.is_dir() else None
+        if force:
+            return
+        if self.old is not None:
+            check_same_run(out, self.old, self.manifest)
+        elif (out / RESULTS).exists() or (out / SHARDS).exists():
+            raise ConfigError(
+                f"{str(out)!r} holds results but no {MANIFEST}, so nothing says which config made them; "
+                "use another --out, or --force to discard them"
+            )
+
+    def done_ids(self, force: bool) -> set[str]:
+        return set() if force else done_ids(self.out)
+
+    def claim(self, force: bool) -> None:
+        """Clear (``force``), write the manifest with this attempt in its history, merge an earlier attempt's shards."""
+        out, manifest, old = self.out, self.manifest, self.old
+        out.mkdir(parents=True, exist_ok=True)
+        if force:
+            clear_run(out)
+            old = None
+        if old and "backbone" not in manifest and old.get("backbone"):
+            manifest["backbone"] = old["backbone"]  # nothing was loaded this time: keep what the last attempt recorded
+        history = list(old.get("history", [])) if old else []
+        history.append({"started": now_iso(), "finished": None, "processes": manifest.get("processes", 1),
+                        "command": " ".join(sys.argv[1:]) or None})
+        manifest["started"] = old.get("started") if old and old.get("started") else history[-1]["started"]
+        manifest["finished"] = None
+        manifest["history"] = history
+        write_json_atomic(out / MANIFEST, manifest)
+        consolidate(out)
+
+    def writer(self, group: Any) -> "LineAppender":
+        """results.jsonl alone; each rank's own shard when there are several."""
+        return LineAppender(self.out / RESULTS if group.size == 1 else shard_path(self.out, group.rank))
+
+    def finish(self, report: Any) -> bool:
+        """Merge the shards in record order; close this attempt in the history; ``finished`` once every record is done."""
+        docs = consolidate(self.out)
+        complete = len(docs) == self.records
+        path = self.out / MANIFEST
+        manifest = read_run_manifest(self.out)
+        if manifest is None:
+            raise InputError(f"{path}: disappeared while the run was going on")
+        now = now_iso()
+        if manifest.get("history"):
+            manifest["history"][-1]["finished"] = now
+        manifest["finished"] = now if complete else None
+        write_json_atomic(path, manifest)
+        return complete
+
+
 def check_out_dir(directory: str | Path, kind: str = "run") -> Path:
-    """``directory`` as a path a run (or sweep) may use: a folder or nothing; not the other kind's folder."""
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise InputError(f"--out {str(d)!r} is a file; give a directory")
+    """``directory`` as a path a run (or sweep) may use: a folder or nothing; not the other kind's folder.
+
+    An empty path is an error (it would be the current folder); a symbolic link must lead to a folder;
+    a folder among another run's own files (its ``wav/``, ``scores/``, …) is refused.
+    """
+    d = check_name(directory, "--out")
+    state = resolved_kind(d, "--out")  # a dangling link is one line here, not a FileExistsError from mkdir
+    if state not in ("missing", "dir"):
+        raise InputError(f"--out {str(d)!r} is {describe_kind(state)}; give a directory")
+    owner = run_file(d)
+    if owner is not None:
+        raise InputError(
+            f"--out {str(d)!r} is {owner[1]!r} of the run directory {str(owner[0])!r}, which belongs to that run; "
+            "give a directory of its own"
+        )
     if kind == "run" and (d / SWEEP_MANIFEST).is_file():
         raise InputError(f"--out {str(d)!r} is a sweep directory; give a directory of its own to a run")
     if kind == "sweep" and (d / MANIFEST).is_file():
@@ -287,6 +404,10 @@ __all__ = [
     "check_same_run",
     "clear_run",
     "check_out_dir",
+    "RunStore",
+    "check_not_run_file",
+    "check_data_outside",
+    "run_file",
     "write_json_atomic",
     "write_bytes_atomic",
     "dumps_line",

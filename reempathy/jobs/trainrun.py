@@ -40,13 +40,36 @@ from reempathy.checkpoints import (
     now_iso,
     read_manifest,
 )
+from pydantic import BaseModel, Field
+
 from reempathy.errors import CheckpointError, ConfigError, ReempathyError
+from reempathy.options import STRICT, TrainSeed
 from reempathy.safe_write import check_output_dir, check_output_file, fsync_path, write_json
 
 RUN_FILE = "reempathy-run.json"  # the settings of the run in progress, checked on resume
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint-N: its presence marks it complete
 CHECKPOINT_FILES = (*ADAPTER_FILES, "optimizer.pt", "scheduler.pt", TRAINER_STATE)
 _PARTIAL = ".adapter.partial"
+
+
+class TrainSettings(BaseModel):
+    """``[train]``: where checkpoints go and how long and how hard to train (LoRA rank 8, alpha 32 as in the paper)."""
+
+    model_config = STRICT
+    output_dir: str = Field(min_length=1)
+    max_steps: int = Field(100, ge=1, lt=2**31)
+    learning_rate: float = Field(2e-4, gt=0.0, le=10.0)
+    batch_size: int = Field(4, ge=1, le=65536, description="sequences per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
+    seed: TrainSeed = 0
+    lora_rank: int = Field(8, ge=1, le=4096)
+    lora_alpha: float = Field(32.0, gt=0.0, le=1e6)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    save_steps: int = Field(50, ge=1, lt=2**31, description="write a resumable checkpoint-N every this many steps")
+    save_total_limit: int | None = Field(2, ge=1, lt=2**31, description="keep at most this many checkpoint-N folders")
+    logging_steps: int = Field(1, ge=1, lt=2**31)
+    resume: bool = Field(False, description="continue from the last checkpoint-N in output_dir")
+    overwrite: bool = Field(False, description="delete an earlier run's checkpoints in output_dir and start over")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -257,6 +280,7 @@ def install_adapter(source: Path, output_dir: Path, manifest: Manifest, move: bo
 
 
 __all__ = [
+    "TrainSettings",
     "Manifest",
     "Component",
     "ChunkLayoutRecord",
