@@ -1,7 +1,9 @@
-"""Issue 15's GPU figures in one run: a GLM-4-Voice-9B-shape model, every side, against the bandwidth limit.
+"""Issues 15 and 26's GPU figures: a GLM-4-Voice-9B-shape model, every side, against the bandwidth limit.
 
-    bash bench/gpu.sh [--out DIR] [--budget-s 450]     # a CUDA machine: under 8 minutes
-    bash bench/gpu.sh --smoke [--out DIR]             # a tiny shape on CPU: the same code path, about a minute
+    bash bench/gpu.sh [--out DIR] [--budget-s 450]     # a CUDA machine: the sections that fit in 8 minutes
+    bash bench/gpu.sh --only batches,prefill,quantized-sft-compiled   # a second run: the rows never measured
+    bash bench/gpu.sh --profile [--profile-steps N]   # one profiled decode step per side (profile.md, traces)
+    bash bench/gpu.sh --smoke [--out DIR] [--profile] # a tiny shape on CPU: the same code path
     bash bench/gpu.sh --shape mid --dtype float32 --tokens 64 --skip batches,quantized-sft-compiled
                                                       # compiled = eager in float32 on a small model, in seconds
 
@@ -24,12 +26,18 @@ skipped and says so):
    bandwidth;
 2. ``generate()`` eager and with a static cache + compile (transformers' own CUDA-graph path);
 3. our ``sft`` eager and compiled (``cache = "static"``, ``compile = true``);
-4. ``reempathy`` + ``attention-reweight`` (α 1.15, layers 10–29) eager and compiled; whether the
-   compiled tokens equal the eager ones; time to first audio; real-time margin;
+4. ``reempathy`` + ``attention-reweight`` (α 1.15, layers 10–29) eager and compiled, and compiled
+   with ``attention = "flex"`` (the plan in FlexAttention's kernel); whether the compiled tokens
+   equal the eager ones (and flex's the SDPA-bias ones); time to first audio; real-time margin;
 5. batches of 1, 8 and 32 rows of ``reempathy`` + ``attention-reweight`` through the batched loop
-   (compiled), prompts of 144–156 tokens: tokens per second;
-6. weight-only ``int8`` and ``int4`` (torchao) of the same model, ``sft`` compiled: ms per token and
+   (compiled), prompts of 144–156 tokens: tokens per second, and some rows' greedy agreement with
+   the eager single-row loop;
+6. a test set's refills prefilled together against one at a time (``prefill``, bench/prefill.py);
+7. weight-only ``int8`` and ``int4`` (torchao) of the same model, ``sft`` compiled: ms per token and
    greedy agreement with bfloat16 over the first tokens (reported, not asserted).
+
+``--only``/``--skip`` pick sections; ``--profile`` replaces the timings by a profile of one decode
+step of each side (:func:`profile`, bench/step_profile.py).
 
 Per side: ``ms_per_token`` = the whole call (prefill included) / new tokens, median of
 ``--runs`` (compiled sides; eager ones are timed once); ``ms_per_step`` = (whole call of N tokens - whole call of 1 token) / (N - 1), the
@@ -86,6 +94,14 @@ PROMPT_TOKENS = 150
 REWEIGHT = {"factor": 1.15}  # default layers: the middle half (10-29 of 40)
 REEMPATHY = {"text_tokens": 5, "audio_tokens": 10, "reflection_tokens": 12}  # the issue's arithmetic
 AGREEMENT_TOKENS = 64  # quantized vs bfloat16 greedy tokens compared over this many
+
+
+SECTIONS = (
+    "setup", "generate-eager", "generate-compiled", "sft-eager", "sft-compiled", "reempathy+reweight-eager",
+    "reempathy+reweight-compiled", "reempathy+reweight-compiled-flex", "compiled-equals-eager", "batches", "prefill",
+    "quantized-sft-compiled",
+)  # fmt: skip
+"""Every section, in the order a run takes them (also the sides ``--profile`` records, where they are sides)."""
 
 
 class Skip(Exception):
@@ -271,21 +287,28 @@ def plugins(bb: Any, variant: str) -> tuple[Any, list[Any]]:
     return strategy, [reweight, BanStops(bb)]
 
 
-def ours(bb: Any, variant: str, compiled: bool) -> Callable[[int], Callable[[], Any]]:
+def ours(
+    bb: Any, variant: str, compiled: bool, attention: str = "sdpa-bias", extra: Callable[[], list[Any]] = list, prompt: int = 0
+) -> Callable[[int], Callable[[], Any]]:
+    """Our decode of ``variant`` (``n`` tokens per call); ``extra()`` adds processors (a profiler's step marker)."""
     from reempathy.decoding.loop import LoopOptions, decode
 
     def make(n: int) -> Callable[[], Any]:
         strategy, processors = plugins(bb, variant)
         cache = "static" if compiled else "dynamic"
-        options = LoopOptions(max_new_tokens=n, greedy=True, strategy_name=variant, cache=cache, compile=compiled)
-        return lambda: decode(bb, prompt_of(bb), strategy, processors, options)
+        options = LoopOptions(
+            max_new_tokens=n, greedy=True, strategy_name=variant, cache=cache, compile=compiled, attention=attention
+        )
+        return lambda: decode(bb, prompt_of(bb, prompt), strategy, [*processors, *extra()], options)
 
     return make
 
 
-def transformers_generate(bb: Any, compiled: bool, backend: str) -> Callable[[int], Callable[[], Any]]:
+def transformers_generate(
+    bb: Any, compiled: bool, backend: str, logits_processor: Callable[[], list[Any]] = list
+) -> Callable[[int], Callable[[], Any]]:
     import torch
-    from transformers import CompileConfig
+    from transformers import CompileConfig, LogitsProcessorList
 
     ids = torch.tensor([prompt_of(bb)], device=bb.model.device)
     kwargs: dict[str, Any] = {}
@@ -307,6 +330,7 @@ def transformers_generate(bb: Any, compiled: bool, backend: str) -> Callable[[in
                     do_sample=False,
                     eos_token_id=list(bb.layout.stop_ids),
                     pad_token_id=bb.layout.special["<|endoftext|>"],
+                    logits_processor=LogitsProcessorList(logits_processor()),
                     **kwargs,
                 )
             if out.shape[1] - ids.shape[1] != n:
@@ -324,16 +348,18 @@ def batch_tokens_per_s(bb: Any, rows: int, n: int, runs: int, device: str) -> di
     from reempathy.decoding.loop import LoopOptions
 
     options = LoopOptions(max_new_tokens=n, greedy=True, strategy_name="reempathy+reweight", cache="static", compile=True)
+    answers: dict[int, list[int]] = {}
 
     def call() -> int:
         requests = []
         for r in range(rows):
             strategy, processors = plugins(bb, "reempathy+reweight")
-            requests.append(RowRequest(r, prompt_of(bb, (r % 13) - 6), strategy, processors, seed=r))
+            requests.append(RowRequest(r, prompt_of(bb, batch_extra(r)), strategy, processors, seed=r))
         total = 0
         for key, result in decode_batch(bb, requests, options, batch_size=rows):
             if result.counts.generated != n:
                 raise RuntimeError(f"row {key} stopped after {result.counts.generated} tokens ({result.stop_reason})")
+            answers[key] = list(result.ids)  # the answer's tokens (the prompt is not in them)
             total += n
         return total
 
@@ -341,7 +367,30 @@ def batch_tokens_per_s(bb: Any, rows: int, n: int, runs: int, device: str) -> di
     before = graphs_compiled()
     times = [timed(call, device)[1] for _ in range(runs)]
     t = statistics.median(times)
-    return {"rows": rows, "tokens_per_s": rows * n / t, "call_s": times, "graphs_after_warmup": graphs_compiled() - before}
+    out = {"rows": rows, "tokens_per_s": rows * n / t, "call_s": times, "graphs_after_warmup": graphs_compiled() - before}
+    # Greedy agreement of some rows with the eager single-row loop (the reference path), over the first tokens.
+    agreement = {}
+    for r in sorted({0, rows // 2, rows - 1}):
+        single = ours(bb, "reempathy+reweight", False, prompt=batch_extra(r))(min(n, AGREEMENT_TOKENS))()
+        agreement[str(r)] = _agreement(list(single.ids), answers[r])
+    out["greedy_agreement_with_single_row"] = agreement
+    return out
+
+
+def batch_extra(row: int) -> int:
+    """Row ``row``'s prompt is the bench prompt this many tokens longer (or shorter): 144-156 tokens."""
+    return (row % 13) - 6
+
+
+def _agreement(reference: list[int], got: list[int]) -> dict[str, Any]:
+    """How far ``got`` follows ``reference`` over their first :data:`AGREEMENT_TOKENS` tokens."""
+    k = min(AGREEMENT_TOKENS, len(got), len(reference))
+    first = _first_difference(reference[:k], got[:k])
+    return {
+        "over_first": k,
+        "equal_prefix": k if first is None else first,
+        "equal_fraction": sum(a == b for a, b in zip(reference[:k], got[:k])) / max(k, 1),
+    }
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -363,6 +412,10 @@ class Plan:
     quantize: tuple[str, ...]
     smoke: bool
     skip: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+    prefill: tuple[int, int, int] = (256, 32, 16)  # records, batch, tokens of the prefill section
+    profile: bool = False
+    profile_steps: int = 1
 
 
 class Report:
@@ -456,6 +509,9 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
         if name in plan.skip:
             doc["skipped"][name] = "--skip"
             return None
+        if plan.only and name != "setup" and name not in plan.only:
+            doc["skipped"][name] = "not in --only"
+            return None
         if left() < estimate_s:
             doc["skipped"][name] = f"time budget: {left():.0f} s left, about {estimate_s:.0f} s needed"
             print(f"  {name}: skipped ({doc['skipped'][name]})", flush=True)
@@ -514,10 +570,11 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
         tokens[f"generate-{'compiled' if compiled else 'eager'}"] = m["last"]
         return side_summary(m)
 
-    def our_side(variant: str, compiled: bool) -> dict[str, Any]:
-        m = measure(ours(bb, variant, compiled), n, runs if compiled else 1, device)
+    def our_side(variant: str, compiled: bool, attention: str = "sdpa-bias") -> dict[str, Any]:
+        m = measure(ours(bb, variant, compiled, attention), n, runs if compiled else 1, device)
         result = m["last"]
-        tokens[f"{variant}-{'compiled' if compiled else 'eager'}"] = list(result.ids)
+        name = f"{variant}-{'compiled' if compiled else 'eager'}{'-flex' if attention == 'flex' else ''}"
+        tokens[name] = list(result.ids)
         summary = side_summary(m)
         t = result.timings
         summary.update(
@@ -547,6 +604,11 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
     section("sft-compiled", compile_s + eager_s / 3, lambda: our_side("sft", True))
     section("reempathy+reweight-eager", eager_s, lambda: our_side("reempathy+reweight", False))
     section("reempathy+reweight-compiled", 2 * compile_s + eager_s / 3, lambda: our_side("reempathy+reweight", True))
+    section(
+        "reempathy+reweight-compiled-flex",
+        2 * compile_s + eager_s / 3,
+        lambda: our_side("reempathy+reweight", True, attention="flex"),
+    )
 
     def agreement() -> dict[str, Any]:
         pairs = {}
@@ -555,6 +617,11 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
             if a is None or b is None:
                 continue
             pairs[variant] = {"equal": a == b, "first_difference": _first_difference(a, b), "tokens": len(a)}
+        a, b = tokens.get("reempathy+reweight-compiled"), tokens.get("reempathy+reweight-compiled-flex")
+        if a is not None and b is not None:  # the two kernels that carry the plan, both compiled
+            pairs["reempathy+reweight flex vs sdpa-bias"] = {  # not eager vs compiled: the two compiled kernels
+                "equal": a == b, "first_difference": _first_difference(a, b), "tokens": len(a)
+            }
         if not pairs:
             raise Skip("no eager/compiled pair was measured")
         return {"compiled_vs_eager": pairs}
@@ -575,11 +642,46 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
 
     section("batches", compile_s + 10 * scale, batches)
 
+    def prefills() -> dict[str, Any]:
+        # Issue 26 item 5: a test set's refills prefilled together (right-padded) against one at a time.
+        import prefill as prefill_bench
+
+        records, batch, new_tokens = plan.prefill
+
+        def make() -> list[Any]:
+            from reempathy.decoding.batch import RowRequest
+
+            requests = []
+            for r in range(records):
+                strategy, processors = plugins(bb, "reempathy+reweight")
+                requests.append(RowRequest(r, prompt_of(bb, batch_extra(r)), strategy, processors, seed=r))
+            return requests
+
+        sync = lambda: synchronize(device)  # noqa: E731
+        out: dict[str, Any] = {"records": records, "batch": batch, "tokens": new_tokens, "sides": {}}
+        answers = {}
+        for rows in sorted({1, min(8, batch), batch}):
+            prefill_bench.records_per_s(bb, make, new_tokens, batch, rows, sync=sync)  # warm-up
+            rates = []
+            for _ in range(runs):
+                rate, answers[rows] = prefill_bench.records_per_s(bb, make, new_tokens, batch, rows, sync=sync)
+                rates.append(rate)
+            side = {"records_per_s": statistics.median(rates), "runs": rates}
+            if rows != 1:
+                side["answers_equal_to_one_at_a_time"] = sum(answers[rows][k] == answers[1][k] for k in answers[1]) / len(answers[1])
+                side["over_one_at_a_time"] = side["records_per_s"] / out["sides"]["1"]["records_per_s"]
+            out["sides"][str(rows)] = side
+        return out
+
+    section("prefill", 60 * scale, prefills)
+
     def quantized() -> dict[str, Any]:
         from reempathy.backbones.quantize import quantize_weights
 
         out: dict[str, Any] = {}
         reference = tokens.get("sft-compiled") or tokens.get("sft-eager")
+        if reference is None:  # the bf16 sides were left out of this run: an eager bf16 answer is the reference
+            reference = list(ours(bb, "sft", False)(AGREEMENT_TOKENS)().ids)
         for kind in plan.quantize:
             if left() < compile_s + eager_s / 3:
                 doc["skipped"][f"quantize-{kind}"] = f"time budget: {left():.0f} s left"
@@ -601,13 +703,7 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
             got = list(m["last"].ids)
             summary = side_summary(m)
             summary["weight_bytes_per_step"] = weight_bytes_per_step(qbb.model)
-            if reference is not None:
-                k = min(AGREEMENT_TOKENS, len(got), len(reference))
-                summary["greedy_agreement"] = {
-                    "over_first": k,
-                    "equal_prefix": _first_difference(reference[:k], got[:k]) or k,
-                    "equal_fraction": sum(a == b for a, b in zip(reference[:k], got[:k])) / max(k, 1),
-                }
+            summary["greedy_agreement"] = _agreement(reference, got)
             out[kind] = summary
             del qbb
             state.get("q", {}).pop(kind, None)
@@ -626,6 +722,54 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
     return doc
 
 
+def profile(plan: Plan, out: Path) -> dict[str, Any]:
+    """``--profile``: one decode step of each side under ``torch.profiler`` (bench/step_profile.py); profile.md, profile.json, traces."""
+    import torch
+
+    import step_profile
+    from reempathy.decoding import static
+
+    doc: dict[str, Any] = {"schema": SCHEMA + "/profile", "plan": vars(plan).copy(), "sides": {}}
+    doc["plan"]["batches"], doc["plan"]["quantize"] = list(plan.batches), list(plan.quantize)
+    doc["environment"] = environment(plan)
+    print(f"gpu bench profile: {doc['environment']['gpu'] or 'CPU'} — {doc['environment']['date_utc']}", flush=True)
+    bb = build_backbone(SHAPES[plan.shape], plan.device, getattr(torch, plan.dtype))
+    static.engine(bb.model).backend = plan.backend
+    n = step_profile.tokens_needed(plan.profile_steps)
+    sides: dict[str, Callable[[Callable[[], list[Any]]], Callable[[int], Callable[[], Any]]]] = {
+        "generate-eager": lambda extra: transformers_generate(bb, False, plan.backend, extra),
+        "generate-compiled": lambda extra: transformers_generate(bb, True, plan.backend, extra),
+        "sft-eager": lambda extra: ours(bb, "sft", False, extra=extra),
+        "sft-compiled": lambda extra: ours(bb, "sft", True, extra=extra),
+        "reempathy+reweight-eager": lambda extra: ours(bb, "reempathy+reweight", False, extra=extra),
+        "reempathy+reweight-compiled": lambda extra: ours(bb, "reempathy+reweight", True, extra=extra),
+        "reempathy+reweight-compiled-flex": lambda extra: ours(bb, "reempathy+reweight", True, "flex", extra=extra),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"Decode step profile ({'smoke, ' if plan.smoke else ''}{plan.shape}, {plan.dtype}) — {doc['environment']['gpu'] or 'CPU'}, {doc['environment']['date_utc']}"
+    for name, side in sides.items():
+        if name in plan.skip or (plan.only and name not in plan.only):
+            continue
+        t0 = time.perf_counter()
+        try:
+            side(list)(n)()  # warm-up: the compiled sides compile here
+            synchronize(plan.device)
+            with step_profile.step_profiler(plan.device, plan.profile_steps) as (prof, marker):
+                side(lambda: [marker])(n)()
+                synchronize(plan.device)
+            summary = step_profile.summarise(prof, plan.device)
+            trace = out / f"trace-{name}.json"
+            prof.export_chrome_trace(str(trace))
+            summary["trace"] = trace.name
+        except Exception as exc:  # noqa: BLE001 - one failing side must not lose the others' profiles
+            summary = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        doc["sides"][name] = summary
+        print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        _atomic(out / "profile.json", json.dumps(doc, indent=2, default=str) + "\n")
+        _atomic(out / "profile.md", step_profile.markdown(doc["sides"], plan.device, title))
+    return doc
+
+
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first token where ``a`` and ``b`` differ (None: equal over the shorter)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -641,6 +785,9 @@ def ratios(doc: dict[str, Any]) -> dict[str, Any]:
 
     pairs = {
         "reempathy+reweight/sft (compiled, per step; target <= 1.05)": ("reempathy+reweight-compiled", "sft-compiled"),
+        "reempathy+reweight flex/sft (compiled, per step; target <= 1.05)": ("reempathy+reweight-compiled-flex", "sft-compiled"),
+        "reempathy+reweight flex/sdpa-bias (compiled, per step)": ("reempathy+reweight-compiled-flex", "reempathy+reweight-compiled"),
+        "sft/generate (eager, per step; target <= 1.00)": ("sft-eager", "generate-eager"),
         "sft/generate (compiled, per step; target <= 1.00)": ("sft-compiled", "generate-compiled"),
         "compiled/eager sft (per step)": ("sft-compiled", "sft-eager"),
         "compiled/eager reempathy+reweight (per step)": ("reempathy+reweight-compiled", "reempathy+reweight-eager"),
@@ -650,9 +797,9 @@ def ratios(doc: dict[str, Any]) -> dict[str, Any]:
             out[label] = step(a) / step(b)
     limit = s.get("setup", {}).get("bandwidth_limit_ms_per_step")
     if limit:
-        for name in ("sft-compiled", "reempathy+reweight-compiled", "generate-compiled"):
+        for name in ("sft-compiled", "reempathy+reweight-compiled", "reempathy+reweight-compiled-flex", "generate-compiled"):
             if step(name):
-                out[f"{name} / bandwidth limit (target <= 2)"] = step(name) / limit
+                out[f"{name} / bandwidth limit (target <= 1.3)"] = step(name) / limit
     re = s.get("reempathy+reweight-compiled")
     if re and re.get("ms_per_step"):
         # The issue's arithmetic: each spoken chunk of 5 text + 10 audio tokens (10 units = 0.8 s of
@@ -703,7 +850,7 @@ def markdown(doc: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name in (
         "generate-eager", "generate-compiled", "sft-eager", "sft-compiled",
-        "reempathy+reweight-eager", "reempathy+reweight-compiled",
+        "reempathy+reweight-eager", "reempathy+reweight-compiled", "reempathy+reweight-compiled-flex",
     ):  # fmt: skip
         r = s.get(name)
         if r is None:
@@ -728,9 +875,29 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     batches = (s.get("batches") or {}).get("reempathy+reweight", {})
     if batches:
-        lines += ["", "| reempathy+reweight, batched (compiled) | tokens/s | graphs after warm-up |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "| reempathy+reweight, batched (compiled) | tokens/s | graphs after warm-up | greedy = eager single row (rows: equal prefix of first) |",
+            "|---|---:|---:|---|",
+        ]
         for rows, r in batches.items():
-            lines.append(f"| batch {rows} | {_fmt(r['tokens_per_s'], 1)} | {r['graphs_after_warmup']} |")
+            agree = ", ".join(
+                f"{row}: {a['equal_prefix']}/{a['over_first']}" for row, a in (r.get("greedy_agreement_with_single_row") or {}).items()
+            )
+            lines.append(f"| batch {rows} | {_fmt(r['tokens_per_s'], 1)} | {r['graphs_after_warmup']} | {agree or '–'} |")
+    pre = s.get("prefill")
+    if pre:
+        lines += [
+            "",
+            f"| refills prefilled (eager batched loop, {pre['records']} records, batch {pre['batch']}, {pre['tokens']} tokens each) "
+            "| records/s | × one at a time | answers equal to one at a time |",
+            "|---|---:|---:|---:|",
+        ]
+        for rows, r in pre["sides"].items():
+            lines.append(
+                f"| {'one at a time' if rows == '1' else f'up to {rows} together'} | {_fmt(r['records_per_s'], 1)} | "
+                f"{_fmt(r.get('over_one_at_a_time'))} | {_fmt(r.get('answers_equal_to_one_at_a_time'))} |"
+            )
     re = s.get("reempathy+reweight-compiled")
     if re:
         lines += [
@@ -741,8 +908,9 @@ def markdown(doc: dict[str, Any]) -> str:
         ]
     agree = (s.get("compiled-equals-eager") or {}).get("compiled_vs_eager", {})
     for variant, a in agree.items():
+        what = "tokens {} sdpa-bias's (both compiled)" if " vs " in variant else "compiled tokens {} eager"
         lines.append(
-            f"- {variant}: compiled tokens {'equal' if a['equal'] else 'differ from'} eager"
+            f"- {variant}: " + what.format("equal" if a["equal"] else "differ from")
             + ("" if a["equal"] else f" (first difference at token {a['first_difference']})")
         )
     if doc.get("ratios"):
@@ -769,6 +937,9 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, Path]:
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default glm-4-voice-9b; smoke: smoke)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="weights' dtype (default bfloat16; smoke: float32)")
     p.add_argument("--skip", default="", help="comma-separated section names not to run (e.g. generate-eager,batches)")
+    p.add_argument("--only", default="", help="comma-separated section names to run, the rest skipped (setup always runs)")
+    p.add_argument("--profile", action="store_true", help="profile one decode step of each side instead (profile.md, traces)")
+    p.add_argument("--profile-steps", type=int, default=1, help="decode steps each profile records (default 1)")
     args = p.parse_args(argv)
     if args.smoke:
         plan = Plan(
@@ -789,6 +960,14 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, Path]:
     plan.dtype = args.dtype or plan.dtype
     plan.quantize = tuple(k for k in plan.quantize if k and k != "none")
     plan.skip = tuple(k.strip() for k in args.skip.split(",") if k.strip())
+    plan.only = tuple(k.strip() for k in args.only.split(",") if k.strip())
+    unknown = [k for k in plan.skip + plan.only if k not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
+    plan.profile = args.profile
+    plan.profile_steps = max(1, args.profile_steps)
+    if plan.smoke:
+        plan.prefill = (8, 4, 4)
     return plan, out
 
 
@@ -810,6 +989,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench/gpu.sh: error: missing Python packages: {', '.join(missing)} (see bench/README.md)", file=sys.stderr)
         return 2
+    if plan.profile:
+        profile(plan, out)
+        print((out / "profile.md").read_text())
+        print(f"wrote {out / 'profile.md'}, {out / 'profile.json'} and the traces (trace-*.json, chrome://tracing or Perfetto)")
+        return 0
     doc = run(plan, out)
     print(markdown(doc))
     print(f"wrote {out / 'gpu-bench.json'} and {out / 'gpu-bench.md'}")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 15's GPU figures in one run (bench/gpu.py; method and figures: bench/README.md).
+# Issues 15 and 26: the GPU figures (bench/gpu.py; method and figures: bench/README.md).
 #   bash bench/gpu.sh [--out DIR] [--budget-s 450]   a CUDA machine, under 8 minutes
+#   bash bench/gpu.sh --only batches,prefill,quantized-sft-compiled   the rows one run leaves out
+#   bash bench/gpu.sh --profile                     one profiled decode step per side (profile.md)
 #   bash bench/gpu.sh --smoke [--out DIR]           a tiny shape on CPU, the same code path
 # Python: $PYTHON, else the project's .venv, else python3 (a GPU image's own PyTorch). Wheels in
 # .whl/ (packages that machine lacks, see bench/README.md) are installed into /tmp first when

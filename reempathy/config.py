@@ -78,11 +78,19 @@ class DecodeSettings(BaseModel):
     )
     cache: Literal["dynamic", "static"] = Field("dynamic", description="static: a preallocated KV cache (for compile)")
     compile: bool = Field(False, description="torch.compile the decode steps; needs cache = \"static\"")
+    attention: Literal["sdpa-bias", "flex"] = Field(
+        "sdpa-bias",
+        description='how an attention plan reaches the static path\'s attention: "sdpa-bias" (a dense bias in SDPA\'s '
+        'mask, the reference) or "flex" (key ranges in FlexAttention\'s fused kernel in the compiled steps); '
+        '"flex" needs cache = "static"',
+    )
 
     @model_validator(mode="after")
     def _one_question(self) -> "DecodeSettings":
         if self.prompt is not None and self.units is not None:
             raise ValueError("set decode.prompt or decode.units, not both (the other would be ignored)")
+        if self.attention == "flex" and self.cache != "static":
+            raise ValueError('decode.attention = "flex" needs decode.cache = "static" (and compile = true for the fused kernel)')
         return self
 
     @model_validator(mode="after")

@@ -174,4 +174,5 @@ def loop_options(cfg: DecodeConfig) -> LoopOptions:
         strategy_name=cfg.strategy.name,
         cache=cfg.decode.cache,
         compile=cfg.decode.compile,
+        attention=cfg.decode.attention,
     )

@@ -120,7 +120,7 @@ def _single(tiny, strategy, reweight):
     return _MEMO[key]
 
 
-def _batched(tiny, strategy, reweight, batch_size, options=None):
+def _batched(tiny, strategy, reweight, batch_size, options=None, prefill_rows=8):
     spies = {}
 
     def requests():
@@ -129,7 +129,7 @@ def _batched(tiny, strategy, reweight, batch_size, options=None):
             yield RowRequest(i, prompt, s, processors)
 
     options = options or LoopOptions(max_new_tokens=MAX_NEW, greedy=True)
-    results = dict(decode_batch(tiny, requests(), options, batch_size))
+    results = dict(decode_batch(tiny, requests(), options, batch_size, prefill_rows=prefill_rows))
     return results, spies
 
 
@@ -207,8 +207,8 @@ def test_forwarded_counters_are_exact_per_row_and_add_up_to_what_the_model_read(
     handle = tiny.model.register_forward_pre_hook(
         lambda module, args, kwargs: fed.append(kwargs["input_ids"].numel()), with_kwargs=True
     )
-    try:
-        results, _ = _batched(tiny, "reempathy", "all-heads", 3)
+    try:  # one row per prefill, so that no call reads padding (prefills together: the next test)
+        results, _ = _batched(tiny, "reempathy", "all-heads", 3, prefill_rows=1)
     finally:
         handle.remove()
     for r in results.values():
@@ -354,6 +354,68 @@ def test_a_third_party_strategy_decodes_batched_unchanged(tiny, fresh_discovery)
         assert seen["sampled"] + seen["forced"] == got.counts.generated + got.counts.forced
         assert seen.get("dropped", 0) >= 1 or got.counts.generated < 10
         assert [h.kind for h in got.hidden][:1] == ["memo"]
+
+
+# --- rows that enter together are prefilled together ---------------------------------------------------
+
+
+def _prefill_calls(tiny, fn):
+    """``fn()``, and the shapes of the model calls it made with an empty cache (the prefills)."""
+    shapes = []
+
+    def spy(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() == 0:
+            shapes.append(tuple(kwargs["input_ids"].shape))
+
+    handle = tiny.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        return fn(), shapes
+    finally:
+        handle.remove()
+
+
+PREFILL_CASES = [("reempathy", "all-heads"), ("cotbs", "selected-heads"), ("sft", None)]
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=[_case_id(c) for c in PREFILL_CASES])
+def test_rows_prefilled_together_decode_what_one_at_a_time_prefills_and_the_single_row_loop_do(tiny, case, batch_size):
+    (together, spies), shapes = _prefill_calls(tiny, lambda: _batched(tiny, *case, batch_size, prefill_rows=8))
+    (alone, _), alone_shapes = _prefill_calls(tiny, lambda: _batched(tiny, *case, batch_size, prefill_rows=1))
+    assert any(rows > 1 for rows, _ in shapes) and all(rows == 1 for rows, _ in alone_shapes)
+    for i, (expected, expected_steps) in enumerate(_single(tiny, *case)):
+        assert together[i].ids == alone[i].ids == expected.ids, f"row {i}"
+        assert together[i].counts == expected.counts
+        for step, (a, b) in enumerate(zip(spies[i].steps, expected_steps)):
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite), f"row {i} step {step}"
+            torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=0, msg=f"row {i} step {step}")
+
+
+def test_a_prefill_together_reads_each_rows_tokens_and_right_padding_only(tiny):
+    prompts = _prompts(tiny)
+    (results, _), shapes = _prefill_calls(tiny, lambda: _batched(tiny, "sft", None, 8, prefill_rows=4))
+    # The first refill takes rows 0-7: two calls of four rows, each as long as its longest prompt.
+    lengths = [len(p) for p in prompts]
+    assert shapes[:2] == [(4, max(lengths[:4])), (4, max(lengths[4:8]))]
+    assert [r.counts.prompt for _, r in sorted(results.items())] == lengths
+
+
+def test_prefill_groups_hold_at_most_so_many_rows_and_tokens_and_rows_with_extra_inputs_alone():
+    from reempathy.decoding.batch import PREFILL_TOKENS, prefill_groups
+
+    assert prefill_groups([({}, 10)] * 5, 2) == [[0, 1], [2, 3], [4]]
+    assert prefill_groups([({}, 10)] * 3, 1) == [[0], [1], [2]]
+    assert prefill_groups([({}, 10), ({"audio": 1}, 10), ({}, 10), ({}, 10)], 8) == [[0], [1], [2, 3]]
+    half = PREFILL_TOKENS // 2
+    assert prefill_groups([({}, half), ({}, half), ({}, half)], 8) == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("rows", [0, 2.0, False])
+def test_prefill_rows_below_one_is_a_config_error(tiny, rows):
+    with pytest.raises(ConfigError, match="prefill rows"):
+        decode_batch(tiny, [], LoopOptions(), 2, prefill_rows=rows)
 
 
 # --- what the batched loop refuses ------------------------------------------------------------------

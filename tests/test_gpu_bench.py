@@ -41,21 +41,53 @@ def test_the_smoke_run_writes_every_section_with_no_graph_compiled_after_warm_up
     table = (tmp_path / "gpu-bench.md").read_text()
     assert doc["schema"] == "reempathy.gpu-bench/1" and doc["failed"] == {}
     sides = ["generate-eager", "generate-compiled", "sft-eager", "sft-compiled",
-             "reempathy+reweight-eager", "reempathy+reweight-compiled"]  # fmt: skip
+             "reempathy+reweight-eager", "reempathy+reweight-compiled", "reempathy+reweight-compiled-flex"]  # fmt: skip
     for side in sides:
         s = doc["sections"][side]
         assert s["ms_per_token"] > 0 and s["graphs_after_warmup"] == 0, side
         assert side in table
     assert doc["sections"]["reempathy+reweight-compiled"]["hidden_segments"] >= 1
     pairs = doc["sections"]["compiled-equals-eager"]["compiled_vs_eager"]
-    assert set(pairs) == {"generate", "sft", "reempathy+reweight"} and all(p["equal"] for p in pairs.values())
+    assert set(pairs) == {"generate", "sft", "reempathy+reweight", "reempathy+reweight flex vs sdpa-bias"}
+    assert all(p["equal"] for p in pairs.values())
     batches = doc["sections"]["batches"]["reempathy+reweight"]
     assert set(batches) == {"1", "4"} and all(b["graphs_after_warmup"] == 0 for b in batches.values())
+    for b in batches.values():  # float32 on CPU: every batch row decodes what the eager single-row loop does
+        assert all(a["equal_prefix"] == a["over_first"] > 0 for a in b["greedy_agreement_with_single_row"].values())
+    prefill = doc["sections"]["prefill"]["sides"]
+    assert set(prefill) == {"1", "4"} and all(p.get("answers_equal_to_one_at_a_time", 1.0) == 1.0 for p in prefill.values())
     int8 = doc["sections"]["quantized-sft-compiled"]["int8"]
-    assert int8["greedy_agreement"]["over_first"] > 0
+    assert int8["greedy_agreement"]["over_first"] == 16  # the smoke run's answer length
     assert "CUDA only" in doc["skipped"]["quantize-int4"]
     assert doc["environment"]["date_utc"] in table and "bandwidth limit" in table
     assert "reempathy+reweight/sft (compiled, per step; target <= 1.05)" in doc["ratios"]
+
+
+def test_the_rows_never_measured_run_alone_with_their_bf16_reference(tmp_path):
+    # What a second GPU invocation runs: the batches and quantized rows only, the agreement reference made on the spot.
+    done = _run("--smoke", "--out", str(tmp_path), "--only", "batches,quantized-sft-compiled", "--quantize", "int8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert set(doc["sections"]) == {"setup", "batches", "quantized-sft-compiled"}
+    assert doc["skipped"]["sft-compiled"] == "not in --only"
+    assert doc["sections"]["quantized-sft-compiled"]["int8"]["greedy_agreement"]["over_first"] == 16
+
+
+def test_the_smoke_profile_writes_each_sides_step_table_and_trace(tmp_path):
+    sides = ["generate-eager", "sft-compiled", "reempathy+reweight-compiled"]
+    done = _run("--smoke", "--profile", "--out", str(tmp_path), "--only", ",".join(sides))
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    table = (tmp_path / "profile.md").read_text()
+    assert list(doc["sides"]) == sides
+    for side in sides:
+        s = doc["sides"][side]
+        assert "error" not in s, s
+        assert s["steps"] == 1 and s["wall_us"] > 0 and 0 <= s["host_gaps_us"] <= s["wall_us"]
+        assert s["top_ops"] and all(o["calls_per_step"] > 0 for o in s["top_ops"])
+        assert (tmp_path / s["trace"]).stat().st_size > 0
+        assert f"## {side}" in table
+    assert "host gaps" in table and doc["environment"]["date_utc"] in table
 
 
 def test_shape_and_dtype_can_be_chosen_for_a_quick_equality_check():
@@ -71,3 +103,5 @@ def test_shape_and_dtype_can_be_chosen_for_a_quick_equality_check():
     assert (plan.shape, plan.dtype) == ("smoke", "float32")
     with pytest.raises(SystemExit):
         gpu.parse(["--shape", "70b"])
+    with pytest.raises(SystemExit):
+        gpu.parse(["--only", "batch-32"])  # a section name, not a row: --only batches

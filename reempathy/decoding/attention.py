@@ -38,6 +38,18 @@ Where the bias lives, in one of two layouts:
   the attention function reads in Python (which layers are planned, groups, shapes) changes at a
   phase change, so a compiled graph never recompiles there and a CUDA graph replays reading the
   same tensor. Per head always, so that a plan that starts selecting heads changes no shape.
+* **Ranges** (:meth:`BiasController.fix_ranges`, ``attention = "flex"`` on the static path): no
+  dense bias at all. Per layer and row, up to ``E`` key ranges ``[start, end)`` (already shifted by
+  the row's padding) and, per head, the value each range adds: ``spans [layers, rows, E, 2]``
+  (int64) and ``values [layers, rows, H, E]`` (the model's dtype). Inside a compiled graph the
+  attention runs in FlexAttention's fused kernel with a ``score_mod`` that adds, for key ``kv``,
+  ``values[h, e]`` for every range ``e`` holding ``kv`` (and applies transformers' own mask), so
+  no ``[rows, H, 1, columns]`` bias is ever read. Outside a graph (the prefill, an uncompiled
+  static cache) the same ranges are expanded to bias columns and go through SDPA as in the fixed
+  layout: eager FlexAttention materialises every score through ``vmap`` and costs 100-1000 times
+  what SDPA does (docs/performance.md). A plan with more ranges in one layer than ``E`` grows the
+  tensors (doubling), which compiles that graph once more; ``E`` starts at
+  :data:`RANGE_CAPACITY`, which the built-in reweighting (one range per layer) never exceeds.
 """
 
 from __future__ import annotations
@@ -50,7 +62,11 @@ from typing import Any
 
 import torch
 
+from reempathy.decoding.transfer import to_device
+from reempathy.errors import NotAvailableError
+
 __all__ = [
+    "ATTENTION_KINDS",
     "ATTENTION_NAME",
     "AttentionPlan",
     "BiasController",
@@ -61,6 +77,11 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "reempathy_sdpa"
+
+ATTENTION_KINDS = ("sdpa-bias", "flex")
+"""How the static path carries a plan: a dense bias in SDPA's mask (the reference), or key ranges in FlexAttention."""
+RANGE_CAPACITY = 2
+"""Key ranges per layer and row that the ranges layout holds before its tensors grow."""
 
 # Attribute set on attention modules while `biased_attention` is active.
 _CONTROLLER_ATTR = "_reempathy_bias_controller"
@@ -200,7 +221,9 @@ class _BiasGroup:
             capacity = max(256, 2 * kv_length, 0 if buf is None else buf.shape[-1])
             self.allocate(max(rows, 0 if buf is None else buf.shape[0]), num_heads, capacity, dtype, device)
         self.flush()
-        view = self.buffer[:rows, ..., :kv_length]  # type: ignore[index]
+        buf = self.buffer
+        # One slice (not two) in the usual case, where every buffer row is a row of the batch.
+        view = buf.narrow(-1, 0, kv_length) if buf.shape[0] == rows else buf[:rows, ..., :kv_length]  # type: ignore[union-attr,index]
         # One row of one head is contiguous as it is; other views are copied once per key length.
         self._view = view if rows == 1 and not self.per_head else view.contiguous()
         self._view_key = key
@@ -238,6 +261,12 @@ class BiasController:
         self._reserved: tuple[int, int, int, torch.dtype, torch.device] | None = None
         # The fixed layout: [layers, rows, H, 1, columns], read by every layer (None: grouped layout).
         self._fixed: torch.Tensor | None = None
+        # The ranges layout: spans [layers, rows, E, 2] and values [layers, rows, H, E] (None: another layout).
+        self._spans: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        # ... with each row's first visible column [rows] and the write head (0-dim), both int64.
+        self._first: torch.Tensor | None = None
+        self._head: torch.Tensor | None = None
         self._paused = False
         # Single-entry cache of the last combined mask, so the layers of one group reuse one mask
         # within a forward pass. Identity-checked on the group and the attention mask object.
@@ -260,6 +289,8 @@ class BiasController:
         self._offsets = [int(o) for o in offsets]
         if self._fixed is not None:
             self._write_fixed(range(self._fixed.shape[1]))
+        elif self._spans is not None:
+            self._write_ranges(range(self._spans.shape[1]))
         else:
             self._regroup()
 
@@ -269,6 +300,8 @@ class BiasController:
         self._rows[row] = normalise_plan(plan)
         if self._fixed is not None:
             self._write_fixed((row,))
+        elif self._spans is not None:
+            self._write_ranges((row,))
         else:
             self._regroup()
 
@@ -312,9 +345,121 @@ class BiasController:
                 first = fixed[members[0], r]
                 _fill_row(first, entry, self._offsets[r])
                 if len(members) > 1:
-                    index = torch.tensor(members[1:], device=fixed.device)
-                    source = first.unsqueeze(0).expand(len(members) - 1, *first.shape).clone()
-                    fixed[:, r].index_copy_(0, index, source)
+                    rest = members[1:]
+                    if rest[-1] - rest[0] == len(rest) - 1:  # consecutive layers (the usual plan): a broadcast copy
+                        fixed[rest[0] : rest[-1] + 1, r] = first
+                    else:  # the index queued without a device round trip (transfer.py)
+                        index = to_device(rest, fixed.device)
+                        source = first.unsqueeze(0).expand(len(rest), *first.shape).clone()
+                        fixed[:, r].index_copy_(0, index, source)
+
+    # --- the ranges layout (attention = "flex") --------------------------------------------------
+
+    def fix_ranges(self, spans: torch.Tensor, values: torch.Tensor) -> None:
+        """Read the bias as key ranges from now on: ``spans [layers, rows, E, 2]`` (int64), ``values [layers, rows, H, E]``.
+
+        As :meth:`fix`, the tensors are the caller's and are written in place at every plan change;
+        a plan with more than ``E`` ranges in one layer replaces them with tensors of twice the
+        capacity (read through :attr:`ranges`).
+        """
+        if spans.dim() != 4 or spans.shape[-1] != 2 or values.dim() != 4 or values.shape[:2] != spans.shape[:2]:
+            raise ValueError(
+                f"ranges are spans [layers, rows, E, 2] and values [layers, rows, heads, E], got "
+                f"{tuple(spans.shape)} and {tuple(values.shape)}"
+            )
+        if values.shape[-1] != spans.shape[2]:
+            raise ValueError(f"spans hold {spans.shape[2]} ranges per layer and row, values {values.shape[-1]}")
+        self._spans, self._values = spans, values
+        self._first = torch.zeros(spans.shape[1], dtype=torch.long, device=spans.device)
+        self._head = torch.zeros((), dtype=torch.long, device=spans.device)
+        for t in (self._first, self._head):
+            torch._dynamo.mark_static_address(t)
+        self._groups, self._active = {}, {}
+        self.clear_cache()
+        self._write_ranges(range(spans.shape[1]))
+
+    def sync_head(self, cache: Any) -> None:
+        """Copy the static ``cache``'s write head (its length, on the device) for the next compiled call; no host round trip.
+
+        In the ranges layout a compiled graph computes which keys a row sees from this head and
+        each row's first column (its offset) instead of reading a mask: call this before every
+        compiled step. (The cache's own counter cannot be read inside the graph: the first layer
+        advances it before its attention runs.)
+        """
+        if self._head is not None:
+            self._head.copy_(cache.layers[0].cumulative_length)
+
+    @property
+    def ranges(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(spans, values)`` of the ranges layout, or None in another layout."""
+        return None if self._spans is None else (self._spans, self._values)  # type: ignore[return-value]
+
+    def _write_ranges(self, rows: Any) -> None:
+        """Rewrite ``rows`` of the range tensors from their plans: one host-built row, one copy per tensor.
+
+        A range is ``[offset + start, offset + end)`` clipped below at 0; a range on selected heads
+        adds its bias to those heads' values only (a head listed twice adds it twice, as in the dense
+        layouts). Entries that clip to nothing are left out.
+        """
+        spans, values = self._spans, self._values
+        assert spans is not None and values is not None
+        layers, heads = spans.shape[0], values.shape[2]
+        rows = list(rows)
+        need = 0
+        per_row: list[dict[int, list[tuple[int, int, float, tuple[int, ...] | None]]]] = []
+        for r in rows:
+            kept: dict[int, list[tuple[int, int, float, tuple[int, ...] | None]]] = {}
+            if r < len(self._rows):
+                offset = self._offsets[r]
+                for layer, entry in self._rows[r].items():
+                    if not 0 <= layer < layers:
+                        continue
+                    ranges = []
+                    for kb in entry:
+                        start, end = max(offset + int(kb.start), 0), offset + int(kb.end)
+                        if end > start:
+                            ranges.append((start, end, float(kb.bias), kb.heads))
+                    if ranges:
+                        kept[layer] = ranges
+                        need = max(need, len(ranges))
+            per_row.append(kept)
+        if need > spans.shape[2]:
+            self._grow_ranges(need)
+            self._write_ranges(range(self._spans.shape[1]))  # type: ignore[union-attr]
+            return
+        capacity = spans.shape[2]
+        first = [self._offsets[r] if r < len(self._offsets) else 0 for r in rows]
+        if rows == list(range(spans.shape[1])):
+            self._first.copy_(_pinned(torch.tensor(first, dtype=torch.long), spans.device), non_blocking=True)  # type: ignore[union-attr]
+        else:
+            for r, offset in zip(rows, first):
+                self._first[r] = offset  # type: ignore[index]
+        for r, kept in zip(rows, per_row):
+            host_spans = torch.zeros(layers, capacity, 2, dtype=spans.dtype)
+            host_values = torch.zeros(layers, heads, capacity, dtype=torch.float64)
+            for layer, ranges in kept.items():
+                for e, (start, end, bias, selected) in enumerate(ranges):
+                    host_spans[layer, e, 0], host_spans[layer, e, 1] = start, end
+                    if selected is None:
+                        host_values[layer, :, e] += bias
+                    else:
+                        for head in selected:
+                            host_values[layer, head, e] += bias
+            spans[:, r].copy_(_pinned(host_spans, spans.device), non_blocking=True)
+            values[:, r].copy_(_pinned(host_values.to(values.dtype), values.device), non_blocking=True)
+
+    def _grow_ranges(self, need: int) -> None:
+        """Replace the range tensors by ones of at least ``need`` ranges (doubling); the rows are rewritten by the caller."""
+        spans, values = self._spans, self._values
+        assert spans is not None and values is not None
+        capacity = spans.shape[2]
+        while capacity < need:
+            capacity *= 2
+        layers, rows, heads = spans.shape[0], spans.shape[1], values.shape[2]
+        self._spans = torch.zeros(layers, rows, capacity, 2, dtype=spans.dtype, device=spans.device)
+        self._values = torch.zeros(layers, rows, heads, capacity, dtype=values.dtype, device=values.device)
+        for t in (self._spans, self._values):
+            torch._dynamo.mark_static_address(t)
 
     @property
     def plan(self) -> AttentionPlan:
@@ -386,6 +531,11 @@ class BiasController:
         self.clear_cache()
 
 
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) in pinned memory for a CUDA ``device``, so that a ``non_blocking`` copy there queues without waiting."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 def _bias_columns(
     biases: tuple[KeyBias, ...], num_heads: int, kv_length: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -443,6 +593,11 @@ def _combined_mask(
 _NEEDS_TRANSFORMERS = frozenset({"position_bias", "softcap", "output_attentions", "sliding_window", "s_aux"})
 
 
+def _plain(kwargs: dict[str, Any]) -> bool:
+    """True when none of :data:`_NEEDS_TRANSFORMERS` is set (absent, or falsy) in an attention call's ``kwargs``."""
+    return _NEEDS_TRANSFORMERS.isdisjoint(kwargs) or not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS)
+
+
 def _one_query_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -453,9 +608,11 @@ def _one_query_attention(
 ) -> tuple[torch.Tensor, None]:
     """SDPA for one query with a float mask, called as transformers' ``sdpa_attention_forward`` calls it.
 
-    Same kernel inputs (GQA folded into the query rows, the mask shared or split per KV group, the
-    output unfolded), without that function's per-call checks, which cost more than the small
-    attention itself on a small model: this runs once per planned layer per token.
+    Same kernel inputs (GQA folded into the query rows, the mask shared or split per KV group),
+    without that function's per-call checks, which cost more than the small attention itself on a
+    small model: this runs once per planned layer per token. The output ``[B, KV heads, n_rep,
+    D]`` already has the memory layout of ``[B, 1, heads, D]`` (one query), so a single view
+    replaces transformers' reshape, transpose and ``contiguous``.
     """
     batch, heads, _, dim = query.shape
     n_rep = heads // key.shape[1]
@@ -466,8 +623,7 @@ def _one_query_attention(
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
-    out = out.reshape(out.shape[0], -1, 1, value.shape[-1])
-    return out.transpose(1, 2).contiguous(), None
+    return out.reshape(batch, 1, heads, value.shape[-1]), None
 
 
 def _reempathy_sdpa_forward(
@@ -481,18 +637,28 @@ def _reempathy_sdpa_forward(
     is_causal: bool | None = None,
     **kwargs,
 ):
+    # The order of the checks is the order of frequency: this runs for every layer of every step.
     sdpa_attention_forward = _sdpa_forward
     controller = module.__dict__.get(_CONTROLLER_ATTR)
-    if controller is not None and controller._fixed is not None and not controller._paused:
-        return _fixed_bias_attention(
-            controller._fixed, module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
-        )
-    group = None if controller is None else controller._active.get(getattr(module, "layer_idx", None))
-    if group is None:
+    if controller is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    one_query = query.shape[2] == 1 and not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS)
+    group = controller._active.get(module.layer_idx)  # empty while paused and in the fixed and ranges layouts
+    if group is None:
+        if not controller._paused:
+            if controller._fixed is not None:
+                return _fixed_bias_attention(
+                    controller._fixed, module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+                )
+            if controller._spans is not None:
+                return _ranges_attention(
+                    controller, module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+                )
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    one_query = query.shape[2] == 1 and _plain(kwargs)
     if attention_mask is None and one_query:
         # One new token per row over a cache with no padding: it sees every key, so the bias
         # columns are the whole mask.
@@ -559,11 +725,101 @@ def _fixed_bias_attention(
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = _combined_mask((), attention_mask, bool(causal), query, key, bias.to(query.dtype))
-    if query.shape[2] == 1 and not any(kwargs.get(k) for k in _NEEDS_TRANSFORMERS):
+    if query.shape[2] == 1 and _plain(kwargs):
         return _one_query_attention(query, key, value, mask, dropout, scaling)
     return _sdpa_forward(  # type: ignore[misc]
         module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+def _ranges_attention(
+    controller: BiasController,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    **kwargs,
+):
+    """The ranges layout: FlexAttention with a ``score_mod`` inside a compiled graph, SDPA over the expanded ranges outside one.
+
+    Every layer reads its own slot of the range tensors on every call (zeros: no range), so that,
+    as in the fixed layout, nothing a graph was traced with changes at a phase change. Inside a
+    graph the keys a row sees come from the controller (each row's first column, the write head
+    that :meth:`BiasController.sync_head` copied from the cache before the call), not from
+    transformers' mask.
+    """
+    layer = module.layer_idx
+    spans, values = controller._spans[layer], controller._values[layer]  # type: ignore[index]
+    if spans.shape[0] != query.shape[0]:
+        raise RuntimeError(
+            f"the attention ranges are for {spans.shape[0]} rows, the call has {query.shape[0]}: the ranges "
+            "layout needs the static cache it was made for"
+        )
+    extra = [] if _plain(kwargs) else [k for k in _NEEDS_TRANSFORMERS if kwargs.get(k)]
+    if extra or dropout:
+        raise NotAvailableError(
+            f"attention = \"flex\" cannot honour {', '.join(extra) or 'attention dropout'} in this model's attention; "
+            'set decode.attention = "sdpa-bias"'
+        )
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if torch.compiler.is_compiling():
+        first, head = controller._first, controller._head
+        return _flex_attention(query, key, value, spans, values, first, head, scaling)  # type: ignore[arg-type]
+    bias = _range_columns(spans, values, key.shape[2]).to(query.dtype)
+    mask = _combined_mask((), attention_mask, causal, query, key, bias)
+    if query.shape[2] == 1:
+        return _one_query_attention(query, key, value, mask, dropout, scaling)
+    return _sdpa_forward(  # type: ignore[misc]
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def _range_columns(spans: torch.Tensor, values: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """The bias columns ``[rows, H, 1, K]`` that ranges ``spans [rows, E, 2]`` with ``values [rows, H, E]`` add."""
+    columns = torch.arange(kv_length, device=spans.device)
+    inside = (columns >= spans[..., :1]) & (columns < spans[..., 1:])  # [rows, E, K]
+    return torch.matmul(values, inside.to(values.dtype)).unsqueeze(2)
+
+
+def _flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spans: torch.Tensor,
+    values: torch.Tensor,
+    first: torch.Tensor,
+    head: torch.Tensor,
+    scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """FlexAttention with the ranges and the static cache's visibility in one ``score_mod``: the fused kernel, no dense tensor.
+
+    Row ``b`` sees the keys ``first[b] <= kv <= head + q`` (its own columns up to query ``q``'s,
+    which sits ``q`` columns after the write head: a static cache's left-padded rows sharing one
+    head, causal within a multi-token step): exactly the mask transformers builds for that cache,
+    computed from indices rather than read, so the kernel reads nothing per score but the keys.
+    (Reading transformers' mask, a tensor computed inside the graph, would also fail to build on
+    CPU: inductor's C++ FlexAttention template accepts only graph inputs in a ``score_mod``.)
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    ranges = spans.shape[1]
+    hidden = float("-inf")
+
+    def score_mod(score, b, h, q, kv):
+        for e in range(ranges):
+            inside = (kv >= spans[b, e, 0]) & (kv < spans[b, e, 1])
+            score = score + torch.where(inside, values[b, h, e], 0.0)
+        seen = (kv >= first[b]) & (kv <= head + q)
+        return torch.where(seen, score, hidden)
+
+    out = flex_attention(
+        query, key, value, score_mod=score_mod, enable_gqa=query.shape[1] != key.shape[1], scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> None:

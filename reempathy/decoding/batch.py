@@ -13,9 +13,12 @@ Where it decides:
 * **Rows in and out** (:meth:`_BatchLoop._refill`): a finished row's slot is *refilled* with the
   next request at once, and dropped only when the requests run out. Refilling keeps the batch
   full for a test set of thousands (dropping alone would leave the last, longest answers of each
-  batch running nearly alone); answers of different lengths then cost no idle rows. Each new row
-  is prefilled on its own (a batch-of-one forward, exactly the single-row prefill, with the row's
-  ``prefill_inputs`` if any) and its KV cache is merged into the batch's.
+  batch running nearly alone); answers of different lengths then cost no idle rows. The rows
+  that enter at one refill are prefilled together (:meth:`_BatchLoop._prefill`, groups from
+  :func:`prefill_groups`: up to ``prefill_rows`` per forward call, right-padded so that the call
+  stays plainly causal and each row's keys and logits are those of its own prefill); a row alone,
+  or one with ``prefill_inputs``, gets exactly the single-row prefill. Each new row's KV cache is
+  then merged into the batch's.
 * **Layout of the batch cache** (:meth:`_BatchLoop._recompose`): rows are right-aligned (left
   padding) in one ``DynamicCache``; the cache is rebuilt only when rows come or go, and trimmed
   then so that the longest row has no padding. Row ``r``'s position ``p`` sits in cache column
@@ -71,6 +74,7 @@ from reempathy.backbones.base import Backbone
 from reempathy.decoding.loop import LoopOptions, _cache_keyword
 from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.row import Row, choose
+from reempathy.decoding.transfer import to_device
 from reempathy.errors import ConfigError, DecodeError, NotAvailableError, ReempathyError
 
 
@@ -80,7 +84,7 @@ class RowRequest:
 
     ``prefill_inputs`` are extra keyword arguments of this row's prefill call (e.g. audio features).
     ``options`` are this row's own loop options (greedy, ``max_new_tokens``, strategy name; None: the
-    loop's); ``cache`` and ``compile`` are always the loop's, and the seed is always ``seed``.
+    loop's); ``cache``, ``compile`` and ``attention`` are always the loop's, and the seed is always ``seed``.
     """
 
     key: Any
@@ -152,15 +156,20 @@ def decode_batch(
     options: LoopOptions | None = None,
     batch_size: int = 8,
     control: BatchControl | None = None,
+    prefill_rows: int = 8,
 ) -> Iterator[tuple[Any, DecodeResult]]:
     """Decode every request, ``batch_size`` rows per forward call; yield ``(key, result)`` as each row finishes.
 
     ``options.seed`` is ignored: each row samples with its own ``RowRequest.seed``. ``control``
     (continuous batching): cancel rows, bound prefill per step, isolate failures (:class:`BatchControl`).
+    Rows that enter together are prefilled together, up to ``prefill_rows`` per forward call (1:
+    one at a time).
     """
     options = options or LoopOptions()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
+    if isinstance(prefill_rows, bool) or not isinstance(prefill_rows, int) or prefill_rows < 1:
+        raise ConfigError(f"prefill rows must be a whole number of at least 1, got {prefill_rows!r}")
     if options.compile and options.cache != "static":
         raise ConfigError(
             'decode.compile = true needs decode.cache = "static" (a dynamic cache would recompile every step)'
@@ -168,9 +177,9 @@ def decode_batch(
     if options.cache == "static":
         from reempathy.decoding.static_batch import _StaticBatchLoop
 
-        loop: _BatchLoop = _StaticBatchLoop(backbone, options, batch_size)
+        loop: _BatchLoop = _StaticBatchLoop(backbone, options, batch_size, prefill_rows)
     else:
-        loop = _BatchLoop(backbone, options, batch_size)
+        loop = _BatchLoop(backbone, options, batch_size, prefill_rows)
     loop.control = control
     return loop.run(iter(requests))
 
@@ -178,8 +187,9 @@ def decode_batch(
 class _BatchLoop:
     """The state of one :func:`decode_batch` call: the rows, their shared cache, their plans."""
 
-    def __init__(self, backbone: Backbone, options: LoopOptions, batch_size: int) -> None:
+    def __init__(self, backbone: Backbone, options: LoopOptions, batch_size: int, prefill_rows: int = 8) -> None:
         self.backbone = backbone
+        self.prefill_rows = prefill_rows
         self.model = backbone.model
         self.device = self.model.device
         self.options = options
@@ -258,32 +268,33 @@ class _BatchLoop:
 
     def _refill(self, requests: Iterator[RowRequest], stack: contextlib.ExitStack) -> None:
         kept = [i for i, row in enumerate(self.rows) if not row.done]
-        new: list[tuple[Row, DynamicCache]] = []
+        started: list[tuple[Row, list[int]]] = []
         control = self.control
         budget = control.prefill_tokens if control is not None else None
         spent = 0
-        while len(kept) + len(new) < self.batch_size and not self.exhausted:
-            if budget is not None and new and spent >= budget:
+        while len(kept) + len(started) < self.batch_size and not self.exhausted:
+            if budget is not None and started and spent >= budget:
                 break  # the rest wait for the next boundary: the running rows step first
             if control is not None:
-                control.rows = len(kept) + len(new)
+                control.rows = len(kept) + len(started)
             request = next(requests, None)
             if request is None:
                 self.exhausted = True
                 break
             if request is WAIT:
-                if not kept and not new:
+                if not kept and not started:
                     raise RuntimeError("a request source yielded WAIT while no row was running; it must block instead")
                 break
             spent += len(request.prompt_ids)
             if control is not None and control.isolate:
                 try:
-                    new.append(self._prefill(request, stack))
+                    started.append(self._start(request, stack))
                 except ReempathyError as exc:
                     self._failed.append((None, request.key, exc))
                     break  # its outcome is yielded before the source is asked again
             else:
-                new.append(self._prefill(request, stack))
+                started.append(self._start(request, stack))
+        new = self._prefill(started)
         if control is not None:
             control.rows = len(kept) + len(new)
         if new or len(kept) != len(self.rows):
@@ -293,11 +304,12 @@ class _BatchLoop:
         """The most positions a row may hold (None: the backbone's context)."""
         return None
 
-    def _prefill(self, request: RowRequest, stack: contextlib.ExitStack) -> tuple[Row, DynamicCache]:
-        """Start a row and prefill it on its own; it is ready to sample."""
+    def _start(self, request: RowRequest, stack: contextlib.ExitStack) -> tuple[Row, list[int]]:
+        """A new row for ``request`` (its decode start hook run); the tokens of its prefill."""
         own = request.options
         if own is not None:
-            own = dataclasses.replace(own, cache=self.options.cache, compile=self.options.compile)
+            loop = self.options
+            own = dataclasses.replace(own, cache=loop.cache, compile=loop.compile, attention=loop.attention)
             self._mixed = self._mixed or own.greedy != self.options.greedy
         options = dataclasses.replace(own or self.options, seed=request.seed)
         row = Row(
@@ -312,17 +324,85 @@ class _BatchLoop:
         )
         if row.wants_plan and self.controller is None:
             self._attach(stack)
-        ids = row.begin()
+        return row, row.begin()
+
+    def _prefill(self, started: list[tuple[Row, list[int]]]) -> list[tuple[Row, DynamicCache]]:
+        """Prefill the new rows, in groups of up to ``prefill_rows`` (:func:`prefill_groups`); each is then ready to sample."""
+        new: list[tuple[Row, DynamicCache]] = []
+        isolate = self.control is not None and self.control.isolate
+        for group in prefill_groups([(row.prefill_inputs, len(ids)) for row, ids in started], self.prefill_rows):
+            members = [started[i] for i in group]
+            paused = self.controller.paused() if self.controller is not None else contextlib.nullcontext()
+            try:
+                with paused:
+                    if len(members) == 1:
+                        row, ids = members[0]
+                        parts = [self._prefill_one(row, ids)]
+                    else:
+                        parts = self._prefill_together(members)
+            except ReempathyError as exc:
+                if not isolate:
+                    raise
+                self._failed.extend((row, row.key, exc) for row, _ in members)  # the rows of that call
+                continue
+            for (row, ids), (cache, logits) in zip(members, parts):
+                row.prefilled(len(ids))
+                try:
+                    plan = row.plan() if row.wants_plan else None
+                except ReempathyError as exc:
+                    if not isolate:
+                        raise
+                    self._failed.append((row, row.key, exc))
+                    continue
+                self.ready[row] = logits.float() if logits.dtype != torch.float32 else logits
+                if row.wants_plan:
+                    self.plans[row] = plan
+                new.append((row, cache))
+        return new
+
+    def _prefill_one(self, row: Row, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """One row alone: exactly the single-row loop's prefill (with the row's ``prefill_inputs``)."""
         cache = DynamicCache(config=self.model.config)
-        paused = self.controller.paused() if self.controller is not None else contextlib.nullcontext()
-        with paused:
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),
-                use_cache=True,
-                logits_to_keep=1,
-                **{self.cache_kw: cache},
-                **row.prefill_inputs,
-            )
+        out = self.model(
+            input_ids=to_device([ids], self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kw: cache},
+            **row.prefill_inputs,
+        )
+        self._check_layers(cache)
+        return cache, out.logits[0, -1]
+
+    def _prefill_together(self, members: list[tuple[Row, list[int]]]) -> list[tuple[DynamicCache, torch.Tensor]]:
+        """Several rows in one forward call, right-padded; each row's keys and logits as its own prefill's.
+
+        Right padding keeps the call plainly causal: a row's tokens come first, so they never see a
+        pad (no attention mask, positions 0.. for every row, as alone), and the pads after them
+        change nothing they compute. Each row's keys are its first ``len(ids)`` columns, copied into
+        a cache of its own; its logits are those of its last token, picked by ``logits_to_keep``
+        (only the distinct last positions go through the output head).
+        """
+        longest = max(len(ids) for _, ids in members)
+        pad = int(self.backbone.layout.stop_ids[0])  # never read: it comes after every real token of its row
+        batch = [ids + [pad] * (longest - len(ids)) for _, ids in members]
+        lasts = sorted({len(ids) - 1 for _, ids in members})
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=to_device(batch, self.device),
+            use_cache=True,
+            logits_to_keep=to_device(lasts, self.device),
+            **{self.cache_kw: cache},
+        )
+        self._check_layers(cache)
+        parts = []
+        for j, (_, ids) in enumerate(members):
+            own = DynamicCache(config=self.model.config)
+            for n, layer in enumerate(cache.layers):
+                own.update(layer.keys[j : j + 1, :, : len(ids)], layer.values[j : j + 1, :, : len(ids)], n)
+            parts.append((own, out.logits[j, lasts.index(len(ids) - 1)]))
+        return parts
+
+    def _check_layers(self, cache: DynamicCache) -> None:
         for layer in cache.layers:
             if type(layer) is not DynamicLayer:
                 raise NotAvailableError(
@@ -330,12 +410,6 @@ class _BatchLoop:
                     f"has {type(layer).__name__} layers (sliding window or linear attention): decode its "
                     "prompts one at a time with the single-row loop (`reempathy decode`)"
                 )
-        row.prefilled(len(ids))
-        logits = out.logits[0, -1]
-        self.ready[row] = logits.float() if logits.dtype != torch.float32 else logits
-        if row.wants_plan:
-            self.plans[row] = row.plan()
-        return row, cache
 
     def _take_rows(self, kept: list[int], new: list[tuple[Row, DynamicCache]]) -> list[Row]:
         """The kept rows first, then the new ones, as ``self.rows``; finished rows' logits and plans are let go."""
@@ -364,7 +438,7 @@ class _BatchLoop:
             if kept and self.cache is not None:
                 keys, values = self.cache.layers[n].keys, self.cache.layers[n].values
                 if len(kept) != keys.shape[0]:
-                    index = torch.tensor(kept, device=self.device)
+                    index = to_device(kept, self.device)
                     keys, values = keys.index_select(0, index), values.index_select(0, index)
                 keep = min(old, length)
                 parts_k.append(_left_pad(keys[:, :, old - keep :], length))
@@ -378,8 +452,8 @@ class _BatchLoop:
         self.length = length
         pads = [length - n for n in lengths]
         if any(pads):
-            self.pads = torch.tensor(pads, device=self.device).unsqueeze(1)
-            self.positions = torch.tensor(lengths, device=self.device).unsqueeze(1)
+            self.pads = to_device(pads, self.device).unsqueeze(1)
+            self.positions = to_device(lengths, self.device).unsqueeze(1)
         else:
             self.pads = self.positions = None
         if self.controller is not None:
@@ -513,7 +587,7 @@ class _BatchLoop:
                 positions = positions + torch.arange(q, device=self.device)  # type: ignore[operator]
             kwargs["position_ids"] = positions
         out = self.model(
-            input_ids=torch.tensor(ids, device=self.device), use_cache=True, logits_to_keep=1, **kwargs
+            input_ids=to_device(ids, self.device), use_cache=True, logits_to_keep=1, **kwargs
         )
         self.length += q
         if self.positions is not None:
@@ -535,6 +609,37 @@ class _Failed:
     """Stands for a request that failed before it had a row (``isolate``): only its key is yielded."""
 
     key: Any
+
+
+PREFILL_TOKENS = 8192
+"""The most token positions (rows × longest prompt) one batched prefill call holds."""
+
+
+def prefill_groups(rows: list[tuple[dict[str, Any], int]], most: int) -> list[list[int]]:
+    """Which new rows (given as ``(prefill_inputs, prompt tokens)``) are prefilled together: indices, in order.
+
+    Consecutive rows join a group of at most ``most`` rows and :data:`PREFILL_TOKENS` padded
+    positions. A row with ``prefill_inputs`` (audio features and the like, whose shapes differ
+    per row) is prefilled alone, as is every row when ``most`` is 1.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, (extra, length) in enumerate(rows):
+        if extra:
+            if current:
+                groups.append(current)
+            groups.append([i])
+            current, longest = [], 0
+            continue
+        if current and (len(current) >= most or (len(current) + 1) * max(longest, length) > PREFILL_TOKENS):
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ from transformers import DynamicCache
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.result import DecodeResult, build_result
 from reempathy.decoding.row import Row, choose, session_plugin_manager
+from reempathy.decoding.transfer import to_device
+from reempathy.errors import ConfigError
 
 
 @dataclass
@@ -34,6 +36,9 @@ class LoopOptions:
     static cache. Attention plans included: the bias is read from a preallocated tensor updated
     in place, so a phase change never recompiles; forced tokens go through a second, two-token
     graph. Each shape compiles on its first answer; later answers of that shape compile nothing.
+    ``attention`` picks how the static path carries a plan: ``"sdpa-bias"`` (a dense bias in
+    SDPA's mask, the reference) or ``"flex"`` (key ranges in FlexAttention's fused kernel inside
+    the compiled steps); ``"flex"`` needs the static cache.
 
     Budgets: ``max_new_tokens`` caps every generated token (spoken, hidden and control) and is the
     guard against runaway answers; ``max_spoken_tokens`` caps the spoken stream (text and audio
@@ -51,6 +56,16 @@ class LoopOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
+    attention: Literal["sdpa-bias", "flex"] = "sdpa-bias"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa-bias", "flex"):
+            raise ConfigError(f'decode.attention must be "sdpa-bias" or "flex", got {self.attention!r}')
+        if self.attention == "flex" and self.cache != "static":
+            raise ConfigError(
+                'decode.attention = "flex" needs decode.cache = "static" (and decode.compile = true to run '
+                "FlexAttention's fused kernel); on a dynamic cache use the default \"sdpa-bias\""
+            )
 
 
 def _cache_keyword(model: Any) -> str:
@@ -93,8 +108,8 @@ def decode(
     def forward(ids: list[int], call: Any, cache: Any, extra: dict[str, Any] | None = None) -> torch.Tensor:
         if len(ids) == 1:
             inputs = one.fill_(ids[0])
-        else:
-            inputs = torch.tensor([ids], device=device)
+        else:  # queued without a host-device round trip (transfer.py)
+            inputs = to_device([ids], device)
         out = call(input_ids=inputs, use_cache=True, logits_to_keep=1, **{cache_kw: cache}, **(extra or {}))
         # A compiled (CUDA-graph) call reuses its output buffer; processors edit logits in place.
         logits = out.logits[0, -1]
@@ -107,10 +122,10 @@ def decode(
 
             engine = static_path.engine(model)
             columns = static_path.columns_for(context_limit, backbone.max_context)
-            slot = stack.enter_context(engine.lease(1, columns, row.wants_plan))
+            slot = stack.enter_context(engine.lease(1, columns, row.wants_plan, options.attention))
             cache: Any = slot.cache
             controller = slot.controller if row.wants_plan else None
-            step_call = engine.compiled() if compiled else model
+            step_call = engine.stepper(slot, compiled)
         else:
             cache = DynamicCache(config=model.config)
             step_call = model

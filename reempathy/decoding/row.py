@@ -396,9 +396,9 @@ def choose(rows: Sequence[Row], scores: torch.Tensor, greedy: bool) -> list[int]
     if greedy:
         return tokens
     probs = torch.softmax(scores, dim=-1)
-    return [
-        int(torch.multinomial(probs[i], 1, generator=row.session.generator)) for i, row in enumerate(rows)
-    ]
+    # Each row draws from its own generator; the draws reach the host together (one transfer, not one per row).
+    draws = [torch.multinomial(probs[i], 1, generator=row.session.generator) for i, row in enumerate(rows)]
+    return (draws[0] if len(draws) == 1 else torch.cat(draws)).tolist()
 
 
 __all__ = ["Row", "choose", "session_plugin_manager"]

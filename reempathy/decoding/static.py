@@ -16,9 +16,9 @@ Where it decides:
   are at most two graphs per shape, and built-in strategies (which force one delimiter at a
   time) never pay an extra forward call for a phase change.
 * **What is kept per model** (:class:`StaticEngine`, one per model, on the model): the compiled
-  call; per shape a pool of :class:`StaticSlot` (a transformers ``StaticCache``, the fixed bias
-  tensor and its :class:`~reempathy.decoding.attention.BiasController`, a batch's mask and
-  positions). A slot is leased for one answer (or one batch) and reset, never reallocated, so a
+  call; per shape a pool of :class:`StaticSlot` (a transformers ``StaticCache``, per attention
+  kind a :class:`~reempathy.decoding.attention.BiasController` with its tensors — the fixed dense
+  bias for ``"sdpa-bias"``, the key ranges for ``"flex"`` — and a batch's mask and positions). A slot is leased for one answer (or one batch) and reset, never reallocated, so a
   later answer of the same shape reads the same tensors: no recompile, and on CUDA the captured
   graphs replay as they are (their inputs keep their addresses).
 * **How it compiles** (:meth:`StaticEngine.compiled`): ``torch.compile`` of the model's call with
@@ -30,13 +30,19 @@ Where it decides:
 
 The prefill is never compiled (its length differs per prompt); it runs eagerly, into the static
 cache (single row) or a row's own cache (batch, then copied in).
+
+**The attention kind** (``LoopOptions.attention``, ``[decode] attention``): ``"sdpa-bias"`` (the
+reference) adds the plan as a dense bias ``[layers, rows, heads, 1, columns]`` to SDPA's mask;
+``"flex"`` keeps it as key ranges and runs the compiled steps' attention in FlexAttention's fused
+kernel (:mod:`reempathy.decoding.attention`, the ranges layout). A flex step must be called
+through :meth:`StaticEngine.stepper`, which copies the cache's write head for the graph first.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import StaticCache
@@ -78,10 +84,11 @@ def split_widths(n: int) -> list[int]:
 class StaticSlot:
     """The tensors of one static shape, leased to one answer or batch at a time.
 
-    ``cache`` is a transformers ``StaticCache`` of ``rows`` x ``columns``; ``controller`` (with its
-    fixed bias tensor) exists once a planning answer leased the slot; ``mask`` (``[rows,
-    columns]`` bool, True where a row's keys are) and ``positions`` (``[rows, 1]``, each row's next
-    position) are the batched loop's per-row padding and positions, updated in place.
+    ``cache`` is a transformers ``StaticCache`` of ``rows`` x ``columns``; ``controllers`` holds,
+    per attention kind a planning answer leased the slot with, its bias controller (and tensors),
+    and ``controller`` the one of the current lease (None when it plans nothing); ``mask``
+    (``[rows, columns]`` bool, True where a row's keys are) and ``positions`` (``[rows, 1]``, each
+    row's next position) are the batched loop's per-row padding and positions, updated in place.
     """
 
     rows: int
@@ -91,12 +98,13 @@ class StaticSlot:
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     busy: bool = False
+    controllers: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Empty the cache (its tensors kept) and clear every row's plan."""
         self.cache.reset()
-        if self.controller is not None:
-            self.controller.set_rows([None] * self.rows, [0] * self.rows)
+        for controller in self.controllers.values():
+            controller.set_rows([None] * self.rows, [0] * self.rows)
 
     def set_length(self, length: int) -> None:
         """Move the write head to ``length`` (in place: the graphs read these tensors)."""
@@ -125,8 +133,8 @@ class StaticEngine:
             self._compiled = torch.compile(self.model.__call__, backend=self.backend, mode=mode, dynamic=False)
         return self._compiled
 
-    def acquire(self, rows: int, columns: int, bias: bool) -> StaticSlot:
-        """A reset slot of ``rows`` x ``columns`` (with a fixed-bias controller when ``bias``); :meth:`release` it after."""
+    def acquire(self, rows: int, columns: int, bias: bool, attention: str = "sdpa-bias") -> StaticSlot:
+        """A reset slot of ``rows`` x ``columns`` (with an ``attention``-kind bias controller when ``bias``); :meth:`release` it after."""
         slots = self._pool.setdefault((rows, columns), [])
         slot = next((s for s in slots if not s.busy), None)
         if slot is None:  # a new shape, or the same shape in use twice at once (interleaved generators)
@@ -134,10 +142,11 @@ class StaticEngine:
             slot = StaticSlot(rows, columns, StaticCache(config=self.model.config, max_cache_len=columns))
             slots.append(slot)
         slot.busy = True
+        slot.controller = None
         with torch.inference_mode():  # the slot's tensors are inference tensors (the loops decode in that mode)
             slot.reset()
             if bias:
-                self.with_bias(slot)
+                self.with_bias(slot, attention)
         return slot
 
     def release(self, slot: StaticSlot) -> None:
@@ -145,36 +154,56 @@ class StaticEngine:
         slot.busy = False
 
     @contextlib.contextmanager
-    def lease(self, rows: int, columns: int, bias: bool) -> Iterator[StaticSlot]:
+    def lease(self, rows: int, columns: int, bias: bool, attention: str = "sdpa-bias") -> Iterator[StaticSlot]:
         """:meth:`acquire` for the duration of a ``with`` block."""
-        slot = self.acquire(rows, columns, bias)
+        slot = self.acquire(rows, columns, bias, attention)
         try:
             yield slot
         finally:
             self.release(slot)
 
-    def with_bias(self, slot: StaticSlot) -> Any:
-        """``slot``'s bias controller, made (with its fixed tensor, all zeros) on first need."""
-        if slot.controller is None:
-            slot.controller = self._controller(slot.rows, slot.columns)
-        return slot.controller
+    def with_bias(self, slot: StaticSlot, attention: str = "sdpa-bias") -> Any:
+        """``slot``'s bias controller of kind ``attention`` (made, all zeros, on first need), now its current one."""
+        controller = slot.controllers.get(attention)
+        if controller is None:
+            controller = slot.controllers[attention] = self._controller(slot.rows, slot.columns, attention)
+        slot.controller = controller
+        return controller
 
-    def _controller(self, rows: int, columns: int) -> Any:
-        from reempathy.decoding.attention import BiasController
+    def stepper(self, slot: StaticSlot, compiled: bool) -> Callable[..., Any]:
+        """What the loops call for ``slot``'s decode steps: the compiled call (or the model), after the head copy flex needs.
+
+        In the ranges layout (``attention = "flex"``) the graph reads the cache's write head from
+        the controller, so each call first copies it there (one device-side copy, no sync).
+        """
+        call = self.compiled() if compiled else self.model
+        controller = slot.controller
+        if controller is None or controller.ranges is None:
+            return call
+
+        def step(**kwargs: Any) -> Any:
+            controller.sync_head(slot.cache)
+            return call(**kwargs)
+
+        return step
+
+    def _controller(self, rows: int, columns: int, attention: str) -> Any:
+        from reempathy.decoding.attention import RANGE_CAPACITY, BiasController
 
         config = self.model.config.get_text_config(decoder=True)
-        buffer = torch.zeros(
-            int(config.num_hidden_layers),
-            rows,
-            int(config.num_attention_heads),
-            1,
-            columns,
-            dtype=self.model.dtype,
-            device=self.model.device,
-        )
+        layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+        device, dtype = self.model.device, self.model.dtype
+        controller = BiasController()
+        if attention == "flex":
+            spans = torch.zeros(layers, rows, RANGE_CAPACITY, 2, dtype=torch.long, device=device)
+            values = torch.zeros(layers, rows, heads, RANGE_CAPACITY, dtype=dtype, device=device)
+            for t in (spans, values):
+                torch._dynamo.mark_static_address(t)
+            controller.fix_ranges(spans, values)
+            return controller
+        buffer = torch.zeros(layers, rows, heads, 1, columns, dtype=dtype, device=device)
         # Read by every replay of the step graphs, never reallocated: CUDA graphs need not copy it in.
         torch._dynamo.mark_static_address(buffer)
-        controller = BiasController()
         controller.fix(buffer)
         return controller
 

@@ -15,9 +15,10 @@ Where it decides:
   whatever the batch).
 * **How refilled rows enter** (:meth:`_StaticBatchLoop._recompose`): rows share one write head
   (every step writes one column for every row, at the cache's length), so each row's keys are
-  right-aligned at the head and left-padded, as in the dynamic batch. A new row is prefilled
-  alone, eagerly, on its own cache (exactly the single-row prefill), and its keys are copied into
-  its slot, ending at the head. When the head must move (a new prompt longer than the head, or
+  right-aligned at the head and left-padded, as in the dynamic batch. New rows are prefilled
+  eagerly on caches of their own, as in the dynamic batch (together, up to ``prefill_rows`` per
+  call; a row alone exactly as the single-row prefill), and their keys are copied into their
+  slots, ending at the head. When the head must move (a new prompt longer than the head, or
   the longest row left and its padding can go), the kept rows' keys are shifted in place by the
   same number of columns, inside the same tensors. The alternative, giving each row its own write
   position, would need a per-row cache update that transformers' ``StaticCache`` does not do; a
@@ -30,8 +31,9 @@ Where it decides:
   input); in a batch the width-two step of the single-row loop would help only when every row
   had a delimiter pending at once, and would cost a second graph per batch shape.
 
-The attention bias is the slot's fixed tensor (``[layers, rows, heads, 1, columns]``), each row
-at its padding offset; a row's phase change rewrites that row in place.
+The attention bias is the slot's fixed tensor (``[layers, rows, heads, 1, columns]``), or with
+``attention = "flex"`` its key ranges, each row at its padding offset; a row's phase change
+rewrites that row in place.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ from reempathy.decoding.batch import RowRequest, _BatchLoop
 from reempathy.decoding.loop import LoopOptions
 from reempathy.decoding.result import DecodeResult
 from reempathy.decoding.row import Row
+from reempathy.decoding.transfer import to_device
 
 
 class _StaticBatchLoop(_BatchLoop):
     """:class:`_BatchLoop` over a static cache slot, stepping through the compiled graph when ``compile``."""
 
-    def __init__(self, backbone: Backbone, options: LoopOptions, batch_size: int) -> None:
-        super().__init__(backbone, options, batch_size)
+    def __init__(self, backbone: Backbone, options: LoopOptions, batch_size: int, prefill_rows: int = 8) -> None:
+        super().__init__(backbone, options, batch_size, prefill_rows)
         self.engine = static.engine(self.model)
         self.slot: static.StaticSlot | None = None
         self.compiled = options.compile
@@ -83,7 +86,7 @@ class _StaticBatchLoop(_BatchLoop):
         self.wants_bias = True
         if self.slot is None:
             return  # attached by _fit once the slot exists; prefills run without bias anyway
-        self.controller = self.engine.with_bias(self.slot)
+        self.controller = self.engine.with_bias(self.slot, self.options.attention)
         stack.enter_context(biased_attention(self.model, self.controller))
 
     def context_limit(self, prompt_ids: list[int]) -> int | None:
@@ -114,7 +117,7 @@ class _StaticBatchLoop(_BatchLoop):
                 device=sample[0].keys.device,
             )
         keep = min(old_length, length)
-        index = torch.tensor(kept, device=self.device) if kept else None
+        index = to_device(kept, self.device) if kept else None
         for n, layer in enumerate(cache.layers):
             for name in ("keys", "values"):
                 target = getattr(layer, name)
@@ -132,8 +135,8 @@ class _StaticBatchLoop(_BatchLoop):
         idle = slot.rows - len(rows)
         pads = [length - n for n in lengths] + [length] * idle  # an idle slot sees only its own next column
         columns = torch.arange(slot.columns, device=self.device)
-        slot.mask.copy_(columns[None, :] >= torch.tensor(pads, device=self.device)[:, None])  # type: ignore[union-attr]
-        slot.positions.copy_(torch.tensor(lengths + [0] * idle, device=self.device)[:, None])  # type: ignore[union-attr]
+        slot.mask.copy_(columns[None, :] >= to_device(pads, self.device)[:, None])  # type: ignore[union-attr]
+        slot.positions.copy_(to_device(lengths + [0] * idle, self.device)[:, None])  # type: ignore[union-attr]
         if self.controller is not None:
             self.controller.set_rows([self.plans.get(row) for row in rows] + [None] * idle, pads)
 
@@ -146,7 +149,7 @@ class _StaticBatchLoop(_BatchLoop):
             return slot
         if slot is not None:
             need_rows, need_columns = max(need_rows, slot.rows), max(need_columns, slot.columns)
-        fresh = self.engine.acquire(need_rows, need_columns, self.wants_bias)
+        fresh = self.engine.acquire(need_rows, need_columns, self.wants_bias, self.options.attention)
         if fresh.mask is None:
             fresh.mask = torch.zeros(need_rows, need_columns, dtype=torch.bool, device=self.device)
             fresh.positions = torch.zeros(need_rows, 1, dtype=torch.long, device=self.device)
@@ -176,7 +179,10 @@ class _StaticBatchLoop(_BatchLoop):
             kwargs.update(attention_mask=slot.mask, position_ids=slot.positions)
         # else one row, never padded (the head is its own length): exactly the single-row loop's
         # call on the same pooled slot, so a batch of one reuses that loop's one-token graph.
-        out = self.step_call(input_ids=torch.tensor(ids, device=self.device), use_cache=True, logits_to_keep=1, **kwargs)
+        if self.controller is not None and self.controller.ranges is not None:
+            self.controller.sync_head(slot.cache)  # the flex graph's view of the write head (static.StaticEngine.stepper)
+        inputs = to_device(ids, self.device)  # queued without a host-device round trip
+        out = self.step_call(input_ids=inputs, use_cache=True, logits_to_keep=1, **kwargs)
         self.length += 1
         slot.positions.add_(1)  # type: ignore[union-attr]
         logits = out.logits[: len(rows), -1]

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from reempathy.backbones.base import Backbone
 from reempathy.decoding.session import DecodeSession
+from reempathy.decoding.transfer import to_device
 from reempathy.hooks import hookimpl
 from reempathy.options import STRICT
 from reempathy.options import RepetitionPenalty as RepetitionPenaltyValue
@@ -124,7 +125,7 @@ class RepetitionPenalty:
                 if self._ids is not None:
                     grown[: self._count] = self._ids[: self._count].to(device)
                 self._ids = grown
-            self._ids[self._count : needed] = torch.tensor(new, dtype=torch.long, device=device)
+            self._ids[self._count : needed] = to_device(new, device)  # queued, no host-device round trip
             self._count = needed
         return self._ids[: self._count]  # type: ignore[index]
 
