@@ -367,3 +367,16 @@ def test_a_run_made_before_a_config_key_existed_still_resumes(tmp_path, capsys):
     assert main(["run", "--config", str(CONFIG), "--data", str(data), "--out", str(out), *FEW,
                  "--set", "decode.max_spoken_tokens=5"]) == 2
     assert "config.decode.max_spoken_tokens: null there, 5 now" in capsys.readouterr().err
+
+
+def test_the_summary_line_of_a_limited_run_says_it_stopped_at_the_limit_not_that_records_are_missing(tmp_path):
+    from reempathy.experiments.run import RunSummary
+
+    def summary(decoded, complete):
+        return RunSummary(out=tmp_path, records=34, selected=12, already_done=0, decoded=decoded, processes=1,
+                          seconds=1.0, generated_tokens=10, stop_reasons={}, complete=complete).line()
+
+    assert "the first 12 of 34 records (--limit)" in summary(12, False)
+    assert "not decoded yet" not in summary(12, False)
+    assert "27 of 34 records not decoded yet" in summary(7, False)
+    assert summary(34, True).endswith("complete")

@@ -93,7 +93,12 @@ class RunSummary:
         if self.stop_reasons:
             parts.append("stop: " + ", ".join(f"{k} {v}" for k, v in sorted(self.stop_reasons.items())))
         left = self.records - self.already_done - self.decoded
-        parts.append("complete" if self.complete else f"{left} of {self.records} records not decoded yet")
+        if self.complete:
+            parts.append("complete")
+        elif self.already_done + self.decoded >= self.selected:
+            parts.append(f"the first {self.selected} of {self.records} records (--limit); a larger --limit continues")
+        else:
+            parts.append(f"{left} of {self.records} records not decoded yet")
         return "; ".join(parts)
 
 
