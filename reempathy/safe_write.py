@@ -13,9 +13,10 @@ through here:
    old complete file or the new complete one, never half of one; a killed run leaves at most
    a hidden temporary, which the next write to the same path removes (its process is gone).
 
-Files that grow a line at a time (a run's ``results.jsonl``) are appended with
-:func:`append_line` — one ``write`` of the whole line, then ``fsync`` — and read back with
-:func:`complete_lines`, which leaves out a last line a kill cut short.
+Files that grow a line at a time (a run's ``results.jsonl``, score files, half-made outputs) are
+the job layer's: :class:`reempathy.jobs.rundir.LineAppender` appends them (one ``write`` of the
+whole line, then ``fsync``) and :func:`reempathy.jobs.rundir.scan_results` reads them back,
+leaving out a last line a kill cut short.
 
 Directories that are produced whole (``reempathy convert``) are written into a temporary
 sibling and swapped in by :func:`replacing_dir`; a previous complete directory is moved aside
@@ -220,40 +221,6 @@ def write_with(
     return Path(path)
 
 
-def append_line(path: str | os.PathLike[str], line: str, what: str, error: type[ReempathyError] = InputError) -> None:
-    """Append one line (``line`` plus a newline) with a single ``write`` and ``fsync``.
-
-    A writer killed mid-write leaves a last line without its newline: :func:`complete_lines`
-    leaves it out, and the next ``append_line`` cuts it off before writing. One writer per file
-    (parallel workers append to files of their own).
-    """
-    if "\n" in line:
-        raise ValueError("append_line writes one line; the text holds a newline")
-    p = check_output_file(path, what, error)
-    data = (line + "\n").encode("utf-8")
-    fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a killed writer's partial line: cut it off
-            start = max(0, size - (1 << 20))
-            cut = os.pread(fd, size - start, start).rfind(b"\n")
-            if cut >= 0 or start == 0:
-                os.ftruncate(fd, start + cut + 1)
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def complete_lines(path: str | os.PathLike[str]) -> list[str]:
-    """The lines of an appended file, leaving out a last one cut short by a killed writer (no final newline)."""
-    text = Path(path).read_bytes().decode("utf-8", errors="strict")
-    lines = text.split("\n")
-    return lines[:-1]  # the piece after the last newline is empty, or an incomplete line
-
-
 def restore_interrupted_swap(dst: Path, label: str = "replaced") -> Path | None:
     """Repair a swap killed between its two renames: put the previous directory back if ``dst`` is gone.
 
@@ -324,8 +291,6 @@ __all__ = [
     "write_text",
     "write_json",
     "write_with",
-    "append_line",
-    "complete_lines",
     "replacing_dir",
     "restore_interrupted_swap",
     "remove_stale",

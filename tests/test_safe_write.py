@@ -112,19 +112,3 @@ def test_a_swap_killed_between_its_renames_is_undone_by_the_next_run(tmp_path):
     (aside / "weights").write_text("complete")
     assert restore_interrupted_swap(dst) == dst
     assert (dst / "weights").read_text() == "complete" and not aside.exists()
-
-
-def test_appended_lines_are_whole_and_a_cut_last_line_is_left_out(tmp_path):
-    from reempathy.safe_write import append_line, complete_lines
-
-    results = tmp_path / "results.jsonl"
-    append_line(results, '{"id": "1"}', "results")
-    append_line(results, '{"id": "2"}', "results")
-    with results.open("ab") as fh:
-        fh.write(b'{"id": "3", "res')  # a writer killed mid-line
-    assert complete_lines(results) == ['{"id": "1"}', '{"id": "2"}']
-    append_line(results, '{"id": "3"}', "results")  # the cut line is dropped first
-    assert complete_lines(results) == ['{"id": "1"}', '{"id": "2"}', '{"id": "3"}']
-    with pytest.raises(InputError, match="named pipe"):
-        os.mkfifo(tmp_path / "pipe")
-        append_line(tmp_path / "pipe", "x", "results")
