@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from reempathy.options import count_arg
+
 from reempathy.errors import ConfigError, InputError
 
 
@@ -243,17 +245,10 @@ def cmd_eval_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an evaluator option, e.g. --set checkpoint=runs/empathyeval (repeatable)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="records per evaluator call (default 8)")
+    p.add_argument("--batch-size", type=count_arg, default=8, help="records per evaluator call (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

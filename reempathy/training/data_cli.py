@@ -12,15 +12,7 @@ import json
 import sys
 from typing import Any
 
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+from reempathy.options import count_arg
 
 
 def _unfinished(summary: Any, out: str) -> int:
@@ -106,7 +98,7 @@ def add_pairs_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--evaluator", "-e", required=True, metavar="NAME", help="the evaluator that scores the answers, e.g. llm-judge")
     p.add_argument("--out", required=True, metavar="PAIRS.jsonl",
                    help="the pairs: a training file for the dpo strategy (progress is kept in OUT.partial until every prompt is done)")
-    p.add_argument("--batch-size", type=_positive, default=8, metavar="B", help="answers decoded together (default 8)")
+    p.add_argument("--batch-size", type=count_arg, default=8, metavar="B", help="answers decoded together (default 8)")
     p.add_argument("--config", "-c", metavar="FILE",
                    help="decode config for the sampling settings (default: built-in; strategy and backbone from the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

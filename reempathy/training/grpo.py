@@ -37,19 +37,17 @@ from reempathy.jobs.trainrun import (
     ChunkLayoutRecord,
     Component,
     Manifest,
-    begin_run,
     delimiter_ids,
     install_adapter,
     now_iso,
     plan_run,
-    write_checkpoint,
 )
 from reempathy.registry import Registry
 from reempathy.training.grpo_config import GrpoConfig
 from reempathy.training.rewards import RewardFunction, chunk_advantages, scalar_rule
 from reempathy.training.rollouts import Rollouts
-from reempathy.training.start import Start, drop_reference_adapter, start_from, start_identity, sync_reference_adapter
-from reempathy.training.train import common_args, policy_reflection, trainable_token_targets
+from reempathy.training.start import Start, start_from, start_identity, sync_reference_adapter
+from reempathy.training.train import common_args, policy_reflection, run_trainer, save_trained, trainable_token_targets
 
 
 @dataclass
@@ -218,23 +216,11 @@ def train_grpo(
 
     reward = RewardFunction(cfg.reward, evaluator, scalar, backbone, cfg.grpo.credit == "chunk")
     trainer = make_grpo_trainer(cfg, backbone, rollouts, reward, delimiters, start, callbacks, progress)
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    if trainer.is_world_process_zero():
-        begin_run(plan, info)
-    trainer.accelerator.wait_for_everyone()
-    resume_from = str(plan.resume_from) if plan.resume_from else None
-    trainer.train(resume_from_checkpoint=resume_from)
-    steps = int(trainer.state.global_step)
+    steps, resume_from = run_trainer(trainer, plan, info, progress)
     per_step = logged_rewards(trainer.state.log_history)
     manifest = grpo_manifest(cfg, backbone, backbone_options, strategy_options, layout, rollouts, start, steps,
                              len(prompts), per_step, evaluator)
-    drop_reference_adapter(trainer.model)
-    if trainer.is_world_process_zero():
-        write_checkpoint(trainer.model, cfg.train.output_dir, manifest)
-    trainer.accelerator.wait_for_everyone()
+    save_trained(trainer, cfg.train.output_dir, manifest)
     return GrpoResult(Path(cfg.train.output_dir), steps, per_step, manifest, len(prompts), resumed_from=resume_from,
                       main_process=trainer.is_world_process_zero(), notes=plan.notes)
 

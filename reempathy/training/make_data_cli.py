@@ -13,17 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from reempathy.options import seed_arg
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+from reempathy.options import count_arg, seed_arg
 
 
 def _unfinished(failed: Any, out: str, what: str) -> int:
@@ -123,10 +113,10 @@ def add_make_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="OUT.jsonl",
                    help="the records (progress is kept in OUT.partial until every record is done; failures in OUT.failures.jsonl)")
-    p.add_argument("--n", required=True, type=_positive, metavar="N", help="how many records to make")
+    p.add_argument("--n", required=True, type=count_arg, metavar="N", help="how many records to make")
     p.add_argument("--seed", type=seed_arg, default=0, help="run seed: each record draws its topic, emotion and turns from it")
     p.add_argument("--language", default="English", help="the language the records are written in (default English)")
-    p.add_argument("--turns", type=_positive, default=2, metavar="T", help="at most this many user turns per dialogue (default 2)")
+    p.add_argument("--turns", type=count_arg, default=2, metavar="T", help="at most this many user turns per dialogue (default 2)")
     p.add_argument("--templates", metavar="DIR",
                    help="a folder of prompt templates (system.txt, scenario.txt, dialogue.txt, assessment.txt, rejected.txt; "
                         "any missing one is the shipped default)")
@@ -135,7 +125,7 @@ def add_make_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reflections", action="store_true",
                    help="per-chunk reflections on each answer, as `reempathy reflect-data` writes them (needs --speech on "
                         "a backbone that interleaves audio)")
-    p.add_argument("--concurrency", type=_positive, metavar="C", help="requests in flight at once (default 1)")
+    p.add_argument("--concurrency", type=count_arg, metavar="C", help="requests in flight at once (default 1)")
     p.add_argument("--rate-limit", type=_rate, metavar="R", help="at most R requests started per second (default: no limit)")
     p.add_argument("--layout", metavar="TEXT+AUDIO", help="--reflections: the spoken chunk layout (default 5+10)")
     p.add_argument("--reflection-template", metavar="FILE", help="--reflections: the instruction for each prefix (as reflect-data's --template)")

@@ -122,6 +122,29 @@ def run_info(cfg: TrainConfig, runtime: frozenset[str] = frozenset()) -> dict[st
     }
 
 
+
+def run_trainer(trainer: Any, plan: Any, info: dict[str, Any], progress: bool) -> tuple[int, str | None]:
+    """Train a TRL/transformers ``trainer`` as a run directory's plan says: the run's info written first
+    (rank 0), from the plan's ``checkpoint-N`` when it resumes. Returns (steps done, the checkpoint resumed from)."""
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    if trainer.is_world_process_zero():
+        begin_run(plan, info)
+    trainer.accelerator.wait_for_everyone()
+    resume_from = str(plan.resume_from) if plan.resume_from else None
+    trainer.train(resume_from_checkpoint=resume_from)
+    return int(trainer.state.global_step), resume_from
+
+
+def save_trained(trainer: Any, output_dir: str | Path, manifest: Any) -> None:
+    """Write the trained adapter and its manifest (rank 0; the reference adapter left out), then wait for every rank."""
+    drop_reference_adapter(trainer.model)
+    if trainer.is_world_process_zero():
+        write_checkpoint(trainer.model, output_dir, manifest)
+    trainer.accelerator.wait_for_everyone()
+
 def common_args(t: TrainSettings, progress: bool) -> dict[str, Any]:
     """Trainer arguments every method shares, from ``[train]`` (TRL's configs take them too)."""
     return dict(
@@ -361,23 +384,11 @@ def train(
         trainer = make_dpo_trainer(cfg, backbone, peft_config, options, built.items, callbacks, progress, start)  # type: ignore[arg-type]
     else:
         trainer = make_lm_trainer(cfg, backbone, peft_config, built.items, callbacks, progress, start)  # type: ignore[arg-type]
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    if trainer.is_world_process_zero():
-        begin_run(plan, info)
-    trainer.accelerator.wait_for_everyone()
-    resume_from = str(plan.resume_from) if plan.resume_from else None
-    trainer.train(resume_from_checkpoint=resume_from)
-    steps = int(trainer.state.global_step)
+    steps, resume_from = run_trainer(trainer, plan, info, progress)
     manifest = build_manifest(
         cfg, spec, options, backbone, backbone_options, steps, len(built.items), longest_hidden(built.items), policy, start
     )
-    drop_reference_adapter(trainer.model)
-    if trainer.is_world_process_zero():
-        write_checkpoint(trainer.model, cfg.train.output_dir, manifest)
-    trainer.accelerator.wait_for_everyone()
+    save_trained(trainer, cfg.train.output_dir, manifest)
     losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         output_dir=Path(cfg.train.output_dir),
