@@ -196,7 +196,8 @@ def test_hidden_tokens_get_gradient_in_whole_trace_dpo_and_none_when_masked(tmp_
                                         "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "batch_size": 1}})
     options = cfg.strategy_options()
     pair = build_dpo(trace_record(backbone, PROMPT_TEXT, a, b), backbone, options)
-    trainer = make_dpo_trainer(cfg, backbone, lora_config(cfg, cfg.spec, options, backbone), options, [pair], (), False)
+    trainer = make_dpo_trainer(cfg, backbone, lora_config(cfg, cfg.spec.delimiters(options), False, backbone), options,
+                                [pair], (), False)
     inputs = trainer.data_collator([trainer.train_dataset[0]])
     grads = final_hidden_grads(trainer.model, lambda: trainer.compute_loss(trainer.model, inputs))
     n = len(tiny_prompt)
@@ -224,3 +225,26 @@ def test_pairs_of_different_policies_cannot_train_one_checkpoint(tiny, tiny_prom
     plain = build_dpo(trace_record(tiny, PROMPT_TEXT, a, b), tiny, DpoBuild(traces=False))
     with pytest.raises(InputError, match="mixes pairs with decoded traces and pairs without"):
         trace_policy([first, plain], "pairs.jsonl")
+
+
+def test_whole_trace_dpo_trains_the_delimiter_rows_of_the_strategy_its_traces_were_decoded_with(tmp_path, tiny, two_traces):
+    import json
+
+    from reempathy.training.config import load_train_config
+    from reempathy.training.train import train
+
+    a, b = two_traces
+    record = trace_record(tiny, PROMPT_TEXT, a, b).record
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(record.model_dump_json(exclude_none=True) + "\n", encoding="utf-8")
+    cfg = load_train_config(None, data={"backbone": {"name": "tiny"}, "strategy": {"name": "dpo"}, "data": {"path": str(data)},
+                                        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "batch_size": 1}})
+    out = train(cfg, progress=False).output_dir
+    trained = json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"]
+    delimiters = {tiny.layout.special["<|begin_of_reflection|>"], tiny.layout.special["<|end_of_reflection|>"]}
+    assert any(delimiters <= set(ids) for ids in trained.values())
+    plain = load_train_config(None, data={"backbone": {"name": "tiny"}, "strategy": {"name": "dpo", "traces": False},
+                                          "data": {"path": str(data)},
+                                          "train": {"output_dir": str(tmp_path / "plain"), "max_steps": 1, "batch_size": 1}})
+    assert json.loads((train(plain, progress=False).output_dir / "adapter_config.json").read_text()).get(
+        "trainable_token_indices") is None  # spoken answers only: no delimiter in the sequences

@@ -38,8 +38,8 @@ from reempathy.training.collate import PadCollator, PreferenceCollator
 from reempathy.training.start import Start, drop_reference_adapter, start_from, start_identity, sync_reference_adapter
 from reempathy.training.trace import TracePolicy
 from reempathy.training.config import TrainConfig, TrainSettings
-from reempathy.data.records import BadRecord, load_records
-from reempathy.errors import InputError
+from reempathy.data.records import BadRecord, RecordSet, load_records
+from reempathy.errors import ConfigError, InputError
 
 
 @dataclass
@@ -88,21 +88,44 @@ def trainable_token_targets(model: Any, token_ids: Sequence[int], include_head: 
     return targets
 
 
-def lora_config(cfg: TrainConfig, spec: BuilderSpec, options: BaseModel, backbone: Backbone) -> Any:
-    """LoRA on all linear layers (rank/alpha from ``[train]``) plus the strategy's delimiters as trainable tokens.
+def trace_special_tokens(records: RecordSet, registry: Registry, backbone: Backbone) -> list[str]:
+    """The special tokens of the strategies whole traces were decoded with (whole-trace DPO), in their
+    registration order: added to the backbone when it lacks them (a plugin strategy's own, as decoding
+    adds them) and trained as a strategy's delimiters are. An unknown strategy is a ConfigError naming it."""
+    names: dict[str, None] = {}
+    for sr in records.records:
+        answer = sr.record.messages[-1] if sr.record.messages else None
+        for message in (answer, sr.record.rejected):
+            trace = getattr(message, "trace", None)
+            if trace is not None:
+                names.setdefault(trace.strategy.name)
+    tokens: dict[str, None] = {}
+    for name in names:
+        try:
+            registration = registry.get("strategy", name)
+        except ConfigError as exc:
+            raise ConfigError(f"dataset {records.path!r}: its traces were decoded with strategy {name!r}, which is not "
+                              f"installed here ({exc}); install the plugin that provides it") from None
+        tokens.update(dict.fromkeys(registration.special_tokens or ()))
+    backbone.add_special_tokens(list(tokens))
+    return list(tokens)
 
-    The LM-head rows are left out for DPO: TRL computes its log-probabilities from
-    ``lm_head.weight`` directly, so trainable rows there would never see a gradient.
+
+def lora_config(cfg: TrainConfig, delimiters: Sequence[str], include_head: bool, backbone: Backbone) -> Any:
+    """LoRA on all linear layers (rank/alpha from ``[train]``) plus the ``delimiters`` as trainable tokens.
+
+    The LM-head rows are left out for DPO (``include_head`` false): TRL computes its
+    log-probabilities from ``lm_head.weight`` directly, so trainable rows there would never see a gradient.
     """
     from peft import LoraConfig
 
-    delimiter_tokens = [backbone.layout.token_id(name) for name in spec.delimiters(options)]
+    delimiter_tokens = [backbone.layout.token_id(name) for name in delimiters]
     return LoraConfig(
         r=cfg.train.lora_rank,
         lora_alpha=cfg.train.lora_alpha,
         lora_dropout=cfg.train.lora_dropout,
         target_modules="all-linear",
-        trainable_token_indices=trainable_token_targets(backbone.model, delimiter_tokens, not spec.preference),
+        trainable_token_indices=trainable_token_targets(backbone.model, delimiter_tokens, include_head),
         task_type="CAUSAL_LM",
     )
 
@@ -369,17 +392,19 @@ def train(
     backbone, backbone_options = load_training_backbone(cfg, registry)
     # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
     records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad, backbone.max_text_chars)
+    # Whole-trace DPO trains the delimiters of the strategy its traces were decoded with.
+    traced = trace_special_tokens(records, registry, backbone) if getattr(options, "traces", False) else []
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     policy = trace_policy(built.items, cfg.data.path)
+    delimiters = list(dict.fromkeys([*spec.delimiters(options), *(traced if policy is not None else ())]))
     start = None
     if cfg.train.init_from:
-        delimiters = [backbone.layout.token_id(name) for name in spec.delimiters(options)]
         start = start_from(cfg.train.init_from, backbone, cfg.backbone.name, cfg.backbone.options, cfg.train,
-                           delimiters, registry)
+                           [backbone.layout.token_id(name) for name in delimiters], registry)
     if plan.finish_from is not None:
         return _finish_from_checkpoint(cfg, plan, plan.finish_from, spec, options, backbone, backbone_options, records,
                                        built, main, policy, start)
-    peft_config = lora_config(cfg, spec, options, backbone)
+    peft_config = lora_config(cfg, delimiters, not spec.preference, backbone)
     if spec.preference:
         trainer = make_dpo_trainer(cfg, backbone, peft_config, options, built.items, callbacks, progress, start)  # type: ignore[arg-type]
     else:
