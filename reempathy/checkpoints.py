@@ -47,6 +47,20 @@ class ChunkLayoutRecord(BaseModel):
     text_tokens: int
     audio_tokens: int
 
+    @classmethod
+    def of(cls, layout: dict[str, Any] | None, what: str) -> "ChunkLayoutRecord | None":
+        """The record of a strategy's reported chunk layout (``extra["chunk_layout"]``), checked before any training:
+        a layout a checkpoint cannot record is a ConfigError naming ``what`` reported it."""
+        if not layout:
+            return None
+        try:
+            return cls(**layout)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{what} reports the chunk layout {layout!r}; a checkpoint records a layout as text_tokens and "
+                "audio_tokens (whole numbers) only: report that, or none"
+            ) from None
+
 
 class ReflectionRecord(BaseModel):
     """How a ``reempathy`` checkpoint's reflections were trained: free length (the model closes each one) or

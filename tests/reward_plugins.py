@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,8 +29,11 @@ def tiny_target_words(tokenizer, min_letters: int = 3) -> list[str]:
 
 class TargetWordsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # options that change how it runs, not what it scores (as llm-judge's concurrency): a resumed run may change them
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"workers"})
     words: list[str]
     score: Literal["share", "count"] = "share"  # count: how many target words the answer speaks
+    workers: int = 1  # not used: a runtime option for the resume test
 
 
 def share(text: str, words: set[str]) -> float:

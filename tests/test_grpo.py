@@ -102,6 +102,24 @@ def test_without_weights_the_evaluators_registered_reward_is_used(disc):
     assert user(Evaluation("x", {"share": 0.25})) == 0.25
 
 
+def test_a_reward_of_numpy_or_tensor_type_counts_and_a_reward_that_is_no_number_is_the_plugins_failure():
+    import numpy as np
+    import torch
+
+    from reempathy.errors import PluginFailure
+    from reempathy.training.rewards import RewardFunction
+
+    def value(reward):
+        return RewardFunction(RewardSettings(evaluator="mine"), None, lambda ev: reward, None, False)._value(Evaluation("x", {}))
+
+    assert value(np.float32(0.5)) == 0.5 and value(np.int64(2)) == 2.0 and value(torch.tensor(0.25)) == 0.25
+    assert value(None) is None and value(float("nan")) is None  # worth nothing, as an evaluation error is
+    with pytest.raises(PluginFailure, match=r"mine.*the reward is 'good' \(str\), not a number or None"):
+        value("good")
+    rule = scalar_rule(RewardSettings(evaluator="keyword-empathy", weights={"need_support": 1.0}), None, ("need_support",))
+    assert rule(Evaluation("x", {"need_support": np.float64(3.0)})) == 3.0
+
+
 def test_several_scores_without_weights_or_a_registered_reward_is_a_config_error(disc):
     with pytest.raises(ConfigError, match=r"evaluator 'audio-stats' gives 2 scores .* \[reward.weights\]"):
         scalar_rule(RewardSettings(evaluator="audio-stats"), disc.registry, ("duration_s", "silence_share"))
@@ -263,6 +281,18 @@ def test_a_changed_reward_is_refused_on_resume(tmp_path, prompts, words, disc):
     data["reward"]["penalties"] = {"length": 0.1}
     with pytest.raises(ConfigError, match="cannot resume, the run's reward changed"):
         train_grpo(load_grpo_config(None, data=data, registry=disc.registry), disc.registry, progress=False)
+
+
+def test_rollout_batch_size_and_the_evaluators_runtime_options_may_change_on_resume(tmp_path, prompts, words, disc):
+    from reempathy.training.grpo import train_grpo
+
+    data = grpo_config(tmp_path, prompts, words, train={"max_steps": 1})
+    train_grpo(load_grpo_config(None, data=data, registry=disc.registry), disc.registry, progress=False)
+    data["train"].update(max_steps=2, resume=True)
+    data["grpo"]["rollout_batch_size"] = 3  # rows per forward call: every row keeps its own seed
+    data["reward"]["options"]["workers"] = 4  # the evaluator's runtime option
+    resumed = train_grpo(load_grpo_config(None, data=data, registry=disc.registry), disc.registry, progress=False)
+    assert resumed.resumed_from.endswith("checkpoint-1") and resumed.steps == 2
 
 
 def test_chunk_credit_trains_with_per_token_advantages(tmp_path, prompts, words, disc):

@@ -65,7 +65,8 @@ def test_the_reference_of_a_continued_dpo_run_is_the_starting_policy(start, tmp_
     options = cfg.strategy_options()
     items = build_all(load_records(cfg.data.path, backbone.layout.audio_count), backbone, cfg.spec, options).items
     begun = start_from(str(first), backbone, "tiny", {}, cfg.train, [], default_discovery().registry)
-    trainer = make_dpo_trainer(cfg, backbone, lora_config(cfg, cfg.spec, options, backbone), options, items, (), False, begun)
+    trainer = make_dpo_trainer(cfg, backbone, lora_config(cfg, cfg.spec.delimiters(options), False, backbone), options, items, (),
+                               False, begun)
     params = dict(trainer.model.named_parameters())
     twins = [(n, n.replace(".default", ".ref")) for n in params if n.endswith(".default") or ".default." in n]
     assert any(n.endswith("trainable_tokens_delta.default") for n, _ in twins)  # the rows TRL's own copy misses

@@ -116,6 +116,33 @@ def test_the_same_tokens_get_the_same_ids_on_every_load(aside_registry):
     assert ids[0] == ids[1]
 
 
+def test_whole_trace_dpo_adds_the_special_tokens_of_the_strategy_its_traces_were_decoded_with(aside_registry, tmp_path):
+    import json
+
+    from reempathy.data.records import load_records
+    from reempathy.errors import ConfigError
+    from reempathy.training.train import trace_special_tokens
+
+    def records(strategy):
+        trace = {"strategy": {"name": strategy}, "ids": [5, 6], "roles": "sf", "labels": [["spoken_text", 1], ["control", 1]]}
+        doc = {"messages": [{"role": "user", "text": "Hi."}, {"role": "assistant", "units": [1], "trace": trace}],
+               "rejected": {"role": "assistant", "units": [2], "trace": trace}}
+        path = tmp_path / f"{strategy}.jsonl"
+        path.write_text(json.dumps(doc) + "\n", encoding="utf-8")
+        return load_records(path)
+
+    from reempathy.backbones.tiny import TinyOptions, load_tiny
+
+    backbone = load_backbone(_config("tiny"), aside_registry)
+
+    plain = load_tiny(TinyOptions())  # no strategy's tokens added yet
+    assert OPEN not in plain.layout.special
+    assert trace_special_tokens(records("aside"), aside_registry, plain) == [OPEN, CLOSE]
+    assert plain.layout.token_id(OPEN) == backbone.layout.token_id(OPEN)  # the ids decoding gives them
+    with pytest.raises(ConfigError, match="decoded with strategy 'nope', which is not installed here"):
+        trace_special_tokens(records("nope"), aside_registry, plain)
+
+
 def test_the_built_in_strategies_declare_their_delimiters(aside_registry):
     assert aside_registry.get("strategy", "reempathy").special_tokens == ("<|begin_of_reflection|>", "<|end_of_reflection|>")
     assert aside_registry.get("strategy", "cotbs").special_tokens == ("<|begin_of_thought|>", "<|end_of_thought|>")

@@ -227,24 +227,18 @@ def test_pairs_of_different_policies_cannot_train_one_checkpoint(tiny, tiny_prom
         trace_policy([first, plain], "pairs.jsonl")
 
 
-def test_whole_trace_dpo_trains_the_delimiter_rows_of_the_strategy_its_traces_were_decoded_with(tmp_path, tiny, two_traces):
-    import json
+def test_a_chunk_layout_a_checkpoint_cannot_record_is_refused_before_training(tmp_path, tiny, two_traces):
+    import dataclasses
 
+    from reempathy.errors import ConfigError
     from reempathy.training.config import load_train_config
     from reempathy.training.train import train
 
-    a, b = two_traces
-    record = trace_record(tiny, PROMPT_TEXT, a, b).record
+    a, b = (dataclasses.replace(t, chunk_layout={"beats": 3}) for t in two_traces)  # a plugin strategy's own layout
     data = tmp_path / "pairs.jsonl"
-    data.write_text(record.model_dump_json(exclude_none=True) + "\n", encoding="utf-8")
+    data.write_text(trace_record(tiny, PROMPT_TEXT, a, b).record.model_dump_json(exclude_none=True) + "\n", encoding="utf-8")
     cfg = load_train_config(None, data={"backbone": {"name": "tiny"}, "strategy": {"name": "dpo"}, "data": {"path": str(data)},
                                         "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "batch_size": 1}})
-    out = train(cfg, progress=False).output_dir
-    trained = json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"]
-    delimiters = {tiny.layout.special["<|begin_of_reflection|>"], tiny.layout.special["<|end_of_reflection|>"]}
-    assert any(delimiters <= set(ids) for ids in trained.values())
-    plain = load_train_config(None, data={"backbone": {"name": "tiny"}, "strategy": {"name": "dpo", "traces": False},
-                                          "data": {"path": str(data)},
-                                          "train": {"output_dir": str(tmp_path / "plain"), "max_steps": 1, "batch_size": 1}})
-    assert json.loads((train(plain, progress=False).output_dir / "adapter_config.json").read_text()).get(
-        "trainable_token_indices") is None  # spoken answers only: no delimiter in the sequences
+    with pytest.raises(ConfigError, match=r"the traces' strategy 'reempathy' reports the chunk layout \{'beats': 3\}"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -98,9 +98,13 @@ def logged_rewards(log_history: Sequence[dict[str, Any]]) -> list[float | None]:
     return [_finite(e["reward"]) for e in log_history if "reward" in e]
 
 
-def grpo_run_info(cfg: GrpoConfig, runtime: frozenset[str]) -> dict[str, Any]:
-    """Settings that must not change between a GRPO run and its resumption."""
+def grpo_run_info(cfg: GrpoConfig, runtime: frozenset[str], reward_runtime: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Settings that must not change between a GRPO run and its resumption. Left out, so that a resumed run may
+    change them: the backbone's ``runtime`` options, the evaluator's (``reward_runtime``: llm-judge's
+    ``concurrency``, say) and ``rollout_batch_size`` (rows per forward call; every row keeps its own seed)."""
     d = cfg.decode
+    reward = cfg.reward.model_dump(mode="json")
+    reward["options"] = {k: v for k, v in reward["options"].items() if k not in reward_runtime}
     info: dict[str, Any] = {
         "method": "grpo",
         "backbone": {"name": d.backbone.name, "options": {k: v for k, v in d.backbone.options.items() if k not in runtime}},
@@ -111,8 +115,8 @@ def grpo_run_info(cfg: GrpoConfig, runtime: frozenset[str]) -> dict[str, Any]:
         "lora": {"rank": cfg.train.lora_rank, "alpha": cfg.train.lora_alpha, "dropout": cfg.train.lora_dropout},
         "batch_size": cfg.train.batch_size,
         "seed": cfg.train.seed,
-        "grpo": cfg.grpo.model_dump(mode="json"),
-        "reward": cfg.reward.model_dump(mode="json"),
+        "grpo": cfg.grpo.model_dump(mode="json", exclude={"rollout_batch_size"}),
+        "reward": reward,
     }
     if cfg.train.init_from:
         info["init_from"] = start_identity(cfg.train.init_from)
@@ -180,7 +184,8 @@ def train_grpo(
         registry = default_discovery().registry
     d = cfg.decode
     runtime = runtime_options(registry.get("backbone", d.backbone.name).config_model)
-    info = grpo_run_info(cfg, runtime)
+    evaluator_model = registry.get("evaluator", cfg.reward.evaluator).config_model
+    info = grpo_run_info(cfg, runtime, frozenset(getattr(evaluator_model, "runtime_options", ())))
     plan = plan_run(cfg.train.output_dir, info, cfg.train.resume, cfg.train.overwrite, cfg.train.max_steps)
     for note in plan.notes:
         if on_note is not None:
@@ -206,6 +211,7 @@ def train_grpo(
     rollouts = Rollouts(backbone, d, registry, prompts, messages, loop_options(d), cfg.grpo.rollout_batch_size,
                         cfg.grpo.hidden == "train", strategy_options)
     layout = probe_layout(rollouts, next(iter(prompts)))
+    ChunkLayoutRecord.of(layout, f"strategy {d.strategy.name!r}")  # one the manifest can record, or refused before training
     if plan.finish_from is not None:
         manifest = grpo_manifest(cfg, backbone, backbone_options, strategy_options, layout, rollouts, start,
                                  cfg.train.max_steps, len(prompts), _logged_rewards(plan.finish_from), evaluator)
@@ -344,7 +350,7 @@ def grpo_manifest(
     return Manifest(
         backbone=Component(name=d.backbone.name, options=backbone_options.model_dump(mode="json")),
         strategy=Component(name=d.strategy.name, options=strategy_options),
-        chunk_layout=ChunkLayoutRecord(**layout) if layout else None,
+        chunk_layout=ChunkLayoutRecord.of(layout, f"strategy {cfg.decode.strategy.name!r}"),
         reflection=policy_reflection(strategy_options),
         longest=HiddenLengths(thought=longest.get("thought"), reflection=longest.get("reflection")) if longest else None,
         delimiters=delimiter_ids(backbone),

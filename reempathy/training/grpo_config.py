@@ -173,11 +173,6 @@ def check_grpo_config(cfg: GrpoConfig, where: str) -> None:
                           "[reward.weights] need_support = 1.0")
 
 
-def rollout_config(cfg: GrpoConfig) -> DecodeConfig:
-    """The decode config every rollout uses (the prompts come from the data set)."""
-    return cfg.decode.model_copy(deep=True)
-
-
 __all__ = [
     "GrpoConfig",
     "GrpoSettings",
@@ -186,6 +181,5 @@ __all__ = [
     "load_grpo_config",
     "is_grpo_config",
     "check_grpo_config",
-    "rollout_config",
     "TOP_LEVEL_KEYS",
 ]

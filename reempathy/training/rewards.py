@@ -76,7 +76,7 @@ def scalar_rule(settings: RewardSettings, registry: Registry, score_names: Seque
                 value = evaluation.scores.get(key)
                 if not _number(value):
                     return None
-                total += w * float(value)  # type: ignore[arg-type]
+                total += w * _as_number(value)  # type: ignore[operator]
             return total
 
         return weighted
@@ -85,14 +85,33 @@ def scalar_rule(settings: RewardSettings, registry: Registry, score_names: Seque
         return registered
     if len(score_names) == 1:
         only = score_names[0]
-        return lambda evaluation: float(evaluation.scores[only]) if _number(evaluation.scores.get(only)) else None
+        return lambda evaluation: _as_number(evaluation.scores.get(only))
     raise ConfigError(f"evaluator {name!r} gives {len(score_names)} scores ({', '.join(score_names) or 'none'}) and "
                       "registers no reward: say how they make one number with [reward.weights], e.g. "
                       f"{(score_names or ('score',))[0]} = 1.0")
 
 
+def _as_number(value: Any) -> float | None:
+    """``value`` as a finite float — a Python, numpy or 0-d tensor number — or None (missing, not a number, NaN, inf)."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _as_number(value) is not None
+
+
+def _is_non_finite(value: Any) -> bool:
+    """A number that is NaN or infinite (an answer worth nothing, as an evaluation error is)."""
+    try:
+        return not isinstance(value, (bool, str, bytes)) and not math.isfinite(float(value))
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def first_heard(trace: Trace, backbone: Backbone) -> int:
@@ -207,11 +226,17 @@ class RewardFunction:
             raise
         except Exception as exc:  # a plugin's reward function failed: its name, not a traceback
             raise PluginFailure(self.settings.evaluator, "reward", exc) from exc
-        return float(value) if _number(value) else None
+        if value is None:
+            return None
+        number = _as_number(value)
+        if number is None and not _is_non_finite(value):  # a string, a list: the reward function is wrong, say so
+            raise PluginFailure(self.settings.evaluator, "reward",
+                                TypeError(f"the reward is {value!r} ({type(value).__name__}), not a number or None"))
+        return number
 
 
 def chunk_advantages(
-    scores: ChunkScores, group: int, width: int, scale: str, masks: Sequence[Sequence[int]] | None = None,
+    scores: ChunkScores, group: int, width: int, scale: str,
 ) -> torch.Tensor:
     """Per-token advantages ``[rollouts, width]``: each segment's tokens get its prefix reward's group advantage.
 
@@ -242,12 +267,7 @@ def chunk_advantages(
                 starts = scores.starts[i]
                 end = starts[k + 1] if k + 1 < len(starts) else width
                 out[i, starts[k] : end] = advantage
-    if masks is not None:
-        for i, mask in enumerate(masks):
-            m = torch.zeros(width)
-            m[: len(mask)] = torch.tensor(mask, dtype=torch.float32)
-            out[i] *= m
-    return out
+    return out  # TRL multiplies by the completion and env masks itself
 
 
 __all__ = [

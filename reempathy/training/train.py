@@ -90,8 +90,8 @@ def trainable_token_targets(model: Any, token_ids: Sequence[int], include_head: 
 
 def trace_special_tokens(records: RecordSet, registry: Registry, backbone: Backbone) -> list[str]:
     """The special tokens of the strategies whole traces were decoded with (whole-trace DPO), in their
-    registration order: added to the backbone when it lacks them (a plugin strategy's own, as decoding
-    adds them) and trained as a strategy's delimiters are. An unknown strategy is a ConfigError naming it."""
+    registration order: added to the backbone when it lacks them (a plugin strategy's own), as decoding
+    adds them, so that the traces' ids are the backbone's. An unknown strategy is a ConfigError naming it."""
     names: dict[str, None] = {}
     for sr in records.records:
         answer = sr.record.messages[-1] if sr.record.messages else None
@@ -312,7 +312,7 @@ def build_manifest(
         return Manifest(
             backbone=Component(name=cfg.backbone.name, options=backbone_options.model_dump(mode="json")),
             strategy=Component(name=policy.strategy, options=policy.options),
-            chunk_layout=ChunkLayoutRecord(**layout_doc) if layout_doc else None,
+            chunk_layout=ChunkLayoutRecord.of(layout_doc, f"the traces' strategy {policy.strategy!r}"),
             reflection=policy_reflection(policy.options),
             longest=longest,
             delimiters=delimiter_ids(backbone),
@@ -392,11 +392,13 @@ def train(
     backbone, backbone_options = load_training_backbone(cfg, registry)
     # A backbone without audio-unit tokens (a text-only stream) does not read units: no range to check.
     records = load_records(cfg.data.path, backbone.layout.audio_count or None, cfg.data.skip_bad, backbone.max_text_chars)
-    # Whole-trace DPO trains the delimiters of the strategy its traces were decoded with.
-    traced = trace_special_tokens(records, registry, backbone) if getattr(options, "traces", False) else []
+    if getattr(options, "traces", False):  # whole-trace DPO: the tokens of the strategy the traces were decoded with
+        trace_special_tokens(records, registry, backbone)
     built = build_all(records, backbone, spec, options, cfg.data.skip_bad)
     policy = trace_policy(built.items, cfg.data.path)
-    delimiters = list(dict.fromkeys([*spec.delimiters(options), *(traced if policy is not None else ())]))
+    if policy is not None:  # a layout the manifest can record, or refused before training
+        ChunkLayoutRecord.of(policy.chunk_layout, f"the traces' strategy {policy.strategy!r}")
+    delimiters = spec.delimiters(options)
     start = None
     if cfg.train.init_from:
         start = start_from(cfg.train.init_from, backbone, cfg.backbone.name, cfg.backbone.options, cfg.train,
