@@ -270,6 +270,9 @@ def test_a_grpo_run_resumes_from_its_last_checkpoint_with_the_same_rollouts(tmp_
     resumed = train_grpo(load_grpo_config(None, data=cut, registry=disc.registry), disc.registry, progress=False)
     assert resumed.resumed_from.endswith("checkpoint-2")
     assert resumed.rewards == pytest.approx(whole.rewards)
+    # the manifest counts the rollouts before the resumption too (saved with each checkpoint-N)
+    assert resumed.manifest.training["rollouts"]["rows"] == whole.manifest.training["rollouts"]["rows"] == 12
+    assert resumed.manifest.longest == whole.manifest.longest
 
 
 def test_a_changed_reward_is_refused_on_resume(tmp_path, prompts, words, disc):

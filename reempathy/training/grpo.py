@@ -33,6 +33,7 @@ from reempathy.checkpoints import HiddenLengths, runtime_options
 from reempathy.data.testset import DataSet, check_records, read_records, uses_wav
 from reempathy.data.records import BadRecord, bad_records_message
 from reempathy.errors import InputError, NotAvailableError
+from reempathy.jobs.rundir import write_json_atomic
 from reempathy.jobs.trainrun import (
     ChunkLayoutRecord,
     Component,
@@ -48,6 +49,8 @@ from reempathy.training.rewards import RewardFunction, chunk_advantages, scalar_
 from reempathy.training.rollouts import Rollouts
 from reempathy.training.start import Start, start_from, start_identity, sync_reference_adapter
 from reempathy.training.train import common_args, policy_reflection, run_trainer, save_trained, trainable_token_targets
+
+ROLLOUT_STATE = "reempathy-rollouts.json"  # beside TRL's files in each checkpoint-N: the rollouts' counts so far
 
 
 @dataclass
@@ -149,6 +152,16 @@ def trainer_class() -> type:
 
         chunk_credit: tuple[RewardFunction, str] | None = None
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            """TRL's checkpoint, plus what the rollouts so far saw (``ROLLOUT_STATE``): a resumed or finished run's
+            manifest then counts every rollout row and every hidden segment, not only those after the resumption."""
+            super()._save_checkpoint(model, trial)
+            rollouts = self.rollout_func
+            if isinstance(rollouts, Rollouts) and self.is_world_process_zero():
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                if folder.is_dir():
+                    write_json_atomic(folder / ROLLOUT_STATE, rollouts.state())
+
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             out = super()._generate_and_score_completions(inputs)
             if self.chunk_credit is not None:
@@ -212,6 +225,9 @@ def train_grpo(
                         cfg.grpo.hidden == "train", strategy_options)
     layout = probe_layout(rollouts, next(iter(prompts)))
     ChunkLayoutRecord.of(layout, f"strategy {d.strategy.name!r}")  # one the manifest can record, or refused before training
+    earlier = plan.finish_from or plan.resume_from
+    if earlier is not None and (Path(earlier) / ROLLOUT_STATE).is_file():
+        rollouts.restore(json.loads((Path(earlier) / ROLLOUT_STATE).read_text(encoding="utf-8")))
     if plan.finish_from is not None:
         manifest = grpo_manifest(cfg, backbone, backbone_options, strategy_options, layout, rollouts, start,
                                  cfg.train.max_steps, len(prompts), _logged_rewards(plan.finish_from), evaluator)

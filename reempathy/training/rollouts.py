@@ -112,6 +112,15 @@ class Rollouts:
         self.last = list(out["rollout"])
         return out
 
+    def state(self) -> dict[str, Any]:
+        """What the rollouts so far saw (rows decoded, the longest hidden segment per kind), for a checkpoint."""
+        return {"rows": self.rows, "longest": dict(self.longest)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the counts of :meth:`state` (a resumed run)."""
+        self.rows = int(state.get("rows", 0))
+        self.longest = {str(k): int(v) for k, v in dict(state.get("longest", {})).items()}
+
     def plugins(self) -> tuple[object, list[object]]:
         """A fresh strategy object and the processors of one row (a strategy keeps per-answer state)."""
         from reempathy.runner import build_plugins
