@@ -275,6 +275,22 @@ def test_a_grpo_run_resumes_from_its_last_checkpoint_with_the_same_rollouts(tmp_
     assert resumed.manifest.longest == whole.manifest.longest
 
 
+def test_a_checkpoint_without_the_rollout_counts_resumes_and_says_the_manifest_counts_from_there(tmp_path, prompts, words, disc):
+    from reempathy.training.grpo import ROLLOUT_STATE, train_grpo
+
+    data = grpo_config(tmp_path, prompts, words, train={"max_steps": 1})
+    train_grpo(load_grpo_config(None, data=data, registry=disc.registry), disc.registry, progress=False)
+    (tmp_path / "grpo" / "checkpoint-1" / ROLLOUT_STATE).unlink()  # as a checkpoint written before the counts were kept
+    (tmp_path / "grpo" / "reempathy.json").unlink()
+    (tmp_path / "grpo" / "adapter_model.safetensors").unlink()
+    data["train"].update(max_steps=2, resume=True)
+    notes: list[str] = []
+    resumed = train_grpo(load_grpo_config(None, data=data, registry=disc.registry), disc.registry, progress=False,
+                         on_note=notes.append)
+    assert any(f"has no {ROLLOUT_STATE}: the manifest counts the rollouts from here on only" in n for n in notes), notes
+    assert resumed.manifest.training["rollouts"]["rows"] == 8  # the one step after the resumption
+
+
 def test_a_changed_reward_is_refused_on_resume(tmp_path, prompts, words, disc):
     from reempathy.training.grpo import train_grpo
 

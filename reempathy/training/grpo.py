@@ -159,8 +159,7 @@ def trainer_class() -> type:
             rollouts = self.rollout_func
             if isinstance(rollouts, Rollouts) and self.is_world_process_zero():
                 folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-                if folder.is_dir():
-                    write_json_atomic(folder / ROLLOUT_STATE, rollouts.state())
+                write_json_atomic(folder / ROLLOUT_STATE, rollouts.state())
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             out = super()._generate_and_score_completions(inputs)
@@ -226,8 +225,11 @@ def train_grpo(
     layout = probe_layout(rollouts, next(iter(prompts)))
     ChunkLayoutRecord.of(layout, f"strategy {d.strategy.name!r}")  # one the manifest can record, or refused before training
     earlier = plan.finish_from or plan.resume_from
-    if earlier is not None and (Path(earlier) / ROLLOUT_STATE).is_file():
-        rollouts.restore(json.loads((Path(earlier) / ROLLOUT_STATE).read_text(encoding="utf-8")))
+    if earlier is not None:
+        if (Path(earlier) / ROLLOUT_STATE).is_file():
+            rollouts.restore(json.loads((Path(earlier) / ROLLOUT_STATE).read_text(encoding="utf-8")))
+        elif on_note is not None:  # a checkpoint written before the counts were kept
+            on_note(f"{earlier} has no {ROLLOUT_STATE}: the manifest counts the rollouts from here on only")
     if plan.finish_from is not None:
         manifest = grpo_manifest(cfg, backbone, backbone_options, strategy_options, layout, rollouts, start,
                                  cfg.train.max_steps, len(prompts), _logged_rewards(plan.finish_from), evaluator)
